@@ -1,0 +1,165 @@
+"""LoRA adapters in PEFT's conventions: initialisation, target names, and the on-disk format.
+
+A LoRA projection computes y = x W^T + (alpha / r) * (x A^T) B^T with A [r, in] Kaiming-uniform and B [out, r]
+zero at the start, so training starts from the base model. Adapters are saved exactly as PEFT saves them for
+the same Hugging Face model (adapter_config.json + adapter_model.safetensors, keys such as
+`base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`), so `PeftModel.from_pretrained` loads ours
+and we load theirs.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from torch import nn
+
+from .errors import MespError
+from .fileio import write_json, write_safetensors
+from .model import Linear, Model
+
+ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+PEFT_PREFIX = "base_model.model."
+ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+
+@dataclass
+class LoraConfig:
+    r: int = 8
+    alpha: float = 16
+    target_modules: list[str] = field(default_factory=lambda: list(ALL_TARGETS))
+    dropout: float = 0.0
+
+    def __post_init__(self):
+        if isinstance(self.target_modules, str):
+            self.target_modules = [t.strip() for t in self.target_modules.split(",") if t.strip()]
+        unknown = [t for t in self.target_modules if t not in ALL_TARGETS]
+        if unknown or not self.target_modules:
+            raise MespError(f"target_modules: unknown {', '.join(unknown) or '(empty)'}; "
+                            f"choose from {', '.join(ALL_TARGETS)}")
+        if int(self.r) != self.r or self.r < 1:
+            raise MespError(f"r: must be a positive integer, got {self.r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise MespError(f"dropout: must be in [0, 1), got {self.dropout}")
+        self.r = int(self.r)
+
+    @property
+    def scale(self) -> float:
+        return self.alpha / self.r
+
+    def to_peft(self, model: Model) -> dict:
+        """adapter_config.json contents, as PEFT writes them for the same transformers model."""
+        return {
+            "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": self.r, "lora_alpha": self.alpha,
+            "lora_dropout": self.dropout, "target_modules": sorted(self.target_modules), "bias": "none",
+            "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True, "use_rslora": False,
+            "use_dora": False, "modules_to_save": None, "layers_to_transform": None, "layers_pattern": None,
+            "rank_pattern": {}, "alpha_pattern": {}, "base_model_name_or_path": model.source,
+            "revision": None, "auto_mapping": None, "peft_version": "0.21.2",
+        }
+
+    @classmethod
+    def from_peft(cls, d: dict, where: str) -> "LoraConfig":
+        if d.get("peft_type", "LORA") != "LORA":
+            raise MespError(f"{where}: peft_type {d.get('peft_type')!r} is not LORA")
+        for key in ("use_dora", "use_rslora"):
+            if d.get(key):
+                raise MespError(f"{where}: {key} adapters are not supported")
+        if d.get("rank_pattern") or d.get("alpha_pattern"):
+            raise MespError(f"{where}: rank_pattern/alpha_pattern adapters are not supported")
+        targets = d.get("target_modules")
+        if isinstance(targets, str):  # PEFT also allows a regex; we accept 'all-linear' and exact names
+            targets = list(ALL_TARGETS) if targets == "all-linear" else [targets]
+        try:
+            return cls(r=d["r"], alpha=d["lora_alpha"], target_modules=list(targets or []),
+                       dropout=float(d.get("lora_dropout") or 0.0))
+        except KeyError as e:
+            raise MespError(f"{where}: missing field {e.args[0]!r}") from None
+
+
+def peft_key(lora_param_name: str) -> str:
+    """'model.layers.0.self_attn.q_proj.lora_A' -> 'base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight'"""
+    return f"{PEFT_PREFIX}{lora_param_name}.weight"
+
+
+def lora_modules(model: Model) -> dict[str, Linear]:
+    """HF module path -> Linear, for every projection that carries LoRA."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, Linear) and m.has_lora}
+
+
+def add_lora(model: Model, config: LoraConfig | None = None, seed: int = 0) -> Model:
+    """Attach LoRA to every targeted projection, initialised as PEFT does: A ~ kaiming_uniform(a=sqrt(5))
+    (uniform in +-1/sqrt(in)), B = 0. Replaces any earlier adapter. Returns the model."""
+    config = config or LoraConfig()
+    g = torch.Generator().manual_seed(seed)
+    dtype, device = model.dtype, model.device
+    for layer in model.model.layers:
+        for target, proj in layer.projections().items():
+            if target not in config.target_modules:
+                proj.lora_A = proj.lora_B = None
+                continue
+            bound = 1.0 / math.sqrt(proj.in_features)
+            a = torch.empty(config.r, proj.in_features).uniform_(-bound, bound, generator=g)
+            proj.lora_A = nn.Parameter(a.to(device=device, dtype=dtype))
+            proj.lora_B = nn.Parameter(torch.zeros(proj.out_features, config.r, device=device, dtype=dtype))
+            proj.scale = config.scale
+    model.lora_config = config
+    return model
+
+
+def adapter_state(model: Model) -> dict[str, torch.Tensor]:
+    """PEFT-keyed LoRA tensors of `model`."""
+    return {peft_key(name): p for name, p in model.lora_parameters().items()}
+
+
+def save_adapter(model: Model, out_dir: str | Path, extra_config: dict | None = None) -> None:
+    """Write adapter_config.json + adapter_model.safetensors into out_dir, each atomically."""
+    config = getattr(model, "lora_config", None)
+    if config is None:
+        raise MespError("save_adapter: the model has no LoRA adapter (call add_lora first)")
+    out_dir = Path(out_dir)
+    write_safetensors(out_dir / ADAPTER_WEIGHTS, adapter_state(model), metadata={"format": "pt"})
+    cfg = config.to_peft(model)
+    cfg.update(extra_config or {})
+    write_json(out_dir / ADAPTER_CONFIG, cfg)
+
+
+def load_adapter(model: Model, adapter_dir: str | Path) -> Model:
+    """Load a PEFT LoRA adapter (ours or PEFT's) onto `model`; every key and shape is checked."""
+    adapter_dir = Path(adapter_dir)
+    cfg_path, weights_path = adapter_dir / ADAPTER_CONFIG, adapter_dir / ADAPTER_WEIGHTS
+    for p in (cfg_path, weights_path):
+        if not p.is_file():
+            raise MespError(f"{p}: not found (an adapter directory holds {ADAPTER_CONFIG} and {ADAPTER_WEIGHTS})")
+    try:
+        raw = json.loads(cfg_path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise MespError(f"{cfg_path}: invalid JSON ({e})") from None
+    config = LoraConfig.from_peft(raw, str(cfg_path))
+    try:
+        tensors = load_file(str(weights_path))
+    except (SafetensorError, OSError) as e:
+        raise MespError(f"{weights_path}: unreadable ({e})") from None
+    # PEFT's in-memory names carry the adapter name ('.lora_A.default.weight'); files normally do not.
+    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
+    add_lora(model, config)
+    expected = adapter_state(model)
+    missing = sorted(set(expected) - set(tensors))
+    unknown = sorted(set(tensors) - set(expected))
+    if missing:
+        raise MespError(f"{weights_path}: missing tensor {missing[0]} ({len(missing)} missing)")
+    if unknown:
+        raise MespError(f"{weights_path}: unexpected tensor {unknown[0]} for this model and adapter_config")
+    with torch.no_grad():
+        for key, param in expected.items():
+            t = tensors[key]
+            if tuple(t.shape) != tuple(param.shape):
+                raise MespError(f"{weights_path}: {key} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
+            param.copy_(t.to(param.dtype))
+    return model

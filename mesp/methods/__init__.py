@@ -1,0 +1,31 @@
+"""Gradient methods over the same model, data and loss: autograd (the reference), MeBP, MeSP and MeZO."""
+
+from __future__ import annotations
+
+import torch
+
+from ..errors import MespError
+from . import autograd, mebp, mesp, mezo
+from .common import prepare_batch, require_lora
+
+METHODS = {"autograd": autograd.gradients, "mebp": mebp.gradients, "mesp": mesp.gradients, "mezo": mezo.gradients}
+
+
+def compute_gradients(model, input_ids: torch.Tensor, labels: torch.Tensor, attention_mask=None,
+                      method: str = "mesp", normalizer: float | None = None, **options):
+    """Loss and LoRA gradients of `model` on one batch.
+
+    labels follow transformers: same shape as input_ids, shifted inside, -100 ignored; the loss is the mean
+    over counted tokens (or the sum divided by `normalizer`, for gradient accumulation). Returns
+    (loss: scalar tensor, grads: dict keyed exactly like PEFT's adapter_model.safetensors).
+    Options by method: mesp: loss_chunk, attn_block, on_layer_grads; mezo: eps, n_directions, seed;
+    all but autograd/mebp: loss_chunk.
+    """
+    if method not in METHODS:
+        raise MespError(f"method: unknown {method!r}; choose from {', '.join(METHODS)}")
+    require_lora(model)
+    dropout = getattr(getattr(model, "lora_config", None), "dropout", 0.0)
+    if dropout:  # recomputation-based methods would need every dropout mask replayed exactly
+        raise MespError(f"lora dropout {dropout}: training with LoRA dropout is not supported; use 0")
+    batch = prepare_batch(model, input_ids, labels, attention_mask, normalizer)
+    return METHODS[method](model, batch, **options)

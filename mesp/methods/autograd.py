@@ -1,0 +1,18 @@
+"""Plain PyTorch autograd through the whole model: the reference every other method is checked against."""
+
+from __future__ import annotations
+
+import torch
+
+from .common import Batch, collect_grads, full_logits_loss
+
+
+def gradients(model, batch: Batch):
+    for p in model.lora_parameters().values():
+        p.requires_grad_(True)
+        p.grad = None
+    with torch.enable_grad():
+        hidden, _ = model(batch.input_ids, batch.attention_mask, return_hidden=True)
+        loss = full_logits_loss(hidden, model, batch)
+        loss.backward()
+    return loss.detach(), collect_grads(model)

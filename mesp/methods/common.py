@@ -1,0 +1,94 @@
+"""What every method shares: the batch (shifted targets, counted tokens), the loss, and the gradient dict."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import ops
+from ..errors import MespError
+from ..lora import peft_key
+from ..model import Model
+
+IGNORE = -100
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T]
+    attention_mask: torch.Tensor | None  # [B, T] (1 = real token), None when nothing is padded
+    targets: torch.Tensor  # [B, T]: targets[:, t] = labels[:, t+1]; last column IGNORE
+    normalizer: float  # how many targets count (loss = sum over them / normalizer)
+
+    @property
+    def key_mask(self) -> torch.Tensor | None:
+        return None if self.attention_mask is None else self.attention_mask.bool()
+
+
+def prepare_batch(model: Model, input_ids, labels, attention_mask=None, normalizer=None) -> Batch:
+    """Check shapes and shift labels as transformers does (the model predicts labels[t+1] at position t).
+
+    `normalizer` overrides the count of labelled tokens, so micro-batches of one accumulated step share the
+    divisor of the whole step."""
+    if input_ids.dim() != 2:
+        raise MespError(f"input_ids: expected [batch, seq], got shape {tuple(input_ids.shape)}")
+    if labels.shape != input_ids.shape:
+        raise MespError(f"labels: shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
+    if attention_mask is not None and attention_mask.shape != input_ids.shape:
+        raise MespError(f"attention_mask: shape {tuple(attention_mask.shape)} differs from input_ids "
+                        f"{tuple(input_ids.shape)}")
+    if input_ids.shape[1] > model.config.max_position_embeddings:
+        raise MespError(f"input_ids: {input_ids.shape[1]} tokens exceed the model's "
+                        f"max_position_embeddings {model.config.max_position_embeddings}")
+    device = model.device
+    input_ids, labels = input_ids.to(device), labels.to(device)
+    if attention_mask is not None:
+        attention_mask = attention_mask.to(device)
+        if bool(attention_mask.all()):
+            attention_mask = None
+    targets = torch.full_like(labels, IGNORE)
+    targets[:, :-1] = labels[:, 1:]
+    count = int((targets != IGNORE).sum())
+    if count == 0:
+        raise MespError("labels: no token is labelled (every label is -100 after the shift)")
+    return Batch(input_ids, attention_mask, targets, float(normalizer or count))
+
+
+def full_logits_loss(hidden: torch.Tensor, model: Model, batch: Batch) -> torch.Tensor:
+    """Differentiable loss through full-vocabulary logits [B, T, V] (the autograd and MeBP way)."""
+    logits = ops.frozen_linear(hidden, model.lm_head_weight).float()
+    loss_sum = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1),
+                               ignore_index=IGNORE, reduction="sum")
+    return loss_sum / batch.normalizer
+
+
+def chunked_loss(hidden: torch.Tensor, model: Model, batch: Batch, chunk_size: int | None = None,
+                 compute_grad: bool = True):
+    """Loss (and its gradient w.r.t. `hidden`, the final-normed states) with the LM head run on chunks of
+    labelled tokens only: full-vocabulary logits never exist. Returns (loss fp32 scalar, g_hidden or None)."""
+    B, T, d = hidden.shape
+    rows = chunk_size or default_loss_chunk(model)
+    loss_sum, g = ops.lm_head_cross_entropy(hidden.reshape(B * T, d), model.lm_head_weight,
+                                            batch.targets.reshape(-1), batch.normalizer, rows, compute_grad)
+    return loss_sum / batch.normalizer, None if g is None else g.view(B, T, d)
+
+
+def default_loss_chunk(model: Model, budget_bytes: int = 8 << 20) -> int:
+    """Token rows per LM-head chunk so one fp32 logits chunk stays near `budget_bytes` (8 MiB)."""
+    return max(8, budget_bytes // (model.config.vocab_size * 4))
+
+
+def collect_grads(model: Model) -> dict[str, torch.Tensor]:
+    """PEFT-keyed .grad of every LoRA parameter (zeros where none flowed), detached; clears .grad."""
+    out = {}
+    for name, p in model.lora_parameters().items():
+        out[peft_key(name)] = p.grad if p.grad is not None else torch.zeros_like(p)
+        p.grad = None
+    return out
+
+
+def require_lora(model: Model) -> None:
+    if not model.lora_parameters():
+        raise MespError("the model has no LoRA adapter: call mesp.add_lora(model, mesp.LoraConfig(...)) first")

@@ -1,0 +1,45 @@
+"""MeBP (Apple, arXiv 2510.03425): per-layer gradient checkpointing.
+
+Forward keeps only each decoder layer's input; the loss runs through full-vocabulary logits under autograd;
+backward re-runs one layer at a time under autograd and pushes the gradient of its input down.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from ..model import visibility_mask
+from .common import Batch, collect_grads, full_logits_loss
+
+
+def gradients(model, batch: Batch):
+    layers = model.model.layers
+    T = batch.input_ids.shape[1]
+    cos, sin = model.rope(torch.arange(T, device=model.device))
+    visible = visibility_mask(batch.attention_mask, T, 0, model.device)
+    for p in model.lora_parameters().values():
+        p.requires_grad_(True)
+        p.grad = None
+
+    inputs = []  # the checkpoints: one [B, T, d] per layer
+    with torch.no_grad():
+        x = model.embed(batch.input_ids)
+        for layer in layers:
+            inputs.append(x)
+            x, _ = layer(x, cos, sin, visible)
+
+    with torch.enable_grad():
+        x = x.requires_grad_(True)
+        loss = full_logits_loss(model.model.norm(x), model, batch)
+        loss.backward()
+    g = x.grad
+    del x
+
+    for i in reversed(range(len(layers))):
+        x = inputs.pop().requires_grad_(i > 0)
+        with torch.enable_grad():
+            y, _ = layers[i](x, cos, sin, visible)
+            y.backward(g)
+        g = x.grad
+        del x, y
+    return loss.detach(), collect_grads(model)
