@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory import stage
 from .common import Batch, collect_grads, full_logits_loss
 
 
@@ -12,7 +13,10 @@ def gradients(model, batch: Batch):
         p.requires_grad_(True)
         p.grad = None
     with torch.enable_grad():
-        hidden, _ = model(batch.input_ids, batch.attention_mask, return_hidden=True)
-        loss = full_logits_loss(hidden, model, batch)
-        loss.backward()
+        with stage("forward"):
+            hidden, _ = model(batch.input_ids, batch.attention_mask, return_hidden=True)
+        with stage("loss"):
+            loss = full_logits_loss(hidden, model, batch)
+        with stage("backward"):
+            loss.backward()
     return loss.detach(), collect_grads(model)

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import torch
 
+from ..memory import stage
 from ..model import visibility_mask
 from .common import Batch, collect_grads, full_logits_loss
 
@@ -22,13 +23,13 @@ def gradients(model, batch: Batch):
         p.grad = None
 
     inputs = []  # the checkpoints: one [B, T, d] per layer
-    with torch.no_grad():
+    with torch.no_grad(), stage("forward"):
         x = model.embed(batch.input_ids)
         for layer in layers:
             inputs.append(x)
             x, _ = layer(x, cos, sin, visible)
 
-    with torch.enable_grad():
+    with torch.enable_grad(), stage("loss"):
         x = x.requires_grad_(True)
         loss = full_logits_loss(model.model.norm(x), model, batch)
         loss.backward()
@@ -37,7 +38,7 @@ def gradients(model, batch: Batch):
 
     for i in reversed(range(len(layers))):
         x = inputs.pop().requires_grad_(i > 0)
-        with torch.enable_grad():
+        with torch.enable_grad(), stage("backward"):
             y, _ = layers[i](x, cos, sin, visible)
             y.backward(g)
         g = x.grad

@@ -18,6 +18,7 @@ from collections.abc import Callable
 import torch
 
 from .. import ops
+from ..memory import stage
 from ..lora import peft_key
 from ..model import DecoderLayer, Linear
 from .common import Batch, chunked_loss
@@ -152,7 +153,7 @@ def gradients(model, batch: Batch, loss_chunk: int | None = None, attn_block: in
     layers = model.model.layers
     T = batch.input_ids.shape[1]
     key_mask = batch.key_mask
-    with torch.no_grad():
+    with torch.no_grad(), stage("forward"):
         cos, sin = model.rope(torch.arange(T, device=model.device))
         inputs = []  # the only activations kept across layers: one [B, T, d] per layer
         x = model.embed(batch.input_ids)
@@ -160,12 +161,14 @@ def gradients(model, batch: Batch, loss_chunk: int | None = None, attn_block: in
             inputs.append(x)
             x = layer_forward(layer, x, cos, sin, key_mask, attn_block)
 
+    with torch.no_grad(), stage("loss"):
         norm = model.model.norm
         loss, g_norm = chunked_loss(norm(x), model, batch, loss_chunk)
         g = ops.rmsnorm_backward(g_norm, x, norm.weight, norm.eps)
         del g_norm, x
 
-        all_grads = {}
+    all_grads = {}
+    with torch.no_grad(), stage("backward"):
         for i in reversed(range(len(layers))):
             collected = LoraGrads(f"model.layers.{i}")
             x = inputs.pop()

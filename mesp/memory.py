@@ -1,0 +1,89 @@
+"""Peak memory at the allocator level, the way every number in this project is measured.
+
+`PeakMemory` measures the peak of tensor bytes allocated above the moment it was entered:
+- on CUDA, torch.cuda.max_memory_allocated after reset_peak_memory_stats;
+- on CPU, PyTorch's CPU allocator reports each allocation and free to the profiler (profile_memory=True)
+  with its running total; the peak of that total is the CPU figure. It sees every tensor the step creates,
+  including the loss stage, and nothing allocated before the step (weights, adapters, data).
+Engines mark their stages with `stage("forward")` etc.; the tracker splits the peak by the stage in force.
+"""
+
+from __future__ import annotations
+
+import resource
+import sys
+from contextlib import contextmanager
+
+import torch
+
+STAGE_PREFIX = "mesp.stage:"
+
+
+@contextmanager
+def stage(name: str):
+    """Mark a stage of a step (free when no tracker is running)."""
+    with torch.profiler.record_function(STAGE_PREFIX + name):
+        yield
+
+
+class PeakMemory:
+    """with PeakMemory(device) as pm: step();  pm.peak_bytes, pm.stage_peaks ({stage: peak bytes})."""
+
+    def __init__(self, device="cpu"):
+        self.device = torch.device(device)
+        self.peak_bytes = 0
+        self.stage_peaks: dict[str, int] = {}
+
+    def __enter__(self):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            torch.cuda.reset_peak_memory_stats(self.device)
+            self._start = torch.cuda.memory_allocated(self.device)
+        else:
+            self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
+                                                profile_memory=True)
+            self._prof.__enter__()
+        return self
+
+    def __exit__(self, *exc):
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+            self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
+            return False
+        self._prof.__exit__(*exc)
+        if exc[0] is None:
+            self._read_cpu_events()
+        return False
+
+    def _read_cpu_events(self):
+        from torch._C._profiler import _EventType
+
+        allocations, stages = [], []
+        pending = list(self._prof.profiler.kineto_results.experimental_event_tree())
+        while pending:
+            node = pending.pop()
+            pending.extend(node.children)
+            if node.tag == _EventType.Allocation:
+                allocations.append((node.start_time_ns, node.extra_fields.total_allocated))
+            elif node.name.startswith(STAGE_PREFIX):
+                stages.append((node.start_time_ns, node.end_time_ns, node.name[len(STAGE_PREFIX):]))
+        allocations.sort()
+        self.peak_bytes = max((total for _, total in allocations), default=0)
+        peaks: dict[str, int] = {}
+        for t, total in allocations:
+            # the innermost (latest-starting) stage containing t
+            inside = [s for s in stages if s[0] <= t <= s[1]]
+            name = max(inside)[2] if inside else "other"
+            peaks[name] = max(peaks.get(name, 0), total)
+        self.stage_peaks = peaks
+
+
+def peak_rss_bytes() -> int:
+    """The process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss if sys.platform == "darwin" else rss * 1024
+
+
+def tensor_bytes(tensors) -> int:
+    """Bytes held by an iterable of tensors (or quantized weights exposing nbytes)."""
+    return sum(t.nelement() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes for t in tensors)
