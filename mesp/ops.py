@@ -255,27 +255,29 @@ def swiglu_backward(g, gate, up):
 # LoRA linear: y = x W^T (+ b) + scale * (x A^T) B^T
 
 
-def lora_linear_forward(x, w, bias, A, B, scale):
+def lora_linear_forward(x, w, bias, A, B, scale, return_h=False):
     """x [..., in]; W [out, in] frozen; bias [out] or None; A [r, in], B [out, r] or None.
 
     The LoRA branch runs in the LoRA weights' dtype (x is cast to it, as PEFT does) and
-    is added to the frozen path in x's dtype. h = x A^T is not returned: the backward
-    recomputes it (r << in, so this is cheap and saves storing h).
+    is added to the frozen path in x's dtype. MeSP does not keep h = x A^T [..., r]: the
+    backward recomputes it (r << in). return_h=True returns (y, h) for the paper's
+    store-h ablation (h is None without LoRA).
     """
     y = frozen_linear(x, w, bias)
     if A is None:
-        return y
+        return (y, None) if return_h else y
     h = torch.matmul(x.to(A.dtype), A.t())
     lora = torch.matmul(h, B.to(A.dtype).t())
-    del h
+    if not return_h:
+        del h
     lora.mul_(scale)
     y.add_(lora.to(y.dtype))
-    return y
+    return (y, h) if return_h else y
 
 
 @torch.no_grad()
-def lora_linear_backward(g, x, w, A, B, scale, need_input_grad=True):
-    """Backward of :func:`lora_linear_forward`; only x was stored.
+def lora_linear_backward(g, x, w, A, B, scale, need_input_grad=True, h=None):
+    """Backward of :func:`lora_linear_forward`; only x was stored (or also h, when given).
 
     g [..., out], x [..., in] -> (gx [..., in] or None, gA [r, in] or None, gB [out, r] or None)
       h  = x A^T                (recomputed)             [..., r]
@@ -292,7 +294,7 @@ def lora_linear_backward(g, x, w, A, B, scale, need_input_grad=True):
     ldt = A.dtype
     x2 = x.reshape(-1, x.shape[-1]).to(ldt)
     g2 = g.reshape(-1, g.shape[-1]).to(ldt)
-    h = torch.matmul(x2, A.t())  # [N, r]
+    h = torch.matmul(x2, A.t()) if h is None else h.reshape(-1, A.shape[0])  # [N, r]
     gB = torch.matmul(g2.t(), h).mul_(scale)  # [out, r]
     del h
     gh = torch.matmul(g2, B.to(ldt)).mul_(scale)  # [N, r]

@@ -18,7 +18,7 @@ def compute_gradients(model, input_ids: torch.Tensor, labels: torch.Tensor, atte
     labels follow transformers: same shape as input_ids, shifted inside, -100 ignored; the loss is the mean
     over counted tokens (or the sum divided by `normalizer`, for gradient accumulation). Returns
     (loss: scalar tensor, grads: dict keyed exactly like PEFT's adapter_model.safetensors).
-    Options by method: mesp: loss_chunk, attn_block, on_layer_grads; mezo: eps, n_directions, seed;
+    Options by method: mesp: loss_chunk, attn_block, on_layer_grads, store_h (ablation); mezo: eps, n_directions, seed;
     all but autograd/mebp: loss_chunk.
     """
     if method not in METHODS:
