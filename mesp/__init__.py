@@ -1,6 +1,8 @@
 """mesp: exact-gradient LoRA fine-tuning under tight memory (Memory-efficient Structured Backpropagation)."""
 
 from .errors import MespError
+from .generate import generate, generate_stream
+from .loaders import PRESETS, list_presets, load_model, load_tokenizer
 from .lora import LoraConfig, add_lora, load_adapter, save_adapter
 from .methods import compute_gradients
 from .model import Model, ModelConfig, forward

@@ -48,5 +48,39 @@ def main(argv: list[str] | None = None) -> int:
 # ---- subcommands (each: NAME_args, then @command NAME_run) --------------------------------------------
 
 
+# ---- generate ------------------------------------------------------------------------------------------
+
+def generate_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="HF model directory, .gguf file or preset name")
+    p.add_argument("--adapter", help="LoRA adapter directory (PEFT format) to apply")
+    p.add_argument("--prompt", required=True, help="the prompt text")
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
+    p.add_argument("--max-new-tokens", type=int, default=64, help="most tokens to generate (default 64)")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default); > 0 samples")
+    p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
+    p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+
+
+@command("generate", generate_args, "Generate text from a prompt with a model (and optional LoRA adapter).")
+def generate_run(args) -> int:
+    from .generate import _check, generate_stream
+    from .loaders import PRESETS, load_model, load_tokenizer
+
+    _check(args.max_new_tokens, args.temperature, args.top_p)
+    if args.model in PRESETS:
+        load_tokenizer(args.model)  # a random preset has none: fail before building its weights
+    model = load_model(args.model, dtype=args.dtype)
+    tokenizer = load_tokenizer(model)
+    if args.adapter:
+        from .lora import load_adapter
+        load_adapter(model, args.adapter)
+    for piece in generate_stream(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
+                                 temperature=args.temperature, seed=args.seed, top_p=args.top_p):
+        print(piece, end="", flush=True)
+    print()
+    return 0
+
+
 if __name__ == "__main__":
     sys.exit(main())

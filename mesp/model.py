@@ -157,7 +157,8 @@ class Attention(nn.Module):
         self.q_proj = Linear(d, cfg.num_attention_heads * hd, cfg.attention_bias)
         self.k_proj = Linear(d, cfg.num_key_value_heads * hd, cfg.attention_bias)
         self.v_proj = Linear(d, cfg.num_key_value_heads * hd, cfg.attention_bias)
-        self.o_proj = Linear(cfg.num_attention_heads * hd, d, False)
+        # Llama's attention_bias also covers o_proj (transformers LlamaAttention); Qwen2's o_proj has none
+        self.o_proj = Linear(cfg.num_attention_heads * hd, d, cfg.attention_bias and cfg.arch == "llama")
 
     def split_heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
         """[B, T, heads*hd] -> [B, heads, T, hd]"""
@@ -359,6 +360,8 @@ def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
         if cfg.attention_bias:
             shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
                            p + "self_attn.v_proj.bias": (kv,)})
+            if cfg.arch == "llama":
+                shapes[p + "self_attn.o_proj.bias"] = (d,)
     return shapes
 
 

@@ -1,0 +1,125 @@
+"""Text generation with a KV cache: greedy at temperature 0, else seeded temperature / top-p sampling.
+
+    text = generate(model, tokenizer, "What is the capital of France?", chat=True)
+    for piece in generate_stream(model, tokenizer, prompt): print(piece, end="")
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import torch
+
+from .errors import MespError
+from .model import Model
+
+
+def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
+    """Token ids of `prompt`; with chat, as one user turn through the tokenizer's chat template."""
+    if chat:
+        if not getattr(tokenizer, "chat_template", None):
+            raise MespError("--chat: this tokenizer has no chat template")
+        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
+                                             add_generation_prompt=True)
+        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    else:
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise MespError("the prompt is empty (no tokens)")
+    return list(ids)
+
+
+def stop_token_ids(model: Model, tokenizer=None) -> set[int]:
+    """End-of-sequence ids: the model config's eos (int or list) and the tokenizer's."""
+    stops: set[int] = set()
+    eos = model.config.eos_token_id
+    if isinstance(eos, int):
+        stops.add(eos)
+    elif isinstance(eos, (list, tuple)):
+        stops.update(int(e) for e in eos)
+    tok_eos = getattr(tokenizer, "eos_token_id", None) if tokenizer is not None else None
+    if isinstance(tok_eos, int):
+        stops.add(tok_eos)
+    return stops
+
+
+def _check(max_new_tokens, temperature, top_p):
+    if max_new_tokens < 0:
+        raise MespError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
+    if not temperature >= 0:
+        raise MespError(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise MespError(f"top_p must be in (0, 1], got {top_p}")
+
+
+def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Generator) -> int:
+    """One token id from the logits [V] of the last position."""
+    logits = logits.float()
+    if temperature == 0:
+        return int(torch.argmax(logits))
+    probs = torch.softmax(logits / temperature, dim=-1)
+    if top_p < 1.0:
+        sorted_p, order = torch.sort(probs, descending=True)
+        cum = torch.cumsum(sorted_p, dim=-1)
+        drop = cum - sorted_p >= top_p  # keep the smallest prefix whose mass reaches top_p
+        sorted_p[drop] = 0.0
+        probs = torch.zeros_like(probs).scatter_(0, order, sorted_p)
+    return int(torch.multinomial(probs, 1, generator=gen))
+
+
+@torch.no_grad()
+def generate_ids(model: Model, input_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
+                 seed: int = 0, top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset()) -> Iterator[int]:
+    """Yield new token ids one at a time (a stop id is yielded, then generation ends)."""
+    _check(max_new_tokens, temperature, top_p)
+    if max_new_tokens == 0:
+        return
+    gen = torch.Generator().manual_seed(seed)
+    was_training = model.training
+    model.eval()
+    try:
+        ids = torch.tensor([list(input_ids)], dtype=torch.long, device=model.device)
+        logits, cache = model(ids)
+        for step in range(max_new_tokens):
+            tok = _pick(logits[0, -1], temperature, top_p, gen)
+            yield tok
+            if tok in stop_ids or step == max_new_tokens - 1:
+                return
+            logits, cache = model(torch.tensor([[tok]], dtype=torch.long, device=model.device), cache=cache)
+    finally:
+        model.train(was_training)
+
+
+def generate_stream(model: Model, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 64,
+                    temperature: float = 0.0, seed: int = 0, top_p: float = 1.0) -> Iterator[str]:
+    """Yield the continuation of `prompt` as text pieces, as the tokens come (eos excluded)."""
+    _check(max_new_tokens, temperature, top_p)
+    prompt_ids = encode_prompt(tokenizer, prompt, chat)
+    stops = stop_token_ids(model, tokenizer)
+    out: list[int] = []
+    shown = ""
+    for tok in generate_ids(model, prompt_ids, max_new_tokens, temperature, seed, top_p, stops):
+        if tok in stops:
+            break
+        out.append(tok)
+        text = tokenizer.decode(out, skip_special_tokens=True)
+        if text.endswith("\ufffd"):
+            continue  # an incomplete UTF-8 sequence: wait for the next token
+        if text.startswith(shown):
+            piece, shown = text[len(shown):], text
+            if piece:
+                yield piece
+    text = tokenizer.decode(out, skip_special_tokens=True)
+    if text != shown and text.startswith(shown):
+        yield text[len(shown):]
+
+
+def generate(model: Model, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 64,
+             temperature: float = 0.0, seed: int = 0, top_p: float = 1.0) -> str:
+    """The continuation of `prompt` (greedy at temperature 0; stops at eos or after max_new_tokens)."""
+    _check(max_new_tokens, temperature, top_p)
+    prompt_ids = encode_prompt(tokenizer, prompt, chat)
+    stops = stop_token_ids(model, tokenizer)
+    out = [t for t in generate_ids(model, prompt_ids, max_new_tokens, temperature, seed, top_p, stops)
+           if t not in stops]
+    return tokenizer.decode(out, skip_special_tokens=True)
