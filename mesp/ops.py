@@ -461,7 +461,8 @@ def attention_reference(q, k, v, key_mask=None, scale=None):
 
 
 @torch.no_grad()
-def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, compute_grad=True):
+def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, compute_grad=True,
+                          chunk_bytes=8 << 20):
     """Summed cross-entropy of (hidden W^T) against targets, plus dL/dhidden for L = sum/normalizer.
 
     hidden [N, d] (final-normed, already shifted); weight [V, d] (tensor or quantized object);
@@ -469,27 +470,62 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
     normalizer: number or scalar tensor (e.g. the count of target tokens).
     Returns (loss_sum fp32 0-dim tensor, g_hidden [N, d] in hidden's dtype or None).
 
-    Only chunk_size counted rows at a time go through the head: logits [c, V] in fp32,
-    lse = logsumexp, loss += sum(lse - logit[target]); the gradient of a chunk is
-    (softmax - onehot) / normalizer (built in place over the logits), then g_logits W.
+    Full [N, V] logits never exist. Counted rows go in blocks of at most chunk_size tokens, and each block
+    meets the vocabulary in slices of Vc rows of W, with Vc chosen so one fp32 logits slice [n, Vc] stays
+    within chunk_bytes. Slicing the vocabulary rather than the tokens matters for speed: W (V x d, the
+    largest weight) is then read three times per block (log-sum-exp pass, then recompute + gradient pass)
+    instead of twice per handful of tokens.
+      pass 1: online log-sum-exp over slices: m = running max, s = running sum of exp(logit - m);
+              lse = m + log s; loss += sum(lse - logit[target])
+      pass 2: per slice, g_logits = (exp(logit - lse) - onehot) / normalizer, built in place;
+              g_hidden += g_logits W_slice
     """
     acc = _acc_dtype(hidden.dtype)
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
     g_hidden = torch.zeros_like(hidden) if compute_grad else None
     rows = (targets != -100).nonzero().squeeze(1)
+    V = weight.shape[0]
     for c0 in range(0, rows.numel(), chunk_size):
         idx = rows[c0 : c0 + chunk_size]
-        t = targets[idx]
-        logits = frozen_linear(hidden[idx], weight).to(acc)  # [c, V]
-        lse = torch.logsumexp(logits, dim=-1)  # [c]
-        loss_sum += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
-        if compute_grad:
-            g = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+        n = idx.numel()
+        h, t = hidden[idx], targets[idx]
+        vc = max(1, min(V, chunk_bytes // (n * 4)))
+        slices = [(v0, min(V, v0 + vc)) for v0 in range(0, V, vc)]
+        m = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+        s = torch.zeros(n, dtype=acc, device=h.device)
+        target_logit = torch.zeros(n, dtype=acc, device=h.device)
+        for v0, v1 in slices:
+            logits = _logits_slice(h, weight, v0, v1, acc)  # [n, v1-v0]
+            inside = (t >= v0) & (t < v1)
+            target_logit[inside] = logits[inside, t[inside] - v0]
+            m_new = torch.maximum(m, logits.amax(dim=-1))
+            s.mul_(torch.exp(m - m_new)).add_(logits.sub_(m_new[:, None]).exp_().sum(dim=-1))
+            m = m_new
             del logits
-            g[torch.arange(idx.numel(), device=g.device), t] -= 1.0
+        lse = m.add_(s.log_())
+        loss_sum += (lse - target_logit).sum()
+        if not compute_grad:
+            continue
+        gh = torch.zeros(n, h.shape[-1], dtype=acc, device=h.device)
+        for v0, v1 in slices:
+            g = _logits_slice(h, weight, v0, v1, acc).sub_(lse[:, None]).exp_()  # softmax slice, in place
+            inside = (t >= v0) & (t < v1)
+            g[inside.nonzero().squeeze(1), t[inside] - v0] -= 1.0
             g.div_(normalizer)
-            g_hidden[idx] = frozen_linear_grad_input(g.to(hidden.dtype), weight).to(hidden.dtype)
+            gh.add_(torch.matmul(g.to(h.dtype), weight_rows(weight, v0, v1).to(h.dtype)).to(acc))
             del g
-        else:
-            del logits
+        g_hidden[idx] = gh.to(hidden.dtype)
     return loss_sum, g_hidden
+
+
+def weight_rows(weight, v0, v1):
+    """Rows [v0, v1) of a frozen [V, d] weight as a tensor: a view, or only those rows dequantized."""
+    if isinstance(weight, torch.Tensor):
+        return weight[v0:v1]
+    return weight.rows(torch.arange(v0, v1, device=weight.device))
+
+
+def _logits_slice(h, weight, v0, v1, acc):
+    """h [n, d] against vocabulary rows [v0, v1) -> logits [n, v1-v0] in the accumulation dtype."""
+    w = weight_rows(weight, v0, v1)
+    return torch.matmul(h, w.to(h.dtype).t()).to(acc)

@@ -64,20 +64,16 @@ def full_logits_loss(hidden: torch.Tensor, model: Model, batch: Batch) -> torch.
     return loss_sum / batch.normalizer
 
 
-def chunked_loss(hidden: torch.Tensor, model: Model, batch: Batch, chunk_size: int | None = None,
-                 compute_grad: bool = True):
-    """Loss (and its gradient w.r.t. `hidden`, the final-normed states) with the LM head run on chunks of
-    labelled tokens only: full-vocabulary logits never exist. Returns (loss fp32 scalar, g_hidden or None)."""
+def chunked_loss(hidden: torch.Tensor, model: Model, batch: Batch, loss_chunk: int | None = None,
+                 compute_grad: bool = True, loss_chunk_bytes: int = 8 << 20):
+    """Loss (and its gradient w.r.t. `hidden`, the final-normed states) with the LM head run only on labelled
+    tokens, `loss_chunk` tokens at a time against vocabulary slices whose fp32 logits stay within
+    `loss_chunk_bytes`: full-vocabulary logits never exist. Returns (loss fp32 scalar, g_hidden or None)."""
     B, T, d = hidden.shape
-    rows = chunk_size or default_loss_chunk(model)
     loss_sum, g = ops.lm_head_cross_entropy(hidden.reshape(B * T, d), model.lm_head_weight,
-                                            batch.targets.reshape(-1), batch.normalizer, rows, compute_grad)
+                                            batch.targets.reshape(-1), batch.normalizer, loss_chunk or 1024,
+                                            compute_grad, loss_chunk_bytes)
     return loss_sum / batch.normalizer, None if g is None else g.view(B, T, d)
-
-
-def default_loss_chunk(model: Model, budget_bytes: int = 8 << 20) -> int:
-    """Token rows per LM-head chunk so one fp32 logits chunk stays near `budget_bytes` (8 MiB)."""
-    return max(8, budget_bytes // (model.config.vocab_size * 4))
 
 
 def collect_grads(model: Model) -> dict[str, torch.Tensor]:
