@@ -1,0 +1,339 @@
+"""Training data: JSONL in the formats users already have (mlx-lm / Hugging Face), tokenized, masked, batched.
+
+One JSON object per line, in one of four formats (extra keys are ignored):
+
+    {"text": "..."}                                   loss on every token (EOS appended)
+    {"prompt": "...", "completion": "..."}            loss on the completion only
+    {"messages": [{"role": "user", "content": ...}, {"role": "assistant", "content": ...}, ...]}
+                                                      rendered with the tokenizer's chat template;
+                                                      loss on the assistant turns only
+    {"input_ids": [...], "labels": [...]}             pre-tokenized ("labels" optional, -100 = no loss;
+                                                      without it every token counts). Needs no tokenizer.
+
+A prompt/completion pair goes through the chat template as one user turn and one assistant turn when the
+tokenizer has a template (as mlx-lm does, and as `mesp generate --chat` prompts); without a template the
+prompt and completion are tokenized one after the other and EOS is appended. `train_on_prompt` puts the loss
+on every token of the text, chat and prompt/completion formats (explicit pre-tokenized labels are kept).
+
+Samples longer than seq_len are cut to their first seq_len tokens and counted. Labels follow transformers
+(same length as input_ids, shifted inside the loss), so a sample is trainable when some label after the
+first is not -100. Bad input raises MespError naming the file and line.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from .errors import MespError
+
+log = logging.getLogger(__name__)
+
+IGNORE = -100  # the label of a token without loss (transformers' convention)
+FORMATS = ("text", "prompt/completion", "messages", "input_ids")
+
+
+@dataclass
+class Sample:
+    input_ids: torch.Tensor  # int64 [n]
+    labels: torch.Tensor  # int64 [n], IGNORE where no loss
+    line: int  # 1-based line in the source file
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens the loss counts (labels are shifted: the first position is never a target)."""
+        return int((self.labels[1:] != IGNORE).sum())
+
+
+@dataclass
+class Batch:
+    input_ids: torch.Tensor  # [B, T] right-padded
+    attention_mask: torch.Tensor  # [B, T], 1 = real token
+    labels: torch.Tensor  # [B, T], IGNORE on pads and masked tokens
+
+    @property
+    def n_tokens(self) -> int:
+        """Real (non-pad) tokens."""
+        return int(self.attention_mask.sum())
+
+    @property
+    def n_targets(self) -> int:
+        """Tokens the loss counts, after the shift (matches methods.common.prepare_batch)."""
+        return int((self.labels[:, 1:] != IGNORE).sum())
+
+
+@dataclass
+class Dataset:
+    path: str
+    samples: list[Sample]
+    n_truncated: int = 0  # samples cut to seq_len
+    formats: dict[str, int] = field(default_factory=dict)  # format -> sample count
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    @property
+    def n_tokens(self) -> int:
+        return sum(len(s.input_ids) for s in self.samples)
+
+    @property
+    def n_targets(self) -> int:
+        return sum(s.n_targets for s in self.samples)
+
+    def collate(self, indices) -> Batch:
+        return collate([self.samples[i] for i in indices])
+
+    def batches_in_order(self, batch_size: int):
+        """Every sample once, in file order (for evaluation)."""
+        for start in range(0, len(self), batch_size):
+            yield self.collate(range(start, min(start + batch_size, len(self))))
+
+
+def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
+    """Right-pad to the longest sample: attention_mask 0 and label IGNORE on pads (pad_id is never seen)."""
+    T = max(len(s.input_ids) for s in samples)
+    ids = torch.full((len(samples), T), pad_id, dtype=torch.long)
+    labels = torch.full((len(samples), T), IGNORE, dtype=torch.long)
+    mask = torch.zeros((len(samples), T), dtype=torch.long)
+    for b, s in enumerate(samples):
+        n = len(s.input_ids)
+        ids[b, :n] = s.input_ids
+        labels[b, :n] = s.labels
+        mask[b, :n] = 1
+    return Batch(ids, mask, labels)
+
+
+# ---- order: a pure function of (seed, epoch), so a resumed run sees the same batches ----------------------
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The sample order of `epoch`: a permutation of range(n) that depends only on seed and epoch."""
+    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
+    return torch.randperm(n, generator=g).tolist()
+
+
+class MicroBatchStream:
+    """Micro-batches of `batch_size` samples, epoch after epoch, each epoch in its own seeded order.
+
+    Micro-batch m is the (m % per_epoch)-th slice of epoch (m // per_epoch)'s order (the last slice of an
+    epoch may be smaller), so any position can be resumed from the counter alone."""
+
+    def __init__(self, n_samples: int, batch_size: int, seed: int):
+        if n_samples < 1:
+            raise MespError("no training samples")
+        self.n, self.batch_size, self.seed = n_samples, batch_size, seed
+        self.per_epoch = math.ceil(n_samples / batch_size)
+        self._order: tuple[int, list[int]] | None = None
+
+    def indices(self, m: int) -> list[int]:
+        epoch, j = divmod(m, self.per_epoch)
+        if self._order is None or self._order[0] != epoch:
+            self._order = (epoch, epoch_order(self.n, self.seed, epoch))
+        return self._order[1][j * self.batch_size:(j + 1) * self.batch_size]
+
+
+# ---- loading ----------------------------------------------------------------------------------------------
+
+def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len: int | None = None,
+               train_on_prompt: bool = False, vocab_size: int | None = None) -> Dataset:
+    """Read, tokenize, mask and truncate a JSONL file (see the module docstring).
+
+    get_tokenizer() is called only when a line needs a tokenizer, so pre-tokenized data works with models that
+    have none. vocab_size, if given, bounds pre-tokenized ids."""
+    path = Path(path)
+    if not path.is_file():
+        raise MespError(f"{path}: no such file")
+    tokenizer = None
+    samples: list[Sample] = []
+    formats: dict[str, int] = {}
+    n_truncated = 0
+    try:
+        lines = path.read_bytes().split(b"\n")
+    except OSError as e:
+        raise MespError(f"{path}: unreadable ({e.strerror})") from None
+    for lineno, raw in enumerate(lines, start=1):
+        where = f"{path}:{lineno}"
+        try:
+            text = raw.decode("utf-8").strip()
+        except UnicodeDecodeError as e:
+            raise MespError(f"{where}: not UTF-8 (byte {e.start})") from None
+        if not text:
+            continue
+        try:
+            obj = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise MespError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+        if not isinstance(obj, dict):
+            raise MespError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        fmt = detect_format(obj, where)
+        if fmt != "input_ids" and tokenizer is None:
+            if get_tokenizer is None:
+                raise MespError(f"{where}: the {fmt!r} format needs a tokenizer")
+            try:
+                tokenizer = get_tokenizer()
+            except MespError as e:
+                raise MespError(f"{where}: the {fmt!r} format needs a tokenizer: {e}") from None
+        ids, labels = encode(obj, fmt, tokenizer, train_on_prompt, where, vocab_size)
+        if seq_len is not None and len(ids) > seq_len:
+            ids, labels = ids[:seq_len], labels[:seq_len]
+            n_truncated += 1
+        sample = Sample(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), lineno)
+        if sample.n_targets == 0:
+            cut = f" after truncation to seq_len {seq_len}" if seq_len is not None and len(ids) == seq_len else ""
+            raise MespError(f"{where}: no token to train on{cut} ({_why_untrainable(fmt)})")
+        samples.append(sample)
+        formats[fmt] = formats.get(fmt, 0) + 1
+    if not samples:
+        raise MespError(f"{path}: no samples (the file is empty)")
+    if n_truncated:
+        log.info("%s: %d of %d samples truncated to %d tokens", path, n_truncated, len(samples), seq_len)
+    return Dataset(str(path), samples, n_truncated, formats)
+
+
+def _why_untrainable(fmt: str) -> str:
+    return {"text": "the text has fewer than 2 tokens", "prompt/completion": "the completion is empty",
+            "messages": "no assistant message with content", "input_ids": "every label is -100"}[fmt]
+
+
+def detect_format(obj: dict, where: str) -> str:
+    found = [fmt for fmt, keys in (("text", ("text",)), ("prompt/completion", ("prompt", "completion")),
+                                   ("messages", ("messages",)), ("input_ids", ("input_ids",)))
+             if all(k in obj for k in keys)]
+    if len(found) == 1:
+        return found[0]
+    if len(found) > 1:
+        raise MespError(f"{where}: ambiguous sample: keys for formats {' and '.join(found)}")
+    if "prompt" in obj or "completion" in obj:
+        missing = "completion" if "prompt" in obj else "prompt"
+        raise MespError(f"{where}: missing field {missing!r}")
+    if "labels" in obj:
+        raise MespError(f"{where}: missing field 'input_ids' (labels given without it)")
+    keys = ", ".join(sorted(obj)) or "none"
+    raise MespError(f"{where}: unknown format (keys: {keys}); expected text, prompt+completion, messages or "
+                    f"input_ids")
+
+
+def encode(obj: dict, fmt: str, tokenizer, train_on_prompt: bool, where: str,
+           vocab_size: int | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one sample."""
+    if fmt == "input_ids":
+        return _pretokenized(obj, where, vocab_size)
+    if fmt == "text":
+        ids = list(tokenizer(_string(obj, "text", where))["input_ids"])
+        eos = tokenizer.eos_token_id
+        if isinstance(eos, int) and (not ids or ids[-1] != eos):
+            ids.append(eos)
+        return ids, list(ids)
+    if fmt == "prompt/completion":
+        prompt, completion = _string(obj, "prompt", where), _string(obj, "completion", where)
+        if getattr(tokenizer, "chat_template", None):
+            messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
+            ids, labels = _chat(tokenizer, messages, where)
+        else:
+            head = list(tokenizer(prompt)["input_ids"])
+            tail = list(tokenizer(completion, add_special_tokens=False)["input_ids"])
+            if isinstance(tokenizer.eos_token_id, int):
+                tail.append(tokenizer.eos_token_id)
+            ids, labels = head + tail, [IGNORE] * len(head) + tail
+    else:
+        ids, labels = _chat(tokenizer, _messages(obj, where), where)
+    return ids, (list(ids) if train_on_prompt else labels)
+
+
+def _string(obj: dict, key: str, where: str) -> str:
+    v = obj[key]
+    if not isinstance(v, str):
+        raise MespError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
+    return v
+
+
+def _messages(obj: dict, where: str) -> list[dict]:
+    messages = obj["messages"]
+    if not isinstance(messages, list) or not messages:
+        raise MespError(f"{where}: field 'messages' must be a non-empty list")
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise MespError(f"{where}: messages[{i}] must be an object with 'role' and 'content'")
+        for key in ("role", "content"):
+            if key not in m:
+                raise MespError(f"{where}: messages[{i}]: missing field {key!r}")
+            if not isinstance(m[key], str):
+                raise MespError(f"{where}: messages[{i}].{key} must be a string, got {type(m[key]).__name__}")
+    return messages
+
+
+def _pretokenized(obj: dict, where: str, vocab_size: int | None) -> tuple[list[int], list[int]]:
+    ids = _int_list(obj, "input_ids", where)
+    if not ids:
+        raise MespError(f"{where}: field 'input_ids' is empty")
+    bad = next((t for t in ids if t < 0 or (vocab_size is not None and t >= vocab_size)), None)
+    if bad is not None:
+        raise MespError(f"{where}: input_ids holds {bad}, outside the vocabulary [0, {vocab_size})")
+    if "labels" not in obj:
+        return ids, list(ids)
+    labels = _int_list(obj, "labels", where)
+    if len(labels) != len(ids):
+        raise MespError(f"{where}: 'labels' has {len(labels)} entries, 'input_ids' {len(ids)}")
+    bad = next((t for t in labels if t != IGNORE and (t < 0 or (vocab_size is not None and t >= vocab_size))), None)
+    if bad is not None:
+        raise MespError(f"{where}: labels holds {bad}, neither -100 nor in the vocabulary [0, {vocab_size})")
+    return ids, labels
+
+
+def _int_list(obj: dict, key: str, where: str) -> list[int]:
+    v = obj[key]
+    if not isinstance(v, list) or not all(isinstance(t, int) and not isinstance(t, bool) for t in v):
+        raise MespError(f"{where}: field {key!r} must be a list of integers")
+    return v
+
+
+def _render(tokenizer, messages, where: str, generation_prompt: bool = False) -> str:
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # jinja errors: templates raise on role orders they do not support
+        raise MespError(f"{where}: the chat template rejects these messages ({' '.join(str(e).split())})") from None
+
+
+def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
+    """The rendered conversation and the character spans [start, end) of each assistant turn.
+
+    A turn ends where the conversation rendered up to and including it ends (so its end-of-turn marker is
+    learned); it starts where the conversation before it, rendered with the generation prompt, ends (what
+    `generate --chat` feeds the model). Where a template does not render prefixes that way, the turn's
+    content is looked up in its own rendering instead."""
+    full = _render(tokenizer, messages, where)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        upto = _render(tokenizer, messages[:i + 1], where)
+        if not full.startswith(upto):
+            raise MespError(f"{where}: the chat template renders messages[{i}] differently in the whole "
+                            f"conversation than in its prefix; cannot locate the assistant turns")
+        start = -1
+        if i > 0:
+            before = _render(tokenizer, messages[:i], where, generation_prompt=True)
+            if upto.startswith(before):
+                start = len(before)
+        if start < 0 and m["content"]:
+            start = upto.rfind(m["content"])
+        if start < 0:
+            raise MespError(f"{where}: cannot locate assistant messages[{i}] in the chat template's rendering")
+        spans.append((start, len(upto)))
+    return full, spans
+
+
+def _chat(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+    if not getattr(tokenizer, "chat_template", None):
+        raise MespError(f"{where}: the 'messages' format needs a tokenizer with a chat template; this one has none")
+    text, spans = assistant_spans(tokenizer, messages, where)
+    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
+    # a token is the assistant's when it starts inside an assistant span
+    labels = [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
+    return ids, labels
