@@ -64,10 +64,15 @@ class PeakMemory:
             node = pending.pop()
             pending.extend(node.children)
             if node.tag == _EventType.Allocation:
-                allocations.append((node.start_time_ns, node.extra_fields.total_allocated))
+                f = node.extra_fields
+                allocations.append((node.start_time_ns, f.total_allocated, f.alloc_size))
             elif node.name.startswith(STAGE_PREFIX):
                 stages.append((node.start_time_ns, node.end_time_ns, node.name[len(STAGE_PREFIX):]))
         allocations.sort()
+        # The allocator's running total is process-wide: a tensor allocated under an earlier tracker and freed
+        # while none ran stays in it. The total before this tracker's first event is its baseline.
+        base = allocations[0][1] - allocations[0][2] if allocations else 0
+        allocations = [(t, total - base) for t, total, _ in allocations]
         self.peak_bytes = max((total for _, total in allocations), default=0)
         peaks: dict[str, int] = {}
         for t, total in allocations:
