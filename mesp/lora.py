@@ -81,6 +81,8 @@ class LoraConfig:
                        dropout=float(d.get("lora_dropout") or 0.0))
         except KeyError as e:
             raise MespError(f"{where}: missing field {e.args[0]!r}") from None
+        except MespError as e:  # a bad value (unknown target, bad r): say which file holds it
+            raise MespError(f"{where}: {e}") from None
 
 
 def peft_key(lora_param_name: str) -> str:
