@@ -6,5 +6,6 @@ from .loaders import PRESETS, list_presets, load_model, load_tokenizer
 from .lora import LoraConfig, add_lora, load_adapter, save_adapter
 from .methods import compute_gradients
 from .model import Model, ModelConfig, forward
+from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"

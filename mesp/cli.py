@@ -103,7 +103,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     a("--epochs", type=int, help="passes over the data (default 3 when --steps is not given)")
     a("--batch-size", type=int, help="samples per micro-batch (default 4)")
     a("--seq-len", type=int, help="longest sample in tokens; longer ones are truncated (default 512)")
-    a("--lr", type=float, help="peak learning rate (default 2e-4 adamw, 1e-2 sgd, 1e-4 mezo)")
+    a("--lr", type=float, help="peak learning rate (default 1e-3 adamw, 1e-1 sgd, 1e-4 mezo)")
     a("--optimizer", choices=["adamw", "sgd"], help="default adamw (mezo: its own sgd)")
     a("--momentum", type=float, help="sgd momentum (default 0)")
     a("--weight-decay", type=float, help="default 0 (decoupled for adamw)")
@@ -123,7 +123,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     a("--device", help="auto (default), cpu, cuda, cuda:N")
     a("--measure-memory", action="store_true", default=None,
       help="record each step's allocator-level peak memory (slow on CPU)")
-    a("--mezo-eps", type=float, help="MeZO perturbation size (default 1e-3)")
+    a("--mezo-eps", type=float, help="MeZO perturbation size (default 1e-2)")
     a("--quantize", help="quantized base weights (when available)")
 
 

@@ -51,8 +51,10 @@ OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
 
-# Learning rates that train the shipped SmolLM2-135M-Instruct well with rank-8 LoRA on all projections.
-DEFAULT_LR = {"adamw": 2e-4, "sgd": 1e-2, "mezo": 1e-4}
+# Peak learning rates for rank-8 LoRA on all projections. adamw and sgd: measured on the shipped
+# SmolLM2-135M-Instruct with the demo data (40 steps, batch 4, cosine): validation loss 1.29 at adamw 2e-4 vs
+# 0.34 at 1e-3; 2.02 at sgd 1e-2 vs 0.73 at 1e-1. mezo: the MeZO paper's LoRA setting (lr 1e-4, eps 1e-2).
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-1, "mezo": 1e-4}
 
 
 @dataclass
@@ -90,7 +92,7 @@ class TrainConfig:
     dtype: str = "float32"
     device: str = "auto"  # auto = cuda if available, else cpu
     measure_memory: bool = False  # allocator-level peak per step (slow on CPU: it runs the profiler)
-    mezo_eps: float = 1e-3
+    mezo_eps: float = 1e-2
     quantize: str | None = None  # passed to load_model when set
 
     def to_dict(self) -> dict:
@@ -387,6 +389,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
         if optimizer is not None and (ckpt / OPTIMIZER_STATE).is_file():
             optimizer.load(ckpt / OPTIMIZER_STATE, params)
         step, micro_batches = state["step"], state["micro_batches"]
+        for stale in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):  # a checkpoint cut short by the interruption
+            shutil.rmtree(stale)
         metrics_lines = read_metrics(out / METRICS, step)
         log.info("resuming %s from step %d", out, step)
     elif run_files(out):

@@ -318,7 +318,7 @@ def test_config_file_overrides_and_dry_run(tiny, data, tmp_path, capsys):
     assert main(["train", "--model", tiny, "--data", data["train"], "--out", "x", "--dry-run"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert (shown["method"], shown["optimizer"], shown["lr"], shown["epochs"], shown["per_layer_update"]) == \
-        ("mesp", "adamw", 2e-4, 3, True)
+        ("mesp", "adamw", 1e-3, 3, True)
 
     for text, match in (('rank = "8"\n', r"rank = '8' has the wrong type"), ("bogus = 1\n", "unknown setting 'bogus'"),
                         ("lr = \n", "invalid TOML")):
