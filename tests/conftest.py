@@ -12,10 +12,16 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import os
 from pathlib import Path
 
 import pytest
 import torch
+
+# Tests use tiny matrices: a second OpenMP thread only adds spin-waiting, which on a busy 2-core machine makes
+# them orders of magnitude slower. Set for this process and, through the environment, for subprocesses.
+os.environ["OMP_NUM_THREADS"] = "1"
+torch.set_num_threads(1)
 
 TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2, num_attention_heads=4,
             num_key_value_heads=2, max_position_embeddings=128, rms_norm_eps=1e-6, rope_theta=10000.0,

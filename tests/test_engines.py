@@ -22,15 +22,6 @@ EXACT = ("autograd", "mebp", "mesp")
 IGNORE = -100
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second OpenMP thread only adds spin-waiting (50x slower on a busy 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()

@@ -16,15 +16,6 @@ from mesp.lora import ALL_TARGETS, adapter_state
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny matrices: a second OpenMP thread only adds spin-waiting on a busy 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 ARCHS = {"qwen2": dict(num_key_value_heads=2), "llama": dict(num_key_value_heads=1, tie_word_embeddings=True)}
 
 
