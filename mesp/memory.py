@@ -89,6 +89,23 @@ def peak_rss_bytes() -> int:
     return rss if sys.platform == "darwin" else rss * 1024
 
 
+def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
+    """Have glibc serve every allocation of `threshold_bytes` or more with its own mmap, returned to the OS when
+    freed. By default glibc raises that threshold to the size of each large block freed (up to 32 MiB), after
+    which blocks allocated and freed per layer (dequantized weights, logits slices) come from the heap, which
+    keeps their pages: one int4 Qwen2.5-0.5B MeSP step at 256 tokens peaked at 958 MiB RSS by default and
+    710 MiB with this (its allocator-level peak is 70 MiB either way). False where glibc's mallopt is absent."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        mallopt = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallopt
+    except (OSError, AttributeError):
+        return False
+    M_MMAP_THRESHOLD = -3
+    return bool(mallopt(M_MMAP_THRESHOLD, threshold_bytes))
+
+
 def tensor_bytes(tensors) -> int:
     """Bytes held by an iterable of tensors (or quantized weights exposing nbytes)."""
     return sum(t.nelement() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes for t in tensors)

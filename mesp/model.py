@@ -320,26 +320,47 @@ def forward(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor 
 def init_random_weights(model: Model, seed: int = 0, std: float = 0.02) -> Model:
     """Seeded random base weights, as transformers initialises (normal(0, std), norms 1, biases 0): memory and
     speed do not depend on the values, so the published architectures can be measured without downloads."""
-    cfg = model.config
-    g = torch.Generator().manual_seed(seed)
     dtype = model.dtype if model.model.norm.weight.numel() else torch.float32
-
-    def normal(*shape):
-        return torch.empty(*shape, dtype=dtype).normal_(0.0, std, generator=g)
-
-    d, hd = cfg.hidden_size, cfg.head_dim
-    model.model.embed_tokens.weight = normal(cfg.vocab_size, d)
-    for layer in model.model.layers:
-        layer.input_layernorm.weight = torch.ones(d, dtype=dtype)
-        layer.post_attention_layernorm.weight = torch.ones(d, dtype=dtype)
-        for p in layer.projections().values():
-            p.weight = normal(p.out_features, p.in_features)
-            if p.bias is not None:
-                p.bias = torch.zeros(p.out_features, dtype=dtype)
-    model.model.norm.weight = torch.ones(d, dtype=dtype)
-    if model.lm_head is not None:
-        model.lm_head.weight = normal(cfg.vocab_size, d)
+    for name, w in random_weights(model.config, seed, std, dtype):
+        set_weight(model, name, w if isinstance(w, torch.Tensor) else w.read_rows(0, w.shape[0]))
     return model
+
+
+class RandomMatrix:
+    """A seeded normal(0, std) matrix drawn on demand, rows in order, so a loader can quantize it block by block
+    and the full-precision matrix never exists. Blocks whose row counts are multiples of 16 draw exactly the
+    numbers one draw of the whole matrix would (PyTorch's CPU normal_ fills 16 values at a time)."""
+
+    def __init__(self, shape, std: float, dtype: torch.dtype, generator: torch.Generator):
+        self.shape, self.std, self.dtype, self.generator = torch.Size(shape), std, dtype, generator
+        self._next = 0
+
+    def read_rows(self, n0: int, n1: int) -> torch.Tensor:
+        if n0 != self._next:
+            raise ValueError(f"RandomMatrix rows are drawn in order: asked for row {n0}, next is {self._next}")
+        self._next = n1
+        return torch.empty(n1 - n0, *self.shape[1:], dtype=self.dtype).normal_(0.0, self.std, generator=self.generator)
+
+
+def random_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32):
+    """(HF name, weight) of init_random_weights' base weights, in their drawing order: vectors as tensors,
+    matrices as RandomMatrix. The matrices share one generator: read each one whole (or block by block, in
+    order) before taking the next item."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = expected_shapes(cfg)
+    yield "model.embed_tokens.weight", RandomMatrix(shapes["model.embed_tokens.weight"], std, dtype, g)
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        yield p + "input_layernorm.weight", torch.ones(cfg.hidden_size, dtype=dtype)
+        yield p + "post_attention_layernorm.weight", torch.ones(cfg.hidden_size, dtype=dtype)
+        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
+            yield p + proj + ".weight", RandomMatrix(shapes[p + proj + ".weight"], std, dtype, g)
+            if p + proj + ".bias" in shapes:
+                yield p + proj + ".bias", torch.zeros(shapes[p + proj + ".bias"], dtype=dtype)
+    yield "model.norm.weight", torch.ones(cfg.hidden_size, dtype=dtype)
+    if "lm_head.weight" in shapes:
+        yield "lm_head.weight", RandomMatrix(shapes["lm_head.weight"], std, dtype, g)
 
 
 def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:

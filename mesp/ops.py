@@ -72,10 +72,24 @@ def frozen_linear(x, w, bias=None):
             b = None if bias is None else bias.to(w.dtype)
             return F.linear(x.to(w.dtype), w, b).to(x.dtype)
         return F.linear(x, w, None if bias is None else bias.to(x.dtype))
-    y = w.linear(x)
+    y = _FrozenWeightLinear.apply(x, w) if torch.is_grad_enabled() and x.requires_grad else w.linear(x)
     if bias is not None:
         y = y + bias.to(y.dtype)
     return y
+
+
+class _FrozenWeightLinear(torch.autograd.Function):
+    """x W^T for a weight object under autograd: backward is w.linear_grad_input, so autograd never sees
+    (or saves) a dequantized copy of W and needs no derivative for the quantized kernels."""
+
+    @staticmethod
+    def forward(ctx, x, w):
+        ctx.w = w
+        return w.linear(x)
+
+    @staticmethod
+    def backward(ctx, g):
+        return ctx.w.linear_grad_input(g), None
 
 
 def frozen_linear_grad_input(g, w):
