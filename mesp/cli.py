@@ -233,5 +233,95 @@ def train_run(args) -> int:
     return 0
 
 
+# ---- merge ---------------------------------------------------------------------------------------------
+
+def merge_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="the base model: HF directory, .gguf file or preset name")
+    p.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT format), e.g. a mesp train --out")
+    p.add_argument("--out", required=True, help="directory for the merged Hugging Face model")
+    p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                   help="dtype of the written weights (the merge itself is computed in fp32; default float32)")
+    p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+
+
+@command("merge", merge_args, "Fold a LoRA adapter into the base weights and write a Hugging Face model directory.")
+def merge_run(args) -> int:
+    from .merge import merge_adapter
+
+    r = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
+    files = ", ".join(r.shards) + (" + tokenizer" if r.tokenizer else "")
+    print(f"merged {r.merged_modules} LoRA projections into {r.tensors} {r.dtype} tensors "
+          f"({r.total_bytes / 2**20:.1f} MiB: {files})")
+    print(f"model: {r.out_dir}")
+    return 0
+
+
+# ---- demo ----------------------------------------------------------------------------------------------
+
+def demo_args(p: argparse.ArgumentParser) -> None:
+    from .demo import DEFAULT_STEPS
+
+    p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS})")
+    p.add_argument("--out", metavar="DIR", help="keep the trained adapter in DIR (default: a temporary directory)")
+    p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+
+
+def _mib(n: int) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _print_answers(title: str, answers, phase: str) -> None:
+    print(f"\n{title}")
+    for a in answers:
+        text = getattr(a, phase)
+        mark = "x" if getattr(a, f"correct_{phase}") else " "
+        print(f"  [{mark}] {a.question}\n        -> {text!r}   (expects {a.expected!r})")
+
+
+@command("demo", demo_args, "Teach the shipped SmolLM2-135M-Instruct facts about a fictional person with MeSP "
+                            "and show its answers before and after, with the memory of a MeSP and a MeBP step.")
+def demo_run(args) -> int:
+    from .demo import DemoSettings, run_demo
+
+    if args.steps is not None and args.steps < 1:
+        raise MespError(f"--steps: must be a positive integer, got {args.steps}")
+    settings = DemoSettings() if args.steps is None else DemoSettings(steps=args.steps)
+    every = max(1, settings.steps // 10)
+    print(f"mesp demo: LoRA r={settings.rank} on {settings.model}, {settings.steps} MeSP steps of "
+          f"{settings.batch_size} samples; answering the held-out questions first...")
+
+    def progress(event):
+        kind = event["event"]
+        if kind == "answers":
+            title = ("Before training" if event["phase"] == "before" else "After training") + \
+                    " (held-out paraphrases, greedy):"
+            _print_answers(title, event["answers"], event["phase"])
+            if event["phase"] == "before":
+                print(f"\ntraining on {settings.train_file} ...")
+        elif kind == "step" and (event["step"] % every == 0 or event["step"] == event["total_steps"]):
+            valid = f", valid loss {event['valid_loss']:.3f}" if "valid_loss" in event else ""
+            print(f"  step {event['step']:>4}/{event['total_steps']}: loss {event['loss']:.3f}{valid} "
+                  f"({event['seconds']:.1f} s/step)", flush=True)
+        elif kind == "memory":
+            samples, tokens = event["batch"]
+            print(f"\nmeasuring one {' and one '.join(event['methods'])} step on the same batch "
+                  f"({samples} samples x {tokens} tokens) ...", flush=True)
+
+    r = run_demo(settings, out=args.out, overwrite=args.overwrite, progress=progress)
+    s = r.score
+    print(f"\nscore: {s['before']}/{s['total']} held-out answers correct before training, "
+          f"{s['after']}/{s['total']} after ({r.train['steps']} steps, {r.train['seconds']:.0f} s of training)")
+    samples, tokens = r.memory_batch
+    print(f"peak memory of one gradient step ({samples} samples x {tokens} tokens, allocator level, {r.device}):")
+    peaks = {m.method: m.peak_bytes for m in r.memory}
+    for m in r.memory:
+        print(f"  {m.method:5s} {_mib(m.peak_bytes):>12}")
+    if peaks.get("mebp"):
+        print(f"  MeSP needs {100 * (1 - peaks['mesp'] / peaks['mebp']):.0f}% less than MeBP")
+    print(f"process peak RSS: {_mib(r.peak_rss_bytes)} (weights, tokenizer, data and both steps included)")
+    print(f"adapter: {r.adapter_dir}" if r.adapter_dir else "(pass --out DIR to keep the trained adapter)")
+    print(f"done in {r.seconds:.0f} s")
+    return 0
+
 if __name__ == "__main__":
     sys.exit(main())
