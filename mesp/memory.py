@@ -10,6 +10,7 @@ Engines mark their stages with `stage("forward")` etc.; the tracker splits the p
 
 from __future__ import annotations
 
+import os
 import resource
 import sys
 from contextlib import contextmanager
@@ -42,7 +43,8 @@ class PeakMemory:
         else:
             self._prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU],
                                                 profile_memory=True)
-            self._prof.__enter__()
+            with _quiet_native_stderr():
+                self._prof.__enter__()
         return self
 
     def __exit__(self, *exc):
@@ -50,7 +52,8 @@ class PeakMemory:
             torch.cuda.synchronize(self.device)
             self.peak_bytes = torch.cuda.max_memory_allocated(self.device) - self._start
             return False
-        self._prof.__exit__(*exc)
+        with _quiet_native_stderr():
+            self._prof.__exit__(*exc)
         if exc[0] is None:
             self._read_cpu_events()
         return False
@@ -81,6 +84,22 @@ class PeakMemory:
             name = max(inside)[2] if inside else "other"
             peaks[name] = max(peaks.get(name, 0), total)
         self.stage_peaks = peaks
+
+
+@contextmanager
+def _quiet_native_stderr():
+    """Silence file descriptor 2 for a moment: the profiler's native code prints 'USDT ... profiler_start/stop'
+    lines there on every start and stop, which would litter every command that measures memory."""
+    sys.stderr.flush()
+    saved = os.dup(2)
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        os.dup2(devnull, 2)
+        yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
+        os.close(devnull)
 
 
 def peak_rss_bytes() -> int:
