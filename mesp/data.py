@@ -139,19 +139,12 @@ class MicroBatchStream:
 
 # ---- loading ----------------------------------------------------------------------------------------------
 
-def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len: int | None = None,
-               train_on_prompt: bool = False, vocab_size: int | None = None) -> Dataset:
-    """Read, tokenize, mask and truncate a JSONL file (see the module docstring).
-
-    get_tokenizer() is called only when a line needs a tokenizer, so pre-tokenized data works with models that
-    have none. vocab_size, if given, bounds pre-tokenized ids."""
+def read_jsonl(path):
+    """Yield (line number, "FILE:LINE", object) for every non-blank line of a JSONL file of JSON objects; any problem is a
+    MespError naming the file and line."""
     path = Path(path)
     if not path.is_file():
         raise MespError(f"{path}: no such file")
-    tokenizer = None
-    samples: list[Sample] = []
-    formats: dict[str, int] = {}
-    n_truncated = 0
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as e:
@@ -170,6 +163,21 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
             raise MespError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
         if not isinstance(obj, dict):
             raise MespError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        yield lineno, where, obj
+
+
+def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len: int | None = None,
+               train_on_prompt: bool = False, vocab_size: int | None = None) -> Dataset:
+    """Read, tokenize, mask and truncate a JSONL file (see the module docstring).
+
+    get_tokenizer() is called only when a line needs a tokenizer, so pre-tokenized data works with models that
+    have none. vocab_size, if given, bounds pre-tokenized ids."""
+    path = Path(path)
+    tokenizer = None
+    samples: list[Sample] = []
+    formats: dict[str, int] = {}
+    n_truncated = 0
+    for lineno, where, obj in read_jsonl(path):
         fmt = detect_format(obj, where)
         if fmt != "input_ids" and tokenizer is None:
             if get_tokenizer is None:

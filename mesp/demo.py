@@ -7,13 +7,12 @@
 3. asks them again with the trained adapter, and scores both rounds (answers containing the expected word);
 4. measures the allocator-level peak memory of one MeSP step beside one MeBP step on the same batch.
 
-The bundled data lives in mesp/data: demo_train.jsonl and demo_valid.jsonl (chat `messages`), and
+The bundled data lives in mesp/demo_data: demo_train.jsonl and demo_valid.jsonl (chat `messages`), and
 demo_heldout.jsonl ({"question", "answer"}: the key word a correct answer contains).
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import tempfile
@@ -24,11 +23,12 @@ from pathlib import Path
 
 import torch
 
+from .data import read_jsonl
 from .errors import MespError
 
 log = logging.getLogger(__name__)
 
-DATA_DIR = Path(__file__).parent / "data"
+DATA_DIR = Path(__file__).parent / "demo_data"
 TRAIN_FILE = DATA_DIR / "demo_train.jsonl"
 VALID_FILE = DATA_DIR / "demo_valid.jsonl"
 HELDOUT_FILE = DATA_DIR / "demo_heldout.jsonl"
@@ -103,20 +103,8 @@ def contains_answer(text: str, expected: str) -> bool:
 
 def load_heldout(path) -> list[Answer]:
     """The held-out questions: one {"question": ..., "answer": ...} per line, both non-empty strings."""
-    path = Path(path)
-    if not path.is_file():
-        raise MespError(f"{path}: no such file")
     out = []
-    for lineno, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{lineno}"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise MespError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
-        if not isinstance(obj, dict):
-            raise MespError(f"{where}: expected a JSON object")
+    for _, where, obj in read_jsonl(path):
         for key in ("question", "answer"):
             if not isinstance(obj.get(key), str) or not obj[key].strip():
                 raise MespError(f"{where}: {key!r} must be a non-empty string")
