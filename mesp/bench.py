@@ -236,31 +236,35 @@ def _sync(device: str) -> None:
 def measure_here(case: MemoryCase) -> dict:
     """Measure `case` in this process (bench_memory runs it in a fresh one). Returns the result row.
 
-    Order: the unprofiled, timed steps first (the first also gives the peak RSS of a step in a fresh
-    process), then one step under PeakMemory. The CPU tracker counts only what is allocated while it runs,
-    so the earlier steps do not move its baseline."""
+    Order: `repeats` unprofiled, timed steps first, then one step under PeakMemory. The peak RSS is that of
+    the first step in this fresh process (the profiled one when repeats is 0: no time is then reported). The
+    CPU tracker counts only what is allocated while it runs, so the earlier steps do not move its baseline."""
     from .memory import PeakMemory
 
     torch.manual_seed(case.seed)
     step, facts = (_peer_step if case.method == PEER else _engine_step)(case)
-    row = {**asdict(case), **facts, "threads": torch.get_num_threads()}
+    row = {**asdict(case), **facts, "threads": torch.get_num_threads(), "rss_before_step_bytes": current_rss_bytes()}
+    rss_reset = reset_peak_rss()
+
+    def read_rss(scope):
+        row["peak_rss_bytes"] = peak_rss_since_reset()
+        row["peak_rss_scope"] = scope if rss_reset else "process lifetime"
+
     times = []
-    for i in range(case.repeats):
-        if i == 0:
-            row["rss_before_step_bytes"] = current_rss_bytes()
-            rss_reset = reset_peak_rss()
+    for _ in range(case.repeats):
         _sync(case.device)
         t0 = time.perf_counter()
-        loss, grad_bytes = step()
+        step()
         _sync(case.device)
         times.append(time.perf_counter() - t0)
-        if i == 0:
-            row["peak_rss_bytes"] = peak_rss_since_reset()
-            row["peak_rss_scope"] = "first step" if rss_reset else "process lifetime"
+        if len(times) == 1:
+            read_rss("first step")
     with PeakMemory(case.device) as pm:
         loss, grad_bytes = step()
+    if not times:
+        read_rss("first step (profiled)")
     row.update(loss=loss, lora_grad_bytes=grad_bytes, peak_bytes=pm.peak_bytes, stage_peaks=pm.stage_peaks,
-               step_seconds=statistics.median(times), step_seconds_all=times)
+               step_seconds=statistics.median(times) if times else None, step_seconds_all=times)
     return row
 
 
@@ -337,10 +341,10 @@ def memory_cases(models, seq_lens, ranks, methods, dtype="fp32", batch_size=1, r
     if dtype not in DTYPES:
         raise MespError(f"dtype: unknown {dtype!r}; choose fp32 or bf16")
     dtype = {"float32": "fp32", "bfloat16": "bf16"}.get(dtype, dtype)
-    for name, values in (("seq-lens", seq_lens), ("ranks", ranks), ("batch-size", [batch_size]),
-                         ("repeats", [repeats]), ("threads", [threads or 1])):
-        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < 1 for v in values):
-            raise MespError(f"{name}: must be positive integers, got {values!r}")
+    for name, values, least in (("seq-lens", seq_lens, 1), ("ranks", ranks, 1), ("batch-size", [batch_size], 1),
+                                ("repeats", [repeats], 0), ("threads", [threads or 1], 1)):
+        if not values or any(isinstance(v, bool) or not isinstance(v, int) or v < least for v in values):
+            raise MespError(f"{name}: must be integers >= {least}, got {values!r}")
     if not models:
         raise MespError("models: give at least one")
     for m in models:
@@ -413,7 +417,7 @@ def memory_table(result: dict) -> str:
         lines.append((config_label(r), method_label(r), f"{r['peak_bytes'] / MiB:.1f}",
                       *(f"{st[s] / MiB:.1f}" if s in st else "-" for s in ("forward", "loss", "backward")),
                       f"{r['weights_bytes'] / MiB:.0f}", f"{r['peak_rss_bytes'] / MiB:.0f}",
-                      f"{r['step_seconds']:.2f}"))
+                      "-" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in
                                enumerate(zip(line, widths))).rstrip() for line in lines)
@@ -709,12 +713,14 @@ class MemoryRun:
 
 def report_memory_runs() -> list[MemoryRun]:
     """What the report measures, within an hour on 2 cores: fp32 throughout (bf16 matmuls run ~5x slower than
-    fp32 on this AVX2 CPU); the transformers+PEFT peer and the store-h ablation at 0.5B only."""
+    fp32 on this AVX2 CPU); the transformers+PEFT peer and the store-h ablation at 0.5B only; times where the
+    paper publishes them (Table 1, the ablation)."""
     m = REPORT_MODEL
     runs = [MemoryRun([m], [256], [8], ["autograd", "mebp", "mesp", "mezo"], repeats=2),  # the headline
             MemoryRun(["qwen2.5-1.5b", "qwen2.5-3b"], [256], [8], ["mebp", "mesp"], peer=False),  # Table 1
-            MemoryRun([m], [128, 512, 1024], [8], ["mebp", "mesp"], peer=False),  # Table 2
-            MemoryRun([m], [256], [4, 16, 32], ["mebp", "mesp"], peer=False)]  # Table 3
+            # Tables 2 and 3: memory only, as published (no timed step: RSS is read during the profiled one)
+            MemoryRun([m], [128, 512, 1024], [8], ["mebp", "mesp"], repeats=0, peer=False),
+            MemoryRun([m], [256], [4, 16, 32], ["mebp", "mesp"], repeats=0, peer=False)]
     if store_h_supported():
         runs.append(MemoryRun([m], [256], [8], ["mesp"], store_h=True, peer=False))  # ablation
     return runs
@@ -758,7 +764,7 @@ def _peak(rows, **want) -> str:
 
 def _secs(rows, **want) -> str:
     r = _find(rows, **want)
-    return "—" if r is None else f"{r['step_seconds']:.1f}"
+    return "—" if r is None or r["step_seconds"] is None else f"{r['step_seconds']:.1f}"
 
 
 def _commands(runs) -> str:
@@ -837,7 +843,7 @@ def _headline_section(rows, runs, figures) -> list[str]:
         st = r["stage_peaks"]
         out.append(f"| {method} | **{_mib(r['peak_bytes'])}** | {_mib(st.get('forward'))} | {_mib(st.get('loss'))} | "
                    f"{_mib(st.get('backward'))} | {_mib(r['lora_grad_bytes'])} | {_mib(r['weights_bytes'])} | "
-                   f"{_mib(r['peak_rss_bytes'])} | {r['step_seconds']:.1f} | "
+                   f"{_mib(r['peak_rss_bytes'])} | {_secs(rows, method=method, **key)} | "
                    f"{_ratio(r['peak_bytes'], mebp and mebp['peak_bytes'])} |")
     mesp, peer = _find(rows, method="mesp", **key), _find(rows, method=PEER, **key)
     out.append("")
@@ -847,10 +853,13 @@ def _headline_section(rows, runs, figures) -> list[str]:
         if peer:
             checks.append(f"MeSP/hf+peft(gc) = {mesp['peak_bytes'] / peer['peak_bytes']:.3f}")
             ok = ok and mesp["peak_bytes"] * 2 <= peer["peak_bytes"]
+        paper = PAPER_TABLE1.get(REPORT_MODEL)
+        timing = "" if not (mesp["step_seconds"] and mebp["step_seconds"]) else (
+            f" MeSP's step takes {mesp['step_seconds'] / mebp['step_seconds']:.2f}x MeBP's time" + (
+                "" if paper is None else f" (the paper: {paper['mesp'][1]} s / {paper['mebp'][1]} s = "
+                                         f"{paper['mesp'][1] / paper['mebp'][1]:.2f}x)") + ".")
         out += [f"Issue 3 asks for MeSP's peak to be at most half of MeBP's and of transformers+PEFT with gradient "
-                f"checkpointing: {', '.join(checks)} — **{'met' if ok else 'NOT met'}**. MeSP's step takes "
-                f"{mesp['step_seconds'] / mebp['step_seconds']:.2f}x MeBP's time (the paper: 0.86 s / 0.68 s = "
-                f"1.26x).", ""]
+                f"checkpointing: {', '.join(checks)} — **{'met' if ok else 'NOT met'}**.{timing}", ""]
     out += ["Stage columns are the peak while that stage ran (MeZO has no stages: two forward passes). The "
             "`loss` stage of MeBP, autograd and hf+peft(gc) holds full-vocabulary fp32 logits "
             f"({_vocab(REPORT_MODEL):,} x 256 x 4 B = {_vocab(REPORT_MODEL) * 256 * 4 / MiB:.0f} MiB, plus their "
@@ -897,14 +906,14 @@ def _vocab(source: str) -> int:
 
 def _sweep_section(title, rows, runs, paper, key_name, fixed, note, figure=None) -> list[str]:
     label = "T" if key_name == "seq_len" else "r"
-    out = [title, "", f"| {label} | MeBP peak MiB | MeSP peak MiB | reduction | MeBP s | MeSP s | paper MeBP MB | "
-                      f"paper MeSP MB | paper reduction |", "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    out = [title, "", f"| {label} | MeBP peak MiB | MeSP peak MiB | reduction | MeBP / MeSP RSS MiB | paper MeBP MB | "
+                      f"paper MeSP MB | paper reduction |", "|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for value, (p_mebp, p_mesp) in paper.items():
         key = dict(model=REPORT_MODEL, store_h=False, **fixed, **{key_name: value})
         mebp, mesp = _find(rows, method="mebp", **key), _find(rows, method="mesp", **key)
         out.append(f"| {value} | {_peak(rows, method='mebp', **key)} | {_peak(rows, method='mesp', **key)} | "
                    f"{_pct(mesp and mesp['peak_bytes'], mebp and mebp['peak_bytes'])} | "
-                   f"{_secs(rows, method='mebp', **key)} | {_secs(rows, method='mesp', **key)} | {p_mebp} | "
+                   f"{_mib(mebp and mebp['peak_rss_bytes'])} / {_mib(mesp and mesp['peak_rss_bytes'])} | {p_mebp} | "
                    f"{p_mesp} | {_pct(p_mesp, p_mebp)} |")
     out += ["", note, "", _commands(runs), ""]
     if figure:

@@ -350,7 +350,8 @@ def bench_args(p: argparse.ArgumentParser) -> None:
                         "plus hf+peft(gc) when transformers and peft are installed")
     m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and compute dtype (fp32)")
     m.add_argument("--batch-size", type=int, default=1, help="sequences per step (1)")
-    m.add_argument("--repeats", type=int, default=3, help="unprofiled steps timed; the median is reported (3)")
+    m.add_argument("--repeats", type=int, default=3,
+                   help="unprofiled steps timed, the median reported (3); 0: no timing, RSS read in the profiled step")
     m.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
                    help="quantized base weights (passed to load_model)")
     m.add_argument("--store-h", action="store_true", help="mesp keeps every LoRA h = xA (the paper's ablation)")

@@ -162,3 +162,10 @@ def test_report_renders_measured_rows(memory_run, tiny_dir, monkeypatch):
     assert run.command() in md
     assert "Not measured yet: run `mesp bench report --only grads`" in md
     assert "360.8" in md and "136.2" in md  # the paper's column beside ours
+
+
+def test_repeats_zero_measures_memory_only(tiny_dir):
+    row = bench.measure_here(bench.MemoryCase(model=tiny_dir, seq_len=32, rank=4, method="mebp", repeats=0))
+    assert row["step_seconds"] is None and row["step_seconds_all"] == []
+    assert row["peak_bytes"] > 0 and row["peak_rss_bytes"] >= row["weights_bytes"]
+    assert "-" in bench.memory_table({"rows": [row]}).splitlines()[1].split()
