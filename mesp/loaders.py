@@ -230,7 +230,7 @@ def _load_hf_dir(directory: Path, dtype, device, quantize=None, lazy=False) -> M
     current = [str(directory)]
 
     def tensors():
-        if lazy:  # headers only: each matrix is read from its file at each use
+        if lazy or quantize:  # headers only: a matrix is read at each use (lazy) or block by block to quantize
             for f in files:
                 current[0] = str(f)
                 yield from quant.lazy_safetensors(f, dtype, device)

@@ -533,13 +533,14 @@ def place_weight(name: str, source, quantize: str | None, dtype: torch.dtype, de
     """The form base weight `name` takes in the model.
 
     source: a tensor, a FrozenWeight (already quantized from a GGUF file, or lazy), or a row source (an object
-    with shape and read_rows, e.g. seeded random rows). quantize "int8": every matrix int8 per channel;
+    with shape and read_rows: seeded random rows, or a LazyWeight to quantize, read block by block without
+    mapping the file). quantize "int8": every matrix int8 per channel;
     "int4": projections int4 (group INT4_GROUP_SIZE), embedding and LM head int8 per row (they are read as
     rows, are the most sensitive to quantization, and their int8 form keeps the fast bf16 kernel); "gguf" or
     None: tensors stay dense in `dtype`. Vectors (norms, biases) always stay dense."""
     if isinstance(source, LazyWeight) and not is_matrix(name, source.shape):
         return source.read_rows(0, source.shape[0]).to(device=device, dtype=dtype)
-    if isinstance(source, FrozenWeight):
+    if isinstance(source, FrozenWeight) and not (isinstance(source, LazyWeight) and quantize):
         return source.to(device, dtype)
     shape = tuple(source.shape)
     if quantize in ("int8", "int4") and is_matrix(name, shape):

@@ -248,9 +248,16 @@ def test_random_preset_is_quantized_block_by_block(monkeypatch):
 
 
 @pytest.mark.parametrize("shard", [None, "40KB"])
-def test_lazy_weights_read_from_disk(make_hf_model, shard):
+def test_lazy_weights_read_from_disk(make_hf_model, shard, monkeypatch):
     path, _ = make_hf_model("qwen2", max_shard_size=shard, num_key_value_heads=2)
     dense = with_lora(mesp.load_model(path))
+    # quantizing a HF directory reads each matrix from its file in blocks of rows (no memory map)
+    monkeypatch.setattr(quant, "QUANT_BLOCK_ELEMENTS", 64 * 40)
+    quantized = dict(mesp.load_model(path, quantize="int8").base_weights())
+    for name, w in dense.base_weights():
+        want = quant.Int8Weight.quantize(w, w.shape).dequantize() if w.dim() == 2 else w
+        got = quantized[name].dequantize() if w.dim() == 2 else quantized[name]
+        assert torch.equal(got, want), name
     lazy = with_lora(mesp.load_model(path, lazy=True))
     matrices = [w for _, w in lazy.base_weights() if w.dim() == 2]
     assert matrices and all(isinstance(w, quant.LazyWeight) and w.nbytes == 0 for w in matrices)
