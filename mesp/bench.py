@@ -16,6 +16,7 @@ gives the allocator peak slows a step down, so the profiled step is never timed.
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import json
 import logging
@@ -34,7 +35,7 @@ from pathlib import Path
 import torch
 
 from .errors import MespError
-from .fileio import atomic_write, write_text
+from .fileio import atomic_write, write_json, write_text
 
 log = logging.getLogger(__name__)
 
@@ -1045,8 +1046,6 @@ def _converge_section(converge, figures) -> list[str]:
 def bench_report(out_dir="docs", render_only: bool = False, only=None, threads: int | None = None) -> Path:
     """Measure the report's parts (or read them back with render_only / those not in `only`), write the raw
     results into OUT/results, the figures into OUT, and OUT/results.md. Returns the path of results.md."""
-    from .fileio import write_json
-
     parts = ("memory", "grads", "converge")
     if only is not None:
         unknown = [p for p in only if p not in parts]
@@ -1055,6 +1054,40 @@ def bench_report(out_dir="docs", render_only: bool = False, only=None, threads: 
     measure = set() if render_only else set(only or parts)
     out = Path(out_dir)
     raw = out / "results"
+    with report_lock(raw) if measure else contextlib.nullcontext():
+        return _bench_report(out, raw, parts, measure, threads)
+
+
+@contextlib.contextmanager
+def report_lock(raw: Path):
+    """One measuring report at a time per output directory: two at once would share the CPU and both would
+    record wrong times (and race on the same files)."""
+    raw.mkdir(parents=True, exist_ok=True)
+    lock = raw / ".report.lock"
+    for _ in range(2):
+        try:
+            fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+            break
+        except FileExistsError:
+            try:
+                pid = int(lock.read_text().strip() or 0)
+                os.kill(pid, 0)
+            except (ValueError, ProcessLookupError, FileNotFoundError):
+                lock.unlink(missing_ok=True)  # left by a run that died: take it over
+                continue
+            raise MespError(f"{lock}: another `mesp bench report` (pid {pid}) is measuring into {raw.parent}; "
+                            "wait for it to finish") from None
+    else:
+        raise MespError(f"{lock}: could not take the report lock")
+    try:
+        os.write(fd, str(os.getpid()).encode())
+        os.close(fd)
+        yield
+    finally:
+        lock.unlink(missing_ok=True)
+
+
+def _bench_report(out: Path, raw: Path, parts, measure: set, threads) -> Path:
     results = {}
     for part in parts:
         path = raw / f"{part}.json"
