@@ -1128,8 +1128,13 @@ def _bench_report(out: Path, raw: Path, parts, measure: set, threads) -> Path:
     if results["converge"]:
         plot_converge(results["converge"], out / "converge.png")
         figures["converge"] = "converge.png"
+    text = render_report(results["memory"], results["grads"], results["converge"], figures)
+    # Measurements made with other commands than the bench plan (e.g. whole `mesp train` runs under
+    # /usr/bin/time) are kept beside the raw results and appended as they are, each with its command.
+    for extra in sorted(raw.glob("*.md")):
+        text += "\n" + extra.read_text()
     md = out / "results.md"
-    write_text(md, render_report(results["memory"], results["grads"], results["converge"], figures))
+    write_text(md, text)
     return md
 
 if __name__ == "__main__":
