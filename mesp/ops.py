@@ -350,6 +350,16 @@ def _gqa_split(q, k):
     return B, Hq, Hkv, Hq // Hkv, T, D
 
 
+def _attention_setup(q, k, v, scale):
+    """What attention_forward and attention_backward both start from: the shapes, the scale (default
+    1/sqrt(D)), the accumulation dtype, k/v upcast once (Hkv-sized, smaller than a score block for typical
+    shapes) and q viewed per kv group as [B, Hkv, G, T, D]."""
+    B, Hq, Hkv, G, T, D = _gqa_split(q, k)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = _acc_dtype(q.dtype)
+    return (B, Hq, Hkv, G, T, D), scale, acc, k.to(acc), v.to(acc), q.reshape(B, Hkv, G, T, D)
+
+
 def _scores_block(qb, kf, i0, i1, key_mask, scale):
     """Masked scaled scores for query rows [i0, i1): qb [B, Hkv, G, Tb, D] (acc dtype),
     kf [B, Hkv, T, D] (acc dtype) -> S [B, Hkv, G, Tb, i1] (acc dtype).
@@ -378,13 +388,7 @@ def attention_forward(q, k, v, key_mask=None, scale=None, block_size=128):
     truncated) score rows at once, so a plain two-pass softmax per block is exact; peak
     extra memory is one [B, Hq, block, T] score block in the accumulation dtype.
     """
-    B, Hq, Hkv, G, T, D = _gqa_split(q, k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    acc = _acc_dtype(q.dtype)
-    # k/v upcast once (they are Hkv-sized, smaller than a score block for typical shapes)
-    kf, vf = k.to(acc), v.to(acc)
-    q5 = q.reshape(B, Hkv, G, T, D)
+    (B, Hq, Hkv, G, T, D), scale, acc, kf, vf, q5 = _attention_setup(q, k, v, scale)
     o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's strides
     o5 = o.view(B, Hkv, G, T, D)
     lse = torch.empty(B, Hkv, G, T, dtype=acc, device=q.device)
@@ -411,12 +415,7 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
     gk, gv are summed over the G query heads of each kv head and accumulated over blocks
     in the accumulation dtype.
     """
-    B, Hq, Hkv, G, T, D = _gqa_split(q, k)
-    if scale is None:
-        scale = 1.0 / math.sqrt(D)
-    acc = _acc_dtype(q.dtype)
-    kf, vf = k.to(acc), v.to(acc)
-    q5 = q.reshape(B, Hkv, G, T, D)
+    (B, Hq, Hkv, G, T, D), scale, acc, kf, vf, q5 = _attention_setup(q, k, v, scale)
     go5 = go.reshape(B, Hkv, G, T, D)
     o5 = o.reshape(B, Hkv, G, T, D)
     lse5 = lse.reshape(B, Hkv, G, T)
