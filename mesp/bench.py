@@ -864,7 +864,15 @@ def _headline_section(rows, runs, figures) -> list[str]:
     out += ["Stage columns are the peak while that stage ran (MeZO has no stages: two forward passes). The "
             "`loss` stage of MeBP, autograd and hf+peft(gc) holds full-vocabulary fp32 logits "
             f"({_vocab(REPORT_MODEL):,} x 256 x 4 B = {_vocab(REPORT_MODEL) * 256 * 4 / MiB:.0f} MiB, plus their "
-            "gradient); MeSP's chunked head never builds them.", "", _commands(runs), ""]
+            "gradient); MeSP's chunked head never builds them."]
+    if mesp and mebp:
+        def outside_loss(r):
+            return max(v for k, v in r["stage_peaks"].items() if k != "loss")
+        a, b = outside_loss(mebp), outside_loss(mesp)
+        out[-1] += (f" Outside the loss stage MeBP peaks at {_mib(a)} MiB and MeSP at {_mib(b)} MiB" + (
+            ": at this size nearly all of the gap is the loss stage (the layer checkpoints and one layer's "
+            "working set weigh about the same in both)." if a < 1.25 * b else "."))
+    out += ["", _commands(runs), ""]
     if "memory" in figures:
         out += [f"![peak memory per method and model]({figures['memory']})", ""]
     return out
