@@ -775,8 +775,9 @@ def _commands(runs) -> str:
 def render_report(memory: dict | None, grads: dict | None, converge: dict | None, figures: dict) -> str:
     """results.md from the raw results (each None when not measured yet)."""
     out = ["# Results: MeSP beside MeBP, autograd, MeZO and transformers+PEFT, measured on this machine", "",
-           "Regenerate everything (figures and raw JSON/CSV included) with one command, about 45 minutes on "
-           "2 CPU cores:", "", "```", "mesp bench report --out docs", "```", "",
+           "Regenerate everything (figures and raw JSON/CSV included) with one command, under an hour on 2 CPU "
+           "cores. Memory figures are deterministic; step times mean something only when nothing else shares "
+           "the CPU (see when each part ran, below):", "", "```", "mesp bench report --out docs", "```", "",
            "Raw results: `docs/results/memory.json`, `grads.json`, `converge.json`, `converge.csv`. "
            "`mesp bench report --render-only` rewrites this page from them.", ""]
     parts = [(f"memory: {r['command'].split(' --dtype')[0].removeprefix('mesp bench memory ')}", r["result"]["machine"])
@@ -975,7 +976,9 @@ def _ablation_section(rows, runs) -> list[str]:
                 "seven [T, d] x [d, r] matmuls per layer. Both are small against a layer's working set, so we "
                 "measure the ablation at 0.5B only (the paper's is at 3B). The paper's store-h costs 30 MB more; "
                 "which tensors its implementation keeps for that is not published, so only the direction "
-                "compares (storing costs memory, recomputing costs time).", "", _commands(runs), ""]
+                "compares (storing costs memory, recomputing costs time). The two MeSP times come from separate "
+                "runs (the store-h run and the headline's): on a shared CPU they differ by far more than seven "
+                "rank-8 matmuls per layer can, so compare them only from a quiet machine.", "", _commands(runs), ""]
     return out
 
 
@@ -1144,6 +1147,7 @@ def _bench_report(out: Path, raw: Path, parts, measure: set, threads) -> Path:
     md = out / "results.md"
     write_text(md, text)
     return md
+
 
 if __name__ == "__main__":
     if len(sys.argv) == 4 and sys.argv[1] == "--worker":

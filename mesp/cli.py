@@ -392,7 +392,7 @@ def bench_args(p: argparse.ArgumentParser) -> None:
     c.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
     c.add_argument("--json", help="write the result as JSON here")
 
-    r = sub.add_parser("report", help="measure everything and write docs/results.md (about 45 min on 2 cores)",
+    r = sub.add_parser("report", help="measure everything and write docs/results.md (under an hour on 2 cores)",
                        description="Run every benchmark of the report and write results.md, its figures and raw "
                                    "JSON/CSV into --out.")
     r.add_argument("--out", default="docs", help="directory of results.md and its figures (docs)")
