@@ -109,3 +109,14 @@ def smollm2_tokenizer(smollm2_model):
     import mesp
 
     return mesp.load_tokenizer(smollm2_model)
+
+
+def randomize_lora_b(model, seed: int = 0, std: float = 0.1):
+    """Replace every LoRA B (zero after add_lora) with seeded normal(0, std) values: with B = 0 the gradient of
+    A and every path through B vanish, which would hide errors."""
+    g = torch.Generator().manual_seed(seed + 100)
+    with torch.no_grad():
+        for name, p in model.lora_parameters().items():
+            if name.endswith("lora_B"):
+                p.copy_(std * torch.randn(p.shape, generator=g))
+    return model

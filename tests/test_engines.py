@@ -11,6 +11,7 @@ import math
 
 import pytest
 import torch
+from conftest import randomize_lora_b
 
 import mesp
 from mesp.lora import adapter_state
@@ -65,12 +66,7 @@ def our_model(path, targets=None, r: int = 8, alpha: float = 16, dtype=torch.flo
     model = mesp.load_model(path, dtype=dtype, device=device)
     mesp.add_lora(model, mesp.LoraConfig(r=r, alpha=alpha, target_modules=targets or list(mesp.lora.ALL_TARGETS)),
                   seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.lora_parameters().items():
-            if name.endswith("lora_B"):
-                p.copy_(0.1 * torch.randn(p.shape, generator=g))
-    return model
+    return randomize_lora_b(model, seed, std=0.1)
 
 
 def peft_reference(path, model, input_ids, labels, attention_mask):

@@ -12,13 +12,14 @@ import gguf
 import numpy as np
 import pytest
 import torch
+from conftest import randomize_lora_b
+from test_engines import assert_grads_close, make_batch, rel
+from test_loaders import write_gguf
 
 import mesp
 from mesp import quant
 from mesp.errors import MespError
 from mesp.model import set_weight
-from test_engines import assert_grads_close, make_batch, rel
-from test_loaders import write_gguf
 
 TOL = 1e-5
 Q = gguf.GGMLQuantizationType
@@ -140,12 +141,7 @@ def test_products_match_the_dequantized_matrix(kind, blocks, monkeypatch):
 def with_lora(model, seed=0):
     """LoRA on every projection, B random and non-zero (B = 0 would hide errors)."""
     mesp.add_lora(model, mesp.LoraConfig(r=4, alpha=8), seed=seed)
-    g = torch.Generator().manual_seed(seed + 100)
-    with torch.no_grad():
-        for name, p in model.lora_parameters().items():
-            if name.endswith("lora_B"):
-                p.copy_(0.05 * torch.randn(p.shape, generator=g))
-    return model
+    return randomize_lora_b(model, seed, std=0.05)
 
 
 def dense_twin(model):
