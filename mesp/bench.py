@@ -36,6 +36,7 @@ import torch
 
 from .errors import MespError
 from .fileio import atomic_write, write_json, write_text
+from .testing import cosine, randomize_lora_b, relative_errors
 
 log = logging.getLogger(__name__)
 
@@ -466,32 +467,6 @@ def plot_memory(result: dict, path, title: str | None = None) -> None:
 
 # ---- gradient fidelity ------------------------------------------------------------------------------------
 
-def randomize_lora_b(model, seed: int = 0, std: float = 0.02) -> None:
-    """Non-zero lora_B, so every A receives a gradient (PEFT's B = 0 would make dL/dA vanish)."""
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for name, p in model.lora_parameters().items():
-            if name.endswith("lora_B"):
-                p.copy_(torch.randn(p.shape, generator=g).mul_(std))
-
-
-def relative_errors(grads: dict, reference: dict) -> dict[str, float]:
-    """Per tensor ||g - ref|| / ||ref|| (Frobenius, in float64)."""
-    out = {}
-    for key, ref in reference.items():
-        ref64, g64 = ref.double(), grads[key].double()
-        out[key] = float((g64 - ref64).norm() / ref64.norm().clamp_min(1e-300))
-    return out
-
-
-def cosine(grads: dict, reference: dict) -> float:
-    """Cosine between two gradients over all tensors together."""
-    dot = sum(float((grads[k].double() * r.double()).sum()) for k, r in reference.items())
-    na = math.sqrt(sum(float(grads[k].double().pow(2).sum()) for k in reference))
-    nb = math.sqrt(sum(float(r.double().pow(2).sum()) for r in reference.values()))
-    return dot / (na * nb)
-
-
 def spsa_cosine_theory(d: int, n: int) -> float:
     """E[cos] between the mean of n SPSA estimates (g.z) z and g, z ~ N(0, I_d), for n << d:
     sqrt(2/d) Gamma((n+1)/2) / Gamma(n/2). n = 1 gives the paper-notes figure sqrt(2/(pi d)); large n ~ sqrt(n/d)."""
@@ -520,7 +495,7 @@ def bench_grads(models, seq_len: int = 32, rank: int = 8, directions=(1, 10, 100
         bar.set_postfix_str(source)
         model = load_model(source)
         add_lora(model, LoraConfig(r=rank), seed=seed)
-        randomize_lora_b(model, seed)
+        randomize_lora_b(model, seed, std=0.02)
         g = torch.Generator().manual_seed(seed)
         ids = torch.randint(0, model.config.vocab_size, (1, seq_len), generator=g)
         d = sum(p.numel() for p in model.lora_parameters().values())
@@ -1079,7 +1054,7 @@ def report_lock(raw: Path):
         try:
             fd = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
             break
-        except FileExistsError:
+        except FileExistsError as e:
             try:
                 pid = int(lock.read_text().strip() or 0)
                 os.kill(pid, 0)
@@ -1087,7 +1062,7 @@ def report_lock(raw: Path):
                 lock.unlink(missing_ok=True)  # left by a run that died: take it over
                 continue
             raise MespError(f"{lock}: another `mesp bench report` (pid {pid}) is measuring into {raw.parent}; "
-                            "wait for it to finish") from None
+                            "wait for it to finish") from e
     else:
         raise MespError(f"{lock}: could not take the report lock")
     try:

@@ -155,12 +155,12 @@ def read_train_config_file(path: str) -> dict:
         raise MespError(f"{path}: YAML is not supported; write the settings as TOML (key = value)")
     try:
         raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise MespError(f"{path}: no such file") from None
+    except FileNotFoundError as e:
+        raise MespError(f"{path}: no such file") from e
     except (OSError, UnicodeDecodeError) as e:
-        raise MespError(f"{path}: unreadable ({e})") from None
+        raise MespError(f"{path}: unreadable ({e})") from e
     except tomllib.TOMLDecodeError as e:
-        raise MespError(f"{path}: invalid TOML ({e})") from None
+        raise MespError(f"{path}: invalid TOML ({e})") from e
     hints, known = typing.get_type_hints(TrainConfig), config_fields()
     settings = {}
     for key, value in raw.items():
@@ -330,8 +330,8 @@ def _csv(kind):
     def parse(text: str):
         try:
             return [kind(x.strip()) for x in text.split(",") if x.strip()]
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from None
+        except ValueError as e:
+            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from e
     return parse
 
 

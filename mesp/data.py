@@ -32,6 +32,7 @@ from pathlib import Path
 import torch
 
 from .errors import MespError
+from .seeds import mix_seed
 
 log = logging.getLogger(__name__)
 
@@ -113,7 +114,7 @@ def collate(samples: list[Sample], pad_id: int = 0) -> Batch:
 
 def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
     """The sample order of `epoch`: a permutation of range(n) that depends only on seed and epoch."""
-    g = torch.Generator().manual_seed((seed * 1_000_003 + epoch) % (2**63 - 1))
+    g = torch.Generator().manual_seed(mix_seed(seed, epoch))
     return torch.randperm(n, generator=g).tolist()
 
 
@@ -148,19 +149,19 @@ def read_jsonl(path):
     try:
         lines = path.read_bytes().split(b"\n")
     except OSError as e:
-        raise MespError(f"{path}: unreadable ({e.strerror})") from None
+        raise MespError(f"{path}: unreadable ({e.strerror})") from e
     for lineno, raw in enumerate(lines, start=1):
         where = f"{path}:{lineno}"
         try:
             text = raw.decode("utf-8").strip()
         except UnicodeDecodeError as e:
-            raise MespError(f"{where}: not UTF-8 (byte {e.start})") from None
+            raise MespError(f"{where}: not UTF-8 (byte {e.start})") from e
         if not text:
             continue
         try:
             obj = json.loads(text)
         except json.JSONDecodeError as e:
-            raise MespError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from None
+            raise MespError(f"{where}: invalid JSON ({e.msg} at column {e.colno})") from e
         if not isinstance(obj, dict):
             raise MespError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         yield lineno, where, obj
@@ -185,7 +186,7 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
             try:
                 tokenizer = get_tokenizer()
             except MespError as e:
-                raise MespError(f"{where}: the {fmt!r} format needs a tokenizer: {e}") from None
+                raise MespError(f"{where}: the {fmt!r} format needs a tokenizer: {e}") from e
         ids, labels = encode(obj, fmt, tokenizer, train_on_prompt, where, vocab_size)
         if seq_len is not None and len(ids) > seq_len:
             ids, labels = ids[:seq_len], labels[:seq_len]
@@ -304,7 +305,7 @@ def _render(tokenizer, messages, where: str, generation_prompt: bool = False) ->
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
     except Exception as e:  # jinja errors: templates raise on role orders they do not support
-        raise MespError(f"{where}: the chat template rejects these messages ({' '.join(str(e).split())})") from None
+        raise MespError(f"{where}: the chat template rejects these messages ({' '.join(str(e).split())})") from e
 
 
 def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:

@@ -183,7 +183,7 @@ def read_hf_config(directory: Path) -> ModelConfig:
     try:
         hf = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise MespError(f"{cfg_path}: unreadable JSON ({_one_line(e)})") from None
+        raise MespError(f"{cfg_path}: unreadable JSON ({_one_line(e)})") from e
     if not isinstance(hf, dict):
         raise MespError(f"{cfg_path}: expected a JSON object")
     return ModelConfig.from_hf(hf, where=str(cfg_path))
@@ -196,7 +196,7 @@ def _safetensors_files(directory: Path) -> list[Path]:
             weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
             names = list(dict.fromkeys(weight_map.values()))
         except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError) as e:
-            raise MespError(f"{index}: unreadable shard index ({_one_line(e)})") from None
+            raise MespError(f"{index}: unreadable shard index ({_one_line(e)})") from e
         files = [directory / n for n in names]
         for f in files:
             if not f.is_file():
@@ -220,7 +220,7 @@ def _iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, st
         except MespError:
             raise
         except Exception as e:  # safetensors raises its own SafetensorError / OSError on a corrupt file
-            raise MespError(f"{f}: unreadable safetensors file ({_one_line(e)})") from None
+            raise MespError(f"{f}: unreadable safetensors file ({_one_line(e)})") from e
 
 
 def _load_hf_dir(directory: Path, dtype, device, quantize=None, lazy=False) -> Model:
@@ -359,7 +359,7 @@ def gguf_config(reader, where: str) -> dict:
         try:
             hf["rope_scaling"] = _llama3_rope_scaling(freqs, hf["head_dim"], hf["rope_theta"])
         except MespError as e:
-            raise MespError(f"{where}: {e}") from None
+            raise MespError(f"{where}: {e}") from e
     return hf
 
 
@@ -375,8 +375,8 @@ def _dequantize(t, where: str) -> torch.Tensor:
     else:
         try:
             arr = gguf.quants.dequantize(t.data, qtype)
-        except NotImplementedError:
-            raise MespError(f"{where}: tensor {t.name!r} has unsupported GGUF tensor type {qtype.name}") from None
+        except NotImplementedError as e:
+            raise MespError(f"{where}: tensor {t.name!r} has unsupported GGUF tensor type {qtype.name}") from e
     shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
     arr = np.asarray(arr, dtype=np.float32)
     if not (arr.flags.writeable and arr.flags.c_contiguous):  # F32 comes back as a view of the mapped file
@@ -393,7 +393,7 @@ def _load_gguf(path: Path, dtype, device, quantize=None) -> Model:
     except MespError:
         raise
     except Exception as e:  # ValueError / struct errors / IndexError on a truncated or foreign file
-        raise MespError(f"{where}: unreadable GGUF file ({_one_line(e)})") from None
+        raise MespError(f"{where}: unreadable GGUF file ({_one_line(e)})") from e
     hf = gguf_config(reader, where)
     cfg = ModelConfig.from_hf(hf, where=where)
     model = Model(cfg)
@@ -420,7 +420,7 @@ def _load_gguf(path: Path, dtype, device, quantize=None) -> Model:
             except MespError:
                 raise
             except Exception as e:
-                raise MespError(f"{where}: tensor {t.name!r} is unreadable ({_one_line(e)})") from None
+                raise MespError(f"{where}: tensor {t.name!r} is unreadable ({_one_line(e)})") from e
             if permute and (".self_attn.q_proj." in name or ".self_attn.k_proj." in name):
                 n = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
                 if w.shape[0] % (2 * n):
@@ -500,7 +500,7 @@ def load_tokenizer(source_or_model):
     except MespError:
         raise
     except Exception as e:
-        raise MespError(f"{where}: cannot load a tokenizer ({_one_line(e)})") from None
+        raise MespError(f"{where}: cannot load a tokenizer ({_one_line(e)})") from e
     finally:
         hf_logging.set_verbosity(verbosity)
     if len(tok) < 2:  # transformers builds an empty tokenizer rather than failing on some inputs

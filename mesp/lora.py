@@ -80,9 +80,9 @@ class LoraConfig:
             return cls(r=d["r"], alpha=d["lora_alpha"], target_modules=list(targets or []),
                        dropout=float(d.get("lora_dropout") or 0.0))
         except KeyError as e:
-            raise MespError(f"{where}: missing field {e.args[0]!r}") from None
+            raise MespError(f"{where}: missing field {e.args[0]!r}") from e
         except MespError as e:  # a bad value (unknown target, bad r): say which file holds it
-            raise MespError(f"{where}: {e}") from None
+            raise MespError(f"{where}: {e}") from e
 
 
 def peft_key(lora_param_name: str) -> str:
@@ -142,12 +142,12 @@ def load_adapter(model: Model, adapter_dir: str | Path) -> Model:
     try:
         raw = json.loads(cfg_path.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise MespError(f"{cfg_path}: invalid JSON ({e})") from None
+        raise MespError(f"{cfg_path}: invalid JSON ({e})") from e
     config = LoraConfig.from_peft(raw, str(cfg_path))
     try:
         tensors = load_file(str(weights_path))
     except (SafetensorError, OSError) as e:
-        raise MespError(f"{weights_path}: unreadable ({e})") from None
+        raise MespError(f"{weights_path}: unreadable ({e})") from e
     # PEFT's in-memory names carry the adapter name ('.lora_A.default.weight'); files normally do not.
     tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
     add_lora(model, config)

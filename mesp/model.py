@@ -78,9 +78,9 @@ class ModelConfig:
                 eos_token_id=hf.get("eos_token_id"),
             )
         except KeyError as e:
-            raise MespError(f"{where}: missing field {e.args[0]!r}") from None
+            raise MespError(f"{where}: missing field {e.args[0]!r}") from e
         except (TypeError, ValueError) as e:
-            raise MespError(f"{where}: bad value ({e})") from None
+            raise MespError(f"{where}: bad value ({e})") from e
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise MespError(f"{where}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads {cfg.num_key_value_heads}")

@@ -8,7 +8,7 @@ Conventions
 -----------
 * Row-major linear algebra: ``y = x W^T``; W is ``[out, in]``.
 * Reductions that are numerically delicate (RMSNorm variance, softmax statistics,
-  log-sum-exp, cross-entropy) are accumulated in at least fp32 (``_acc_dtype``:
+  log-sum-exp, cross-entropy) are accumulated in at least fp32 (``acc_dtype``:
   bf16/fp16 -> fp32, fp32 -> fp32, fp64 stays fp64 so that gradient checks in double
   are exact). Results come back in the input dtype.
 * Frozen base weights are either a plain ``torch.Tensor [out, in]`` or an object with
@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 
 __all__ = [
+    "acc_dtype",
     "frozen_linear",
     "frozen_linear_grad_input",
     "rmsnorm_forward",
@@ -51,7 +52,7 @@ __all__ = [
 ]
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+def acc_dtype(dtype: torch.dtype) -> torch.dtype:
     """Accumulation dtype: at least fp32 (bf16/fp16 -> fp32), fp64 stays fp64."""
     return torch.promote_types(dtype, torch.float32)
 
@@ -113,7 +114,7 @@ def rmsnorm_forward(x, weight, eps):
     (weight is cast to x's dtype so the result is always in x's dtype.)
     """
     in_dtype = x.dtype
-    xf = x.to(_acc_dtype(in_dtype))
+    xf = x.to(acc_dtype(in_dtype))
     variance = xf.pow(2).mean(-1, keepdim=True)
     xn = xf * torch.rsqrt(variance + eps)
     del xf, variance
@@ -129,7 +130,7 @@ def rmsnorm_backward(gy, x, weight, eps):
     (the cast back to the input dtype in the forward is the identity for gradients).
     Computed in fp32 (or fp64), returned in x's dtype.
     """
-    acc = _acc_dtype(x.dtype)
+    acc = acc_dtype(x.dtype)
     xf = x.to(acc)
     rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)  # 1/nu, [..., 1]
     ghat = gy.to(acc) * weight.to(acc)
@@ -167,7 +168,7 @@ def rope_inv_freq(head_dim, theta, scaling=None):
         high_freq_factor = scaling["high_freq_factor"]
         old_context_len = scaling["original_max_position_embeddings"]
     except KeyError as e:
-        raise ValueError(f"llama3 rope scaling is missing {e.args[0]!r}") from None
+        raise ValueError(f"llama3 rope scaling is missing {e.args[0]!r}") from e
     # verbatim transcription of transformers' _compute_llama3_parameters
     low_freq_wavelen = old_context_len / low_freq_factor
     high_freq_wavelen = old_context_len / high_freq_factor
@@ -255,7 +256,7 @@ def swiglu_backward(g, gate, up):
     returned in the input dtype.
     """
     dtype = gate.dtype
-    acc = _acc_dtype(dtype)
+    acc = acc_dtype(dtype)
     gf = gate.to(acc)
     s = torch.sigmoid(gf)
     g_up = (gf * s).mul_(g).to(dtype)
@@ -356,7 +357,7 @@ def _attention_setup(q, k, v, scale):
     shapes) and q viewed per kv group as [B, Hkv, G, T, D]."""
     B, Hq, Hkv, G, T, D = _gqa_split(q, k)
     scale = 1.0 / math.sqrt(D) if scale is None else scale
-    acc = _acc_dtype(q.dtype)
+    acc = acc_dtype(q.dtype)
     return (B, Hq, Hkv, G, T, D), scale, acc, k.to(acc), v.to(acc), q.reshape(B, Hkv, G, T, D)
 
 
@@ -465,7 +466,7 @@ def attention_reference(q, k, v, key_mask=None, scale=None):
     if vis.dim() == 3:
         vis = vis[:, None]
     S = S.masked_fill(~vis, float("-inf"))
-    P = torch.softmax(S, dim=-1, dtype=_acc_dtype(q.dtype)).to(q.dtype)
+    P = torch.softmax(S, dim=-1, dtype=acc_dtype(q.dtype)).to(q.dtype)
     return torch.matmul(P, v)
 
 
@@ -493,7 +494,7 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
       pass 2: per slice, g_logits = (exp(logit - lse) - onehot) / normalizer, built in place;
               g_hidden += g_logits W_slice
     """
-    acc = _acc_dtype(hidden.dtype)
+    acc = acc_dtype(hidden.dtype)
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
     g_hidden = torch.zeros_like(hidden) if compute_grad else None
     rows = (targets != -100).nonzero().squeeze(1)

@@ -66,7 +66,7 @@ class Optimizer:
         try:
             flat = load_file(str(path))
         except (SafetensorError, OSError) as e:
-            raise MespError(f"{path}: unreadable optimizer state ({e})") from None
+            raise MespError(f"{path}: unreadable optimizer state ({e})") from e
         state: dict[str, dict[str, torch.Tensor]] = {}
         for name, t in flat.items():
             key, _, field = name.rpartition(".")

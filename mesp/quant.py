@@ -43,6 +43,7 @@ import torch
 import torch.nn.functional as F
 
 from .errors import MespError
+from .ops import acc_dtype
 
 log = logging.getLogger(__name__)
 
@@ -51,10 +52,6 @@ INT4_GROUP_SIZE = 64  # the paper's 4-bit setting (group 64)
 CHUNK_ELEMENTS = 1 << 23  # most weight values dequantized at once (32 MiB in fp32)
 QUANT_BLOCK_ELEMENTS = 1 << 22  # most source values converted to fp32 at once while quantizing (16 MiB)
 KERNEL_DTYPES = (torch.bfloat16,)  # activations for which the CPU int4/int8 kernels beat dequantize + matmul
-
-
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.promote_types(dtype, torch.float32)
 
 
 def _use_kernel(x: torch.Tensor) -> bool:
@@ -168,7 +165,7 @@ class FrozenWeight:
         if len(blocks) == 1:
             gx = torch.matmul(g2, self.dense_rows(0, N, dt))
         else:
-            acc = _acc_dtype(dt)
+            acc = acc_dtype(dt)
             gx = torch.zeros(g2.shape[0], K, dtype=acc, device=g.device)
             for n0, n1 in blocks:
                 gx.add_(torch.matmul(g2[:, n0:n1], self.dense_rows(n0, n1, dt)).to(acc))
@@ -231,7 +228,7 @@ class Int8Weight(FrozenWeight):
         return cls(q, d, dtype)
 
     def _dense(self, q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
-        acc = _acc_dtype(dtype)
+        acc = acc_dtype(dtype)
         r = q.shape[0]
         w = q.to(acc).view(r, -1, self.block).mul_(scale.to(acc)[:, :, None]).view(r, -1)
         return w.to(dtype)
@@ -410,7 +407,7 @@ class Int4Weight(FrozenWeight):
         return cls._pack(parts(), shape, 32, dtype)
 
     def dense_rows(self, n0, n1, dtype):
-        acc = _acc_dtype(dtype)
+        acc = acc_dtype(dtype)
         r, G = n1 - n0, self.group
         codes = _unpack(self.packed, self.shape, n0, n1)
         sz = self.scale_zero[:, n0:n1].to(acc)  # [K/G, r, 2]
@@ -455,7 +452,7 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int,
         try:
             meta = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MespError(f"{path}: unreadable safetensors header ({e})") from None
+            raise MespError(f"{path}: unreadable safetensors header ({e})") from e
     base = 8 + n
     out = {}
     for name, info in meta.items():
@@ -464,8 +461,8 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int,
         try:
             start, end = info["data_offsets"]
             out[name] = (info["dtype"], tuple(int(s) for s in info["shape"]), base + int(start), base + int(end))
-        except (KeyError, TypeError, ValueError):
-            raise MespError(f"{path}: malformed safetensors entry for {name!r}") from None
+        except (KeyError, TypeError, ValueError) as e:
+            raise MespError(f"{path}: malformed safetensors entry for {name!r}") from e
     return out
 
 

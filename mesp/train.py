@@ -40,6 +40,7 @@ from .memory import PeakMemory, peak_rss_bytes
 from .methods import METHODS, compute_gradients
 from .methods import mezo
 from .methods.common import prepare_batch
+from .seeds import mix_seed
 from .optim import OPTIMIZERS, SCHEDULES, clip_grad_norm, learning_rate, make_optimizer
 
 log = logging.getLogger(__name__)
@@ -223,7 +224,7 @@ def latest_checkpoint(out: Path) -> Path | None:
     try:
         ckpt = out / json.loads(pointer.read_text())["checkpoint"]
     except (OSError, ValueError, KeyError, TypeError) as e:
-        raise MespError(f"{pointer}: unreadable ({e})") from None
+        raise MespError(f"{pointer}: unreadable ({e})") from e
     if not (ckpt / TRAINER_STATE).is_file():
         raise MespError(f"{pointer}: names {ckpt.name}, which holds no {TRAINER_STATE}")
     return ckpt
@@ -237,7 +238,7 @@ def load_run_config(out) -> dict | None:
     try:
         saved = json.loads(path.read_text())
     except (OSError, ValueError) as e:
-        raise MespError(f"{path}: unreadable ({e})") from None
+        raise MespError(f"{path}: unreadable ({e})") from e
     known = set(config_fields()) - {"resume", "overwrite"}  # how to open the run, not what the run is
     return {k: v for k, v in saved.items() if k in known}
 
@@ -468,7 +469,7 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
     if c.method == "mezo":
         (b,) = batches
         prepared = prepare_batch(model, b.input_ids, b.labels, b.attention_mask)
-        return mezo.update(model, prepared, lr, seed=mezo.direction_seed(c.seed, step), eps=c.mezo_eps,
+        return mezo.update(model, prepared, lr, seed=mix_seed(c.seed, step), eps=c.mezo_eps,
                            weight_decay=c.weight_decay)
     normalizer = float(sum(b.n_targets for b in batches))
     if c.per_layer_update:

@@ -11,43 +11,16 @@ import math
 
 import pytest
 import torch
-from conftest import randomize_lora_b
+from helpers import IGNORE, assert_grads_close, make_batch, randomize_lora_b
 
 import mesp
 from mesp.lora import adapter_state
+from mesp.testing import cosine
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 
 TOL = 1e-5
 EXACT = ("autograd", "mebp", "mesp")
-IGNORE = -100
-
-
-def rel(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
-
-
-def cosine(grads: dict, ref: dict) -> float:
-    a = torch.cat([grads[k].double().flatten() for k in sorted(ref)])
-    b = torch.cat([ref[k].double().flatten() for k in sorted(ref)])
-    return float(a @ b / (a.norm() * b.norm()))
-
-
-def assert_grads_close(grads: dict, ref: dict, tol: float, what: str):
-    assert set(grads) == set(ref), f"{what}: keys differ: {sorted(set(grads) ^ set(ref))[:4]}"
-    total = math.sqrt(sum(b.double().norm().item() ** 2 for b in ref.values()))
-    assert total > 0, f"{what}: every reference gradient is zero"
-    for k, b in ref.items():
-        a = grads[k]
-        assert a.shape == b.shape, f"{what}: {k} shape {tuple(a.shape)} != {tuple(b.shape)}"
-        assert torch.isfinite(a).all(), f"{what}: {k} not finite"
-        if b.norm() == 0:  # a true zero (q/k when position 0 is the only target): ours must be zero up to
-            # rounding, measured against the whole gradient's norm
-            assert a.double().norm() <= tol * total, f"{what}: {k} should be zero, norm {a.norm():.2e}"
-            continue
-        r = rel(a, b)
-        assert r <= tol, f"{what}: {k} relative error {r:.2e} > {tol:.0e}"
 
 
 # Tiny architectures by GQA ratio (query heads per key/value head); ratio 3 needs 6 heads, so hidden 48.
@@ -89,35 +62,6 @@ def peft_reference(path, model, input_ids, labels, attention_mask):
     return out.loss.detach(), {k: p.grad for k, p in params.items()}
 
 
-def make_batch(B: int, T: int, vocab: int, padding: str | None, seed: int = 0, prompt: int = 0):
-    """Random ids; padded rows have 1..T//2 pad positions on `padding`'s side (row 0 is never padded when
-    B > 1, so the batch also holds a full row). Labels = ids, -100 on pads and on the first `prompt` real
-    tokens of each row.
-
-    With left padding the first real token is predicted from a pad position, whose hidden state is a
-    convention (transformers lets a fully masked query attend to nothing, we let it see itself), so that
-    token is labelled -100 as well: no real position predicts it."""
-    g = torch.Generator().manual_seed(seed)
-    ids = torch.randint(3, vocab, (B, T), generator=g)
-    mask = torch.ones(B, T, dtype=torch.long)
-    labels = ids.clone()
-    for b in range(B):
-        n_pad = 0 if padding is None or (B > 1 and b == 0) else int(torch.randint(1, max(2, T // 2 + 1), (1,),
-                                                                                    generator=g))
-        n_pad = min(n_pad, T - 2)
-        start = n_pad if padding == "left" else 0
-        end = T if padding == "left" else T - n_pad
-        mask[b, :start] = 0
-        mask[b, end:] = 0
-        labels[b, :start] = IGNORE
-        labels[b, end:] = IGNORE
-        labels[b, start:start + prompt] = IGNORE
-        if padding == "left" and n_pad:
-            labels[b, start] = IGNORE
-    return ids, labels, mask
-
-
-# (arch, gqa, tied, extra config, targets, r, B, T, padding, attn_block, loss_chunk)
 CASES = [
     ("qwen2", 2, False, {}, None, 8, 3, 37, "left", 16, 7),
     ("qwen2", 1, True, {}, ["q_proj", "v_proj"], 1, 1, 2, None, 16, 5),

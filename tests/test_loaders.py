@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import math
 import shutil
 
 import numpy as np
 import pytest
 import torch
+from helpers import hf_config, llama3_rope_freqs, write_gguf
 
 import mesp
 from mesp.cli import main
@@ -109,104 +109,6 @@ def test_smollm2_gguf_matches_transformers(smollm2_model, smollm2_gguf):
     assert (ref - ours).abs().max().item() <= 1e-4
 
 
-def _permute(w: np.ndarray, n_head: int) -> np.ndarray:
-    """convert_hf_to_gguf's LlamaModel.permute."""
-    return w.reshape(n_head, 2, w.shape[0] // n_head // 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
-
-
-def _llama3_rope_freqs(p: dict, head_dim: int, theta: float) -> np.ndarray:
-    """The rope_freqs tensor convert_hf_to_gguf writes for llama3 rope scaling."""
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
-    orig, low, high, factor = (p["original_max_position_embeddings"], p["low_freq_factor"],
-                               p["high_freq_factor"], p["factor"])
-    out = []
-    for f in inv:
-        wl = 2 * math.pi / f
-        if wl < orig / high:
-            out.append(1.0)
-        elif wl > orig / low:
-            out.append(factor)
-        else:
-            s = (orig / wl - low) / (high - low)
-            out.append(1 / ((1 - s) / factor + s))
-    return np.array(out, dtype=np.float32)
-
-
-GGUF_NAMES = {v: k for k, v in {
-    "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}.items()}
-
-
-def hf_to_gguf_name(name: str) -> str:
-    layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
-             "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
-    mod, attr = name.rsplit(".", 1)
-    if mod.startswith("model.layers."):
-        i, rest = mod[len("model.layers."):].split(".", 1)
-        return f"blk.{i}.{layer[rest]}.{attr}"
-    return f"{GGUF_NAMES[mod]}.{attr}"
-
-
-def write_gguf(path, hf_model, qtypes, extra_tensors=None, rope_freqs=None):
-    """Write `hf_model` as llama.cpp would (q/k permuted for llama); 2-D weights take qtypes[i % len]
-    in turn. Returns {hf name: the weight as the file stores it, dequantized} for building a reference."""
-    import gguf
-
-    cfg = hf_model.config
-    arch = cfg.model_type
-    w = gguf.GGUFWriter(str(path), arch)
-    w.add_block_count(cfg.num_hidden_layers)
-    w.add_context_length(cfg.max_position_embeddings)
-    w.add_embedding_length(cfg.hidden_size)
-    w.add_feed_forward_length(cfg.intermediate_size)
-    w.add_head_count(cfg.num_attention_heads)
-    w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
-    w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
-    w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
-    w.add_bos_token_id(1)
-    w.add_eos_token_id(2)
-    stored = {}
-    k = 0
-    for name, p in hf_model.state_dict().items():
-        if name == "lm_head.weight" and cfg.tie_word_embeddings:
-            continue
-        a = p.detach().float().numpy()
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
-            n = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
-            a = _permute(a, n)
-        gname = hf_to_gguf_name(name)
-        if a.ndim == 2:
-            qt = qtypes[k % len(qtypes)]
-            k += 1
-            if qt == gguf.GGMLQuantizationType.F32:
-                data, back = a, a
-            elif qt == gguf.GGMLQuantizationType.F16:
-                data = a.astype(np.float16)
-                back = data.astype(np.float32)
-            else:
-                data = gguf.quants.quantize(a, qt)
-                back = gguf.quants.dequantize(data, qt)
-            w.add_tensor(gname, data, raw_dtype=None if qt in (gguf.GGMLQuantizationType.F32,
-                                                               gguf.GGMLQuantizationType.F16) else qt)
-        else:
-            back = a
-            w.add_tensor(gname, a)
-        if arch == "llama" and (".q_proj." in name or ".k_proj." in name):  # undo for the reference
-            n = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
-            back = back.reshape(n, back.shape[0] // n // 2, 2, *back.shape[1:]).swapaxes(1, 2).reshape(back.shape)
-        stored[name] = torch.from_numpy(np.array(back, dtype=np.float32))
-    if rope_freqs is not None:
-        w.add_tensor("rope_freqs.weight", rope_freqs)
-    for gname, arr in (extra_tensors or {}).items():
-        w.add_tensor(gname, arr)
-    w.write_header_to_file()
-    w.write_kv_data_to_file()
-    w.write_tensors_to_file()
-    w.close()
-    return stored
-
-
 def _reference_with(hf_model, stored):
     import copy
 
@@ -234,7 +136,7 @@ def test_tiny_gguf_matches_reference(make_hf_model, tmp_path, arch, overrides, q
     _, hf_model = make_hf_model(arch, **overrides)
     freqs = None
     if "rope_parameters" in overrides:
-        freqs = _llama3_rope_freqs(LLAMA3_ROPE, hf_model.config.head_dim, 10000.0)
+        freqs = llama3_rope_freqs(LLAMA3_ROPE, hf_model.config.head_dim, 10000.0)
     path = tmp_path / f"tiny-{arch}.gguf"
     stored = write_gguf(path, hf_model, [Q[n] for n in qnames], rope_freqs=freqs)
     ref = _reference_with(hf_model, stored)
@@ -331,8 +233,6 @@ def test_bad_paths(capsys, tmp_path):
     assert "no config.json" in run_cli_error(capsys, tmp_path)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
     assert "missing field 'num_attention_heads'" in run_cli_error(capsys, tmp_path)
-    from conftest import hf_config
-
     (tmp_path / "config.json").write_text(hf_config("llama").to_json_string())
     assert "no *.safetensors" in run_cli_error(capsys, tmp_path)
     (tmp_path / "config.json").write_text("{not json")

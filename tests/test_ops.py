@@ -7,19 +7,15 @@ import torch
 import torch.nn.functional as F
 
 from mesp import ops
+from mesp.testing import relative_error
 
 TOL = 1e-5
-
-
-def rel(a, b):
-    a, b = a.double(), b.double()
-    return (torch.linalg.norm(a - b) / torch.linalg.norm(b)).item()
 
 
 def assert_close(a, b, tol=TOL):
     assert a.shape == b.shape, (a.shape, b.shape)
     assert torch.linalg.norm(b.double()) > 0, "reference is all zeros: test would be vacuous"
-    r = rel(a, b)
+    r = relative_error(a, b)
     assert r <= tol, f"relative error {r:.3e} > {tol:.1e}"
 
 
@@ -102,7 +98,7 @@ def test_rope_backward_is_inverse_and_matches_autograd():
     assert cb.shape == (2, 5, D)
     yb = ops.rope_forward(x.detach(), cb, sb)
     assert_close(yb[0], y.detach()[0], 1e-12)
-    assert rel(yb[1], y.detach()[1]) > 1e-3  # different positions really rotate differently
+    assert relative_error(yb[1], y.detach()[1]) > 1e-3  # different positions really rotate differently
     assert_close(ops.rope_backward(yb, cb, sb), x.detach(), 1e-6)
 
 
@@ -326,7 +322,7 @@ def test_attention_padding_changes_result():
     q, k, v, _ = attn_inputs(2, 4, 2, 8, 4)
     o_all, _ = ops.attention_forward(q, k, v, None, block_size=3)
     o_pad, _ = ops.attention_forward(q, k, v, make_mask(2, 8, "left"), block_size=3)
-    assert rel(o_pad[0, :, 4:], o_all[0, :, 4:]) > 1e-3
+    assert relative_error(o_pad[0, :, 4:], o_all[0, :, 4:]) > 1e-3
     # row 0 of a left-padded sequence only sees itself: o = v of that position
     assert_close(o_pad[0, :, 0], v.repeat_interleave(2, 1)[0, :, 0], 1e-14)
     # right padding leaves real rows untouched (causality)
@@ -425,7 +421,7 @@ def test_bf16_smoke():
     def check(a_bf, a_32, tol=3e-2):
         assert a_bf.dtype == bf, a_bf.dtype
         assert torch.isfinite(a_bf.float()).all()
-        assert rel(a_bf.float(), a_32) <= tol, rel(a_bf.float(), a_32)
+        assert relative_error(a_bf.float(), a_32) <= tol, relative_error(a_bf.float(), a_32)
 
     # rmsnorm
     x32, xbf = both(B, T, d)
@@ -462,7 +458,7 @@ def test_bf16_smoke():
     o32, lse32 = ops.attention_forward(q32, k32, v32, km, block_size=4)
     obf, lsebf = ops.attention_forward(qbf, kbf, vbf, km, block_size=4)
     check(obf, o32)
-    assert lsebf.dtype == torch.float32 and rel(lsebf, lse32) <= 3e-2
+    assert lsebf.dtype == torch.float32 and relative_error(lsebf, lse32) <= 3e-2
     check(ops.attention_reference(qbf, kbf, vbf, km), o32)
     for a, b in zip(
         ops.attention_backward(gobf, qbf, kbf, vbf, obf, lsebf, km, block_size=4),

@@ -12,9 +12,7 @@ import gguf
 import numpy as np
 import pytest
 import torch
-from conftest import randomize_lora_b
-from test_engines import assert_grads_close, make_batch, rel
-from test_loaders import write_gguf
+from helpers import assert_grads_close, make_batch, randomize_lora_b, relative_error, write_gguf
 
 import mesp
 from mesp import quant
@@ -98,11 +96,15 @@ def test_gguf_blocks_match_gguf_dequantize(qtype):
             q = quant.Int4Weight.from_gguf(raw, qtype == Q.Q4_1, p)
         want = ref if p is None else ref[p]
         # Q4_1 is evaluated as (q - 8) d + (m + 8 d), the kernel's form: equal to d q + m up to rounding
-        assert rel(q.dequantize(), want) <= 1e-7
+        assert relative_error(q.dequantize(), want) <= 1e-7
 
 
 def weights_under_test():
-    w = randw(96, 128, seed=5)
+    """One matrix in every weight type, with enough rows for three row blocks of the widest alignment: PyTorch's
+    packed int4 layout aligns row blocks to 32 rows on AVX2 CPUs and 64 on AVX-512 ones, so the row count is
+    read from the layout, never assumed."""
+    align = max(quant.Int4Weight.quantize(randw(64, 128), (64, 128)).row_align, 32)
+    w = randw(3 * align, 128, seed=5)
     raw, _ = gguf_blocks(w, Q.Q8_0)
     return {"int8": quant.Int8Weight.quantize(w, w.shape), "int4": quant.Int4Weight.quantize(w, w.shape),
             "q8_0": quant.Int8Weight.from_gguf_q8_0(raw), "q4_1": quant.Int4Weight.from_gguf(
@@ -121,14 +123,14 @@ def test_products_match_the_dequantized_matrix(kind, blocks, monkeypatch):
     g = torch.Generator().manual_seed(7)
     x = torch.randn(2, 5, K, generator=g)
     gy = torch.randn(2, 5, N, generator=g)
-    assert rel(w.linear(x), x.double() @ W.t()) <= 1e-6
-    assert rel(w.linear_grad_input(gy), gy.double() @ W) <= 1e-6
+    assert relative_error(w.linear(x), x.double() @ W.t()) <= 1e-6
+    assert relative_error(w.linear_grad_input(gy), gy.double() @ W) <= 1e-6
     assert w.linear(x).dtype == torch.float32 and w.linear_grad_input(gy).dtype == torch.float32
     # bf16 activations take PyTorch's kernels where the layout allows (per-channel int8, int4)
     xb = x.bfloat16()
     assert w.linear(xb).dtype == torch.bfloat16
-    assert rel(w.linear(xb), xb.double() @ W.t()) <= 1e-2
-    assert rel(w.linear_grad_input(gy.bfloat16()), gy.bfloat16().double() @ W) <= 1e-2
+    assert relative_error(w.linear(xb), xb.double() @ W.t()) <= 1e-2
+    assert relative_error(w.linear_grad_input(gy.bfloat16()), gy.bfloat16().double() @ W) <= 1e-2
     # rows: scattered (repeats, across blocks) and contiguous ranges, as the embedding and LM head ask
     dense = w.dequantize()
     ids = torch.tensor([[N - 1, 0, 33, 33], [2, 64, 65, N - 2]])
@@ -198,9 +200,9 @@ def test_gguf_native_keeps_the_file_quantization(make_hf_model, tmp_path):
     assert kinds["model.layers.0.self_attn.v_proj.weight"] == "Tensor"  # F16 loads dense
     for name, w in native.base_weights():  # the file's values, llama q/k rows un-permuted
         if isinstance(w, quant.FrozenWeight):
-            assert rel(w.dequantize(), stored[name]) <= 1e-7, name
+            assert relative_error(w.dequantize(), stored[name]) <= 1e-7, name
     ids, _, mask = make_batch(2, 11, native.config.vocab_size, "right")
-    assert rel(mesp.forward(native, ids, mask), mesp.forward(dense, ids, mask)) <= 1e-6
+    assert relative_error(mesp.forward(native, ids, mask), mesp.forward(dense, ids, mask)) <= 1e-6
     resident = sum(w.nbytes if isinstance(w, quant.FrozenWeight) else w.numel() * 4 for _, w in native.base_weights())
     assert resident < 0.5 * sum(w.numel() * 4 for _, w in dense.base_weights())
 
@@ -213,11 +215,11 @@ def test_logit_error_against_fp32(make_hf_model, arch):
     path, _ = make_hf_model(arch, num_key_value_heads=2)
     ids, _, mask = make_batch(2, 24, 96, "left", seed=4)
     ref = mesp.forward(mesp.load_model(path), ids, mask)
-    errs = {q: rel(mesp.forward(mesp.load_model(path, quantize=q), ids, mask), ref) for q in ("int8", "int4")}
+    errs = {q: relative_error(mesp.forward(mesp.load_model(path, quantize=q), ids, mask), ref) for q in ("int8", "int4")}
     print(f"\n{arch}: logits relative error vs fp32: int8 {errs['int8']:.2e}, int4 {errs['int4']:.2e}")
     assert 0 < errs["int8"] < 0.05 and 3 * errs["int8"] < errs["int4"] < 0.4, errs
     bf16 = mesp.load_model(path, dtype=torch.bfloat16, quantize="int4")  # kernels in forward
-    assert rel(mesp.forward(bf16, ids, mask).float(), ref) < errs["int4"] + 0.05
+    assert relative_error(mesp.forward(bf16, ids, mask).float(), ref) < errs["int4"] + 0.05
 
 
 def test_random_preset_is_quantized_block_by_block(monkeypatch):

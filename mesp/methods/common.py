@@ -59,7 +59,7 @@ def prepare_batch(model: Model, input_ids, labels, attention_mask=None, normaliz
 def full_logits_loss(hidden: torch.Tensor, model: Model, batch: Batch) -> torch.Tensor:
     """Differentiable loss through full-vocabulary logits [B, T, V] (the autograd and MeBP way)."""
     logits = ops.frozen_linear(hidden, model.lm_head_weight)
-    logits = logits.to(ops._acc_dtype(logits.dtype))  # bf16 -> fp32; fp64 stays fp64
+    logits = logits.to(ops.acc_dtype(logits.dtype))  # bf16 -> fp32; fp64 stays fp64
     loss_sum = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1),
                                ignore_index=IGNORE, reduction="sum")
     return loss_sum / batch.normalizer

@@ -10,11 +10,8 @@ from __future__ import annotations
 import torch
 
 from ..lora import peft_key
+from ..seeds import mix_seed
 from .common import Batch, chunked_loss
-
-
-def direction_seed(seed: int, j: int) -> int:
-    return (seed * 1_000_003 + j) % (2**63 - 1)
 
 
 def z_of(params, seed: int):
@@ -59,7 +56,7 @@ def gradients(model, batch: Batch, eps: float = 1e-3, n_directions: int = 1, see
     estimate = [torch.zeros_like(p, dtype=torch.float32) for p in params]
     losses = []
     for j in range(n_directions):
-        s = direction_seed(seed, j)
+        s = mix_seed(seed, j)
         proj, loss = projected_gradient(model, batch, s, eps, loss_chunk)
         losses.append(loss)
         for buf, (_, z) in zip(estimate, z_of(params, s)):
