@@ -2,7 +2,9 @@
 
 from .errors import MespError
 from .generate import generate, generate_stream
-from .loaders import PRESETS, list_presets, load_model, load_tokenizer
+from .loaders import load_model
+from .presets import PRESETS, list_presets
+from .tokenizer import load_tokenizer
 from .lora import LoraConfig, add_lora, load_adapter, save_adapter
 from .methods import compute_gradients
 from .model import Model, ModelConfig, forward
