@@ -23,11 +23,12 @@ types is its format module's (mesp.formats.gguf).
 
 Computation: PyTorch's CPU kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) are used
 for bf16 activations on CPU, the only case where they beat dequantize + matmul (in fp32 they are far slower
-than a plain fp32 product). Everything else, including every transposed product g W (no kernel exists for
-it), dequantizes one block of rows at a time (at most CHUNK_ELEMENTS values) and frees it before the next: no
+than a plain fp32 product). PyTorch offers these kernels and their packing only as underscore ops: there is
+no public API. Everything else, including every transposed product g W (no kernel exists for it),
+dequantizes one block of rows at a time (at most CHUNK_ELEMENTS values) and frees it before the next: no
 dequantized copy outlives the call (bf16 products run in fp32 on CPUs without native bf16 math, see
-_matmul_dtype). Gradients are therefore exact with respect to the quantized model: x W^T and g W
-use the same W.
+_matmul_dtype). Gradients are therefore exact with respect to the quantized model: x W^T and g W use the
+same W.
 """
 
 from __future__ import annotations

@@ -1,4 +1,5 @@
-"""Quantized (int8, int4, GGUF Q4_0/Q4_1/Q8_0) and lazily read base weights (mesp.quant).
+"""Quantized (int8, int4, GGUF Q4_0/Q4_1/Q8_0) and lazily read base weights (mesp.quant, the GGUF block
+decoders of mesp.formats.gguf, LazyWeight of mesp.formats.safetensors, the load policy of mesp.loaders).
 
 Every product a weight object computes is checked against the same product with its dequantized matrix, and
 gradients on quantized models are checked to be exactly those of the quantized model: MeSP and MeBP against
@@ -217,7 +218,8 @@ def test_logit_error_against_fp32(make_hf_model, arch):
     path, _ = make_hf_model(arch, num_key_value_heads=2)
     ids, _, mask = make_batch(2, 24, 96, "left", seed=4)
     ref = mesp.forward(mesp.load_model(path), ids, mask)
-    errs = {q: relative_error(mesp.forward(mesp.load_model(path, quantize=q), ids, mask), ref) for q in ("int8", "int4")}
+    errs = {q: relative_error(mesp.forward(mesp.load_model(path, quantize=q), ids, mask), ref)
+            for q in ("int8", "int4")}
     print(f"\n{arch}: logits relative error vs fp32: int8 {errs['int8']:.2e}, int4 {errs['int4']:.2e}")
     assert 0 < errs["int8"] < 0.05 and 3 * errs["int8"] < errs["int4"] < 0.4, errs
     bf16 = mesp.load_model(path, dtype=torch.bfloat16, quantize="int4")  # kernels in forward
