@@ -3,11 +3,11 @@
 from .errors import MespError
 from .generate import generate, generate_stream
 from .loaders import load_model
-from .presets import PRESETS, list_presets
-from .tokenizer import load_tokenizer
 from .lora import LoraConfig, add_lora, load_adapter, save_adapter
 from .methods import compute_gradients
 from .model import Model, ModelConfig, forward
+from .presets import PRESETS, list_presets
+from .tokenizer import load_tokenizer
 from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"

@@ -144,9 +144,9 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     "before"|"after", "answers": [...]}, mesp.train's own events, and {"event": "memory", ...} as the two measured steps begin."""
     from .data import MicroBatchStream, load_jsonl
     from .loaders import load_model
-    from .tokenizer import load_tokenizer
     from .lora import load_adapter
     from .memory import peak_rss_bytes
+    from .tokenizer import load_tokenizer
     from .train import TrainConfig, check_out_dir, resolve, train
 
     s = settings or DemoSettings()

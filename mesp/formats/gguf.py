@@ -80,7 +80,7 @@ def open_gguf(path: Path):
         raise MespError(f"{path}: unreadable GGUF file ({one_line(e)})") from e
 
 
-def field(reader, key, default=None):
+def metadata_value(reader, key, default=None):
     """The value of metadata `key`, or `default` when the file lacks it."""
     f = reader.fields.get(key)
     if f is None:
@@ -114,28 +114,28 @@ def llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> dict:
 
 def gguf_config(reader, where: str) -> dict:
     """The transformers config.json dict that a GGUF file's metadata describes."""
-    arch = field(reader, "general.architecture")
+    arch = metadata_value(reader, "general.architecture")
     if arch not in HF_CLASSES:
         raise MespError(f"{where}: unsupported architecture {arch!r} (supported: {', '.join(sorted(HF_CLASSES))})")
     names = {t.name for t in reader.tensors}
 
     def need(key):
-        v = field(reader, f"{arch}.{key}")
+        v = metadata_value(reader, f"{arch}.{key}")
         if v is None:
             raise MespError(f"{where}: missing metadata {arch}.{key}")
         return v
 
     hidden = int(need("embedding_length"))
     heads = int(need("attention.head_count"))
-    kv = field(reader, f"{arch}.attention.head_count_kv", heads)
+    kv = metadata_value(reader, f"{arch}.attention.head_count_kv", heads)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else field(reader, f"{arch}.vocab_size")
+    vocab = len(tokens.data) if tokens is not None else metadata_value(reader, f"{arch}.vocab_size")
     if vocab is None:
         emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         if emb is None:
             raise MespError(f"{where}: missing tensor 'token_embd.weight'")
         vocab = int(emb.shape[-1])
-    eps = field(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    eps = metadata_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     hf = {
         "architectures": [HF_CLASSES[arch]],
         "model_type": arch,
@@ -145,19 +145,19 @@ def gguf_config(reader, where: str) -> dict:
         "num_hidden_layers": int(need("block_count")),
         "num_attention_heads": heads,
         "num_key_value_heads": int(kv),
-        "head_dim": int(field(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "head_dim": int(metadata_value(reader, f"{arch}.attention.key_length", hidden // heads)),
         "rms_norm_eps": float(str(np.float32(eps))),  # metadata holds float32: 1e-5 reads 9.99999974e-06
-        "rope_theta": float(str(np.float32(field(reader, f"{arch}.rope.freq_base", 10000.0)))),
-        "max_position_embeddings": int(field(reader, f"{arch}.context_length", 2048)),
+        "rope_theta": float(str(np.float32(metadata_value(reader, f"{arch}.rope.freq_base", 10000.0)))),
+        "max_position_embeddings": int(metadata_value(reader, f"{arch}.context_length", 2048)),
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": field(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": field(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
     }
     if arch == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in names
     if hf["max_position_embeddings"] <= 0:
         hf["max_position_embeddings"] = 2048
-    scaling_type = field(reader, f"{arch}.rope.scaling.type")
+    scaling_type = metadata_value(reader, f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):
         if scaling_type != "linear":
             raise MespError(f"{where}: unsupported rope scaling {scaling_type!r}")
