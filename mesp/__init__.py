@@ -2,10 +2,12 @@
 
 from .errors import MespError
 from .generate import generate, generate_stream
-from .loaders import PRESETS, list_presets, load_model, load_tokenizer
+from .loaders import load_model
 from .lora import LoraConfig, add_lora, load_adapter, save_adapter
 from .methods import compute_gradients
 from .model import Model, ModelConfig, forward
+from .presets import PRESETS, list_presets
+from .tokenizer import load_tokenizer
 from .train import TrainConfig, TrainResult, train
 
 __version__ = "0.1.0"

@@ -52,7 +52,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def add_quantize_args(p: argparse.ArgumentParser, default: str | None = "none", lazy: bool = True) -> None:
     """--quantize (and --lazy) for a command that loads a base model; see mesp.loaders.load_model."""
-    from .quant import MODES
+    from .loaders import MODES
 
     p.add_argument("--quantize", choices=["none", *MODES], default=default,
                    help="base weights: none (dense), int8 (per channel), int4 (group 64), gguf (keep a GGUF "
@@ -79,10 +79,12 @@ def generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", generate_args, "Generate text from a prompt with a model (and optional LoRA adapter).")
 def generate_run(args) -> int:
-    from .generate import _check, generate_stream
-    from .loaders import PRESETS, load_model, load_tokenizer
+    from .generate import check_sampling, generate_stream
+    from .loaders import load_model
+    from .presets import PRESETS
+    from .tokenizer import load_tokenizer
 
-    _check(args.max_new_tokens, args.temperature, args.top_p)
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     if args.model in PRESETS:
         load_tokenizer(args.model)  # a random preset has none: fail before building its weights
     model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, lazy=args.lazy)

@@ -33,6 +33,7 @@ import torch
 
 from .errors import MespError
 from .seeds import mix_seed
+from .tokenizer import assistant_tokens
 
 log = logging.getLogger(__name__)
 
@@ -301,48 +302,9 @@ def _int_list(obj: dict, key: str, where: str) -> list[int]:
     return v
 
 
-def _render(tokenizer, messages, where: str, generation_prompt: bool = False) -> str:
-    try:
-        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
-    except Exception as e:  # jinja errors: templates raise on role orders they do not support
-        raise MespError(f"{where}: the chat template rejects these messages ({' '.join(str(e).split())})") from e
-
-
-def assistant_spans(tokenizer, messages: list[dict], where: str) -> tuple[str, list[tuple[int, int]]]:
-    """The rendered conversation and the character spans [start, end) of each assistant turn.
-
-    A turn ends where the conversation rendered up to and including it ends (so its end-of-turn marker is
-    learned); it starts where the conversation before it, rendered with the generation prompt, ends (what
-    `generate --chat` feeds the model). Where a template does not render prefixes that way, the turn's
-    content is looked up in its own rendering instead."""
-    full = _render(tokenizer, messages, where)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        upto = _render(tokenizer, messages[:i + 1], where)
-        if not full.startswith(upto):
-            raise MespError(f"{where}: the chat template renders messages[{i}] differently in the whole "
-                            f"conversation than in its prefix; cannot locate the assistant turns")
-        start = -1
-        if i > 0:
-            before = _render(tokenizer, messages[:i], where, generation_prompt=True)
-            if upto.startswith(before):
-                start = len(before)
-        if start < 0 and m["content"]:
-            start = upto.rfind(m["content"])
-        if start < 0:
-            raise MespError(f"{where}: cannot locate assistant messages[{i}] in the chat template's rendering")
-        spans.append((start, len(upto)))
-    return full, spans
-
-
 def _chat(tokenizer, messages: list[dict], where: str) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of a conversation: the loss on the assistant's tokens only."""
     if not getattr(tokenizer, "chat_template", None):
         raise MespError(f"{where}: the 'messages' format needs a tokenizer with a chat template; this one has none")
-    text, spans = assistant_spans(tokenizer, messages, where)
-    enc = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
-    ids, offsets = list(enc["input_ids"]), enc["offset_mapping"]
-    # a token is the assistant's when it starts inside an assistant span
-    labels = [t if any(s <= start < e for s, e in spans) else IGNORE for t, (start, _) in zip(ids, offsets)]
-    return ids, labels
+    ids, assistant = assistant_tokens(tokenizer, messages, where)
+    return ids, [t if mine else IGNORE for t, mine in zip(ids, assistant)]

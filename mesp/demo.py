@@ -143,9 +143,10 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     temporary directory that is removed at the end. progress(event) receives {"event": "answers", "phase":
     "before"|"after", "answers": [...]}, mesp.train's own events, and {"event": "memory", ...} as the two measured steps begin."""
     from .data import MicroBatchStream, load_jsonl
-    from .loaders import load_model, load_tokenizer
+    from .loaders import load_model
     from .lora import load_adapter
     from .memory import peak_rss_bytes
+    from .tokenizer import load_tokenizer
     from .train import TrainConfig, check_out_dir, resolve, train
 
     s = settings or DemoSettings()

@@ -1,4 +1,6 @@
-"""Atomic writes: a crash or a bad step never leaves a half-written file where a good one was."""
+"""Atomic writes: a crash or a bad step never leaves a half-written file where a good one was.
+
+Format writers (mesp.formats.safetensors.write_safetensors) build on atomic_write."""
 
 from __future__ import annotations
 
@@ -6,9 +8,6 @@ import json
 import os
 import tempfile
 from pathlib import Path
-
-import torch
-from safetensors.torch import save_file
 
 
 def atomic_write(path: str | os.PathLike, write) -> None:
@@ -36,8 +35,3 @@ def write_json(path, obj) -> None:
 
 def write_text(path, text: str) -> None:
     atomic_write(path, lambda tmp: Path(tmp).write_text(text))
-
-
-def write_safetensors(path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tensors = {k: v.detach().contiguous().cpu() for k, v in tensors.items()}
-    atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))

@@ -12,21 +12,7 @@ import torch
 
 from .errors import MespError
 from .model import Model
-
-
-def encode_prompt(tokenizer, prompt: str, chat: bool = False) -> list[int]:
-    """Token ids of `prompt`; with chat, as one user turn through the tokenizer's chat template."""
-    if chat:
-        if not getattr(tokenizer, "chat_template", None):
-            raise MespError("--chat: this tokenizer has no chat template")
-        text = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], tokenize=False,
-                                             add_generation_prompt=True)
-        ids = tokenizer(text, add_special_tokens=False)["input_ids"]
-    else:
-        ids = tokenizer(prompt)["input_ids"]
-    if not ids:
-        raise MespError("the prompt is empty (no tokens)")
-    return list(ids)
+from .tokenizer import encode_prompt
 
 
 def stop_token_ids(model: Model, tokenizer=None) -> set[int]:
@@ -43,7 +29,8 @@ def stop_token_ids(model: Model, tokenizer=None) -> set[int]:
     return stops
 
 
-def _check(max_new_tokens, temperature, top_p):
+def check_sampling(max_new_tokens, temperature, top_p):
+    """MespError naming the setting when a generation setting is out of range."""
     if max_new_tokens < 0:
         raise MespError(f"max_new_tokens must be >= 0, got {max_new_tokens}")
     if not temperature >= 0:
@@ -71,7 +58,7 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
 def generate_ids(model: Model, input_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int = 0, top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset()) -> Iterator[int]:
     """Yield new token ids one at a time (a stop id is yielded, then generation ends)."""
-    _check(max_new_tokens, temperature, top_p)
+    check_sampling(max_new_tokens, temperature, top_p)
     if max_new_tokens == 0:
         return
     gen = torch.Generator().manual_seed(seed)
@@ -93,7 +80,7 @@ def generate_ids(model: Model, input_ids: list[int], max_new_tokens: int = 64, t
 def generate_stream(model: Model, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 64,
                     temperature: float = 0.0, seed: int = 0, top_p: float = 1.0) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, as the tokens come (eos excluded)."""
-    _check(max_new_tokens, temperature, top_p)
+    check_sampling(max_new_tokens, temperature, top_p)
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
     stops = stop_token_ids(model, tokenizer)
     out: list[int] = []
@@ -117,7 +104,7 @@ def generate_stream(model: Model, tokenizer, prompt: str, chat: bool = False, ma
 def generate(model: Model, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 64,
              temperature: float = 0.0, seed: int = 0, top_p: float = 1.0) -> str:
     """The continuation of `prompt` (greedy at temperature 0; stops at eos or after max_new_tokens)."""
-    _check(max_new_tokens, temperature, top_p)
+    check_sampling(max_new_tokens, temperature, top_p)
     prompt_ids = encode_prompt(tokenizer, prompt, chat)
     stops = stop_token_ids(model, tokenizer)
     out = [t for t in generate_ids(model, prompt_ids, max_new_tokens, temperature, seed, top_p, stops)

@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 from torch import nn
 
 from .errors import MespError
-from .fileio import write_json, write_safetensors
+from .fileio import write_json
+from .formats.safetensors import write_safetensors
 from .model import Linear, Model
 
 ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")

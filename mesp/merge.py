@@ -21,13 +21,17 @@ from pathlib import Path
 import torch
 
 from .errors import MespError
-from .fileio import write_json, write_safetensors
+from .fileio import write_json
+from .formats.safetensors import ShardWriter
+from .loaders import DTYPES, load_model
 from .lora import load_adapter, lora_modules
 from .model import Model
+from .presets import PRESETS
+from .tokenizer import source_tokenizer
 
 log = logging.getLogger(__name__)
 
-OUT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
+OUT_DTYPES = ("float32", "bfloat16")  # names in mesp.loaders.DTYPES
 DEFAULT_MAX_SHARD_BYTES = 2 << 30
 
 
@@ -60,51 +64,6 @@ def merged_weights(model: Model, dtype: torch.dtype):
             with torch.no_grad():
                 t = t + proj.scale * (proj.lora_B.detach().to(torch.float32) @ proj.lora_A.detach().to(torch.float32))
         yield name, t.to(dtype)
-
-
-class ShardWriter:
-    """Writes tensors into numbered safetensors files of at most max_bytes each (a bigger tensor gets its own)."""
-
-    def __init__(self, directory: Path, max_bytes: int):
-        self.directory, self.max_bytes = directory, max_bytes
-        self.pending: dict[str, torch.Tensor] = {}
-        self.pending_bytes = 0
-        self.files: list[Path] = []
-        self.weight_map: dict[str, int] = {}  # tensor name -> shard index
-        self.total_bytes = 0
-
-    def add(self, name: str, t: torch.Tensor) -> None:
-        nbytes = t.numel() * t.element_size()
-        if self.pending and self.pending_bytes + nbytes > self.max_bytes:
-            self.flush()
-        self.pending[name] = t
-        self.pending_bytes += nbytes
-        self.total_bytes += nbytes
-        self.weight_map[name] = len(self.files)
-
-    def flush(self) -> None:
-        if not self.pending:
-            return
-        path = self.directory / f"shard-{len(self.files)}.safetensors"
-        write_safetensors(path, self.pending, metadata={"format": "pt"})
-        self.files.append(path)
-        self.pending, self.pending_bytes = {}, 0
-
-    def finish(self) -> list[str]:
-        """Give the shards their transformers names (+ index when several); returns the file names."""
-        self.flush()
-        n = len(self.files)
-        if n == 1:
-            names = ["model.safetensors"]
-        else:
-            names = [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
-        for src, name in zip(self.files, names):
-            os.replace(src, self.directory / name)
-        if n > 1:
-            write_json(self.directory / "model.safetensors.index.json",
-                       {"metadata": {"total_size": self.total_bytes},
-                        "weight_map": {k: names[i] for k, i in self.weight_map.items()}})
-        return names
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
@@ -140,8 +99,6 @@ def load_for_merge(source) -> Model:
     """The base model with as little of it resident as its format allows: a HF directory's matrices stay in
     their files (lazy) and a GGUF file's Q4_0/Q4_1/Q8_0 matrices stay quantized, so merged_weights holds one
     weight in fp32 at a time. Random presets are built dense."""
-    from .loaders import PRESETS, load_model
-
     src = os.fspath(source)
     if src in PRESETS:
         return load_model(src, quantize="gguf" if PRESETS[src]["kind"] == "gguf" else None)
@@ -150,16 +107,6 @@ def load_for_merge(source) -> Model:
     if src.lower().endswith(".gguf"):
         return load_model(src, quantize="gguf")
     return load_model(src)  # not a model: load_model says why
-
-
-def source_tokenizer(model: Model):
-    """The tokenizer that came with the model, or None when it has none (random preset, bare HF directory)."""
-    from .loaders import _TOKENIZER_FILES, load_tokenizer
-
-    kind, where = model.tokenizer_source or ("none", "")
-    if kind == "none" or (kind == "hf" and not any((Path(where) / f).is_file() for f in _TOKENIZER_FILES)):
-        return None
-    return load_tokenizer(model)
 
 
 def merge_adapter(model_source, adapter_dir, out_dir, dtype: str = "float32", overwrite: bool = False,
@@ -184,7 +131,7 @@ def merge_adapter(model_source, adapter_dir, out_dir, dtype: str = "float32", ov
     try:
         writer = ShardWriter(tmp, max_shard_bytes)
         count = 0
-        for name, t in merged_weights(model, OUT_DTYPES[dtype]):
+        for name, t in merged_weights(model, DTYPES[dtype]):
             writer.add(name, t)
             count += 1
         shards = writer.finish()

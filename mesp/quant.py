@@ -1,4 +1,4 @@
-"""Frozen base weights that are not plain tensors: quantized in memory, or left on disk until used.
+"""Quantized frozen base weights: the weight types, not the policy of which weight gets which form.
 
 Every object here holds one [out, in] matrix W and implements the protocol mesp.ops and mesp.model use:
 
@@ -16,38 +16,32 @@ Kinds:
   (torch._weight_int4pack_mm_for_cpu), so the codes are stored in that kernel's packed layout, and GGUF Q4_0
   (zero = 0) and Q4_1 (w = d q + m, so zero = m + 8 d) map onto it with group 32. Asymmetric (min/max) rather
   than symmetric because it uses all 16 levels on skewed groups and is what the kernel and Q4_1 compute.
-- LazyWeight: a tensor left in its .safetensors file, read with positioned reads (no mmap, so nothing stays
-  resident) each time it is used, in row blocks.
+
+FrozenWeight is the base of every non-tensor weight, including mesp.formats.safetensors.LazyWeight (a matrix
+left in its file). Which form a weight takes is mesp.loaders' decision; decoding a file's blocks into these
+types is its format module's (mesp.formats.gguf).
 
 Computation: PyTorch's CPU kernels (torch._weight_int8pack_mm, torch._weight_int4pack_mm_for_cpu) are used
-for bf16 activations on CPU, the only case where they are fast here (measured on this AVX2 machine for a
-[256, 896] x [4864, 896] product: fp32 F.linear 150 ms; int4 kernel 7000 ms in fp32 but 50 ms in bf16, int8
-kernel 3300 ms in fp32 but 34 ms in bf16). Everything else, including every transposed product g W (no
-kernel exists for it), dequantizes one block of rows at a time (at most CHUNK_ELEMENTS values) and frees it
-before the next: no dequantized copy outlives the call (bf16 products run in fp32 on CPUs without native bf16
-math, see _matmul_dtype). Gradients are therefore exact with respect to the quantized model: x W^T and g W
-use the same W.
+for bf16 activations on CPU, the only case where they beat dequantize + matmul (in fp32 they are far slower
+than a plain fp32 product). PyTorch offers these kernels and their packing only as underscore ops: there is
+no public API. Everything else, including every transposed product g W (no kernel exists for it),
+dequantizes one block of rows at a time (at most CHUNK_ELEMENTS values) and frees it before the next: no
+dequantized copy outlives the call (bf16 products run in fp32 on CPUs without native bf16 math, see
+_matmul_dtype). Gradients are therefore exact with respect to the quantized model: x W^T and g W use the
+same W.
 """
 
 from __future__ import annotations
 
 import copy
 import functools
-import json
-import logging
-import struct
-from pathlib import Path
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .errors import MespError
 from .ops import acc_dtype
 
-log = logging.getLogger(__name__)
-
-MODES = ("int8", "int4", "gguf")
 INT4_GROUP_SIZE = 64  # the paper's 4-bit setting (group 64)
 CHUNK_ELEMENTS = 1 << 23  # most weight values dequantized at once (32 MiB in fp32)
 QUANT_BLOCK_ELEMENTS = 1 << 22  # most source values converted to fp32 at once while quantizing (16 MiB)
@@ -60,20 +54,21 @@ def _use_kernel(x: torch.Tensor) -> bool:
 
 @functools.cache
 def _cpu_has_bf16_math() -> bool:
+    # torch.cpu's private probes: PyTorch has no public query for native bf16 math
     cpu = torch.cpu
     return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
 
 
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a dequantized product runs in: fp32 for bf16/fp16 activations on a CPU without native bf16
-    math, where a bf16 GEMM is several times slower than fp32 (measured here, [1024, 896] x [896, 4864]:
-    966 ms bf16, 149 ms fp32); x's dtype otherwise. Results are cast back to x's dtype."""
+    math, where a bf16 GEMM is several times slower than fp32; x's dtype otherwise. Results are cast back to
+    x's dtype."""
     if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not _cpu_has_bf16_math():
         return torch.float32
     return x.dtype
 
 
-def _contiguous_range(ids: torch.Tensor) -> tuple[int, int] | None:
+def contiguous_range(ids: torch.Tensor) -> tuple[int, int] | None:
     """(start, stop) when ids is exactly arange(start, stop), else None."""
     if ids.dim() != 1 or ids.numel() == 0:
         return None
@@ -214,19 +209,6 @@ class Int8Weight(FrozenWeight):
             del w
         return cls(q, scale, dtype)
 
-    @classmethod
-    def from_gguf_q8_0(cls, raw: np.ndarray, perm: torch.Tensor | None = None,
-                       dtype: torch.dtype = torch.float32) -> "Int8Weight":
-        """GGUF Q8_0 rows: raw uint8 [out, in / 32 * 34], each block an fp16 d then 32 int8 codes (w = d q).
-        `perm` reorders rows (llama q/k un-permutation)."""
-        N = raw.shape[0]
-        blocks = np.ascontiguousarray(raw).reshape(N, -1, 34)
-        if perm is not None:
-            blocks = blocks[perm.numpy()]
-        d = torch.from_numpy(blocks[:, :, :2].copy().view(np.float16)[..., 0].astype(np.float32))
-        q = torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8).reshape(N, -1))
-        return cls(q, d, dtype)
-
     def _dense(self, q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
         acc = acc_dtype(dtype)
         r = q.shape[0]
@@ -237,7 +219,7 @@ class Int8Weight(FrozenWeight):
         return self._dense(self.q[n0:n1], self.scale[n0:n1], dtype)
 
     def rows(self, ids):
-        r = _contiguous_range(ids)
+        r = contiguous_range(ids)
         if r is not None:
             return self.dense_rows(r[0], r[1], self.dtype)
         flat = ids.reshape(-1)
@@ -254,7 +236,7 @@ class Int8Weight(FrozenWeight):
 # ---- int4 -----------------------------------------------------------------------------------------------
 
 @functools.cache
-def _int4_layout() -> tuple[int, slice, slice]:
+def int4_layout() -> tuple[int, slice, slice]:
     """How torch._convert_weight_to_int4pack_for_cpu lays out codes on this machine: (B, lo, hi).
 
     Rows come in blocks of B (64 with AVX512, 32 otherwise); a full block of a [N, K] matrix is K groups of
@@ -276,7 +258,7 @@ def _int4_layout() -> tuple[int, slice, slice]:
     g = torch.Generator().manual_seed(0)
     probe = torch.randint(0, 16, (2 * B + 16, 64), dtype=torch.int32, generator=g)
     packed = torch._convert_weight_to_int4pack_for_cpu(probe, 1)
-    if not torch.equal(_unpack(packed, probe.shape, 0, probe.shape[0], layout).int(), probe):
+    if not torch.equal(unpack_int4(packed, probe.shape, 0, probe.shape[0], layout).int(), probe):
         raise RuntimeError("unrecognised int4 packing layout of torch._convert_weight_to_int4pack_for_cpu")
     return layout
 
@@ -290,9 +272,9 @@ def _as_slice(rows: torch.Tensor) -> slice:
     return slice(start, start + step * rows.numel(), step)
 
 
-def _unpack(packed: torch.Tensor, shape, n0: int, n1: int, layout=None) -> torch.Tensor:
+def unpack_int4(packed: torch.Tensor, shape, n0: int, n1: int, layout=None) -> torch.Tensor:
     """uint8 codes [n1 - n0, K] of rows [n0, n1) of a kernel-packed [N, K] matrix."""
-    B, lo, hi = layout or _int4_layout()
+    B, lo, hi = layout or int4_layout()
     N, K = shape
     flat = packed.reshape(-1)
     full = N // B
@@ -339,20 +321,24 @@ class Int4Weight(FrozenWeight):
                  dtype: torch.dtype = torch.float32):
         super().__init__(shape, dtype)
         self.packed, self.scale_zero, self.group = packed, scale_zero, group
-        self.row_align = _int4_layout()[0]
+        self.row_align = int4_layout()[0]
 
     @classmethod
-    def _pack(cls, codes_and_params, shape, group, dtype) -> "Int4Weight":
-        """Build from an iterator of (n0, n1, codes int32 [n1-n0, K], scale [n1-n0, K/group], zero) blocks,
-        each block starting on a multiple of the layout's B rows (packing is per block of B rows)."""
+    def pack(cls, block_codes, shape, group: int, dtype: torch.dtype = torch.float32) -> "Int4Weight":
+        """Build an [N, K] weight block of rows by block: block_codes(n0, n1) gives rows [n0, n1) as (codes
+        int32 [n1-n0, K] in 0..15, scale [n1-n0, K/group], zero [n1-n0, K/group]). Blocks start on multiples of
+        the layout's B rows (the kernel packs per block of B rows) and hold at most QUANT_BLOCK_ELEMENTS
+        values, so no full-size intermediate of the matrix exists."""
         N, K = shape
         packed = torch.empty(N, K // 2, dtype=torch.uint8)
         flat = packed.view(-1)
         scale_zero = torch.empty(K // group, N, 2, dtype=torch.float32)
-        for n0, n1, codes, scale, zero in codes_and_params:
+        for n0, n1 in _quant_blocks(N, K, int4_layout()[0]):
+            codes, scale, zero = block_codes(n0, n1)
             flat[n0 * K // 2: n1 * K // 2] = torch._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1)
             scale_zero[:, n0:n1, 0] = scale.t()
             scale_zero[:, n0:n1, 1] = zero.t()
+            del codes
         return cls(packed, scale_zero, shape, group, dtype)
 
     @classmethod
@@ -365,58 +351,27 @@ class Int4Weight(FrozenWeight):
         if group is None:
             raise MespError(f"int4 needs out % 16 == 0 and in % 32 == 0, got shape {tuple(shape)}")
 
-        def blocks():
-            for n0, n1 in _quant_blocks(N, K, _int4_layout()[0]):
-                w = _read_rows(source, n0, n1).to(torch.float32, copy=True).reshape(n1 - n0, K // group, group)
-                lo, hi = w.amin(dim=-1), w.amax(dim=-1)
-                scale = (hi - lo).div_(15.0)
-                inv = torch.where(scale > 0, 1.0 / scale, 0.0)
-                codes = w.sub_(lo[..., None]).mul_(inv[..., None]).round_().clamp_(0, 15)
-                yield n0, n1, codes.to(torch.int32).view(n1 - n0, K), scale, lo.add_(scale, alpha=8.0)
-                del w, codes
+        def block_codes(n0, n1):
+            w = _read_rows(source, n0, n1).to(torch.float32, copy=True).reshape(n1 - n0, K // group, group)
+            lo, hi = w.amin(dim=-1), w.amax(dim=-1)
+            scale = (hi - lo).div_(15.0)
+            inv = torch.where(scale > 0, 1.0 / scale, 0.0)
+            codes = w.sub_(lo[..., None]).mul_(inv[..., None]).round_().clamp_(0, 15)
+            return codes.to(torch.int32).view(n1 - n0, K), scale, lo.add_(scale, alpha=8.0)
 
-        return cls._pack(blocks(), shape, group, dtype)
-
-    @classmethod
-    def from_gguf(cls, raw: np.ndarray, with_min: bool, perm: torch.Tensor | None = None,
-                  dtype: torch.dtype = torch.float32) -> "Int4Weight":
-        """GGUF Q4_0 (with_min False: block = fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m,
-        16 bytes; w = d q + m) rows, raw uint8 [out, in / 32 * block bytes]; byte j of a block holds code j
-        (low nibble) and code j + 16 (high nibble). `perm` reorders rows (llama q/k un-permutation)."""
-        N = raw.shape[0]
-        head = 4 if with_min else 2
-        blocks = np.ascontiguousarray(raw).reshape(N, -1, head + 16)
-        nb = blocks.shape[1]
-        if perm is not None:
-            blocks = blocks[perm.numpy()]
-        d = torch.from_numpy(blocks[:, :, 0:2].copy().view(np.float16)[..., 0].astype(np.float32))
-        m = (torch.from_numpy(blocks[:, :, 2:4].copy().view(np.float16)[..., 0].astype(np.float32))
-             if with_min else torch.zeros_like(d))
-        qs = torch.from_numpy(blocks[:, :, head:].copy())  # [N, nb, 16]
-        K = nb * 32
-        shape = (N, K)  # rows must be a multiple of 16 (gguf_weight checks)
-        B = _int4_layout()[0]
-
-        def parts():
-            for n0, n1 in _quant_blocks(N, K, B):
-                q = qs[n0:n1]
-                codes = torch.cat([q & 15, q >> 4], dim=-1).to(torch.int32).view(n1 - n0, K)
-                zero = m[n0:n1] + 8.0 * d[n0:n1] if with_min else torch.zeros_like(d[n0:n1])
-                yield n0, n1, codes, d[n0:n1], zero
-
-        return cls._pack(parts(), shape, 32, dtype)
+        return cls.pack(block_codes, shape, group, dtype)
 
     def dense_rows(self, n0, n1, dtype):
         acc = acc_dtype(dtype)
         r, G = n1 - n0, self.group
-        codes = _unpack(self.packed, self.shape, n0, n1)
+        codes = unpack_int4(self.packed, self.shape, n0, n1)
         sz = self.scale_zero[:, n0:n1].to(acc)  # [K/G, r, 2]
         w = codes.to(acc).sub_(8.0).view(r, -1, G)
         w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
         return w.view(r, -1).to(dtype)
 
     def rows(self, ids):
-        r = _contiguous_range(ids)
+        r = contiguous_range(ids)
         if r is not None:
             return self.dense_rows(r[0], r[1], self.dtype)
         # unpack only the blocks of B rows that hold the ids (the packed layout interleaves rows per block)
@@ -435,152 +390,3 @@ class Int4Weight(FrozenWeight):
                                                   self.scale_zero.to(x.dtype))
             return y.view(*x.shape[:-1], N)
         return super().linear(x)
-
-
-# ---- lazy (on disk) -------------------------------------------------------------------------------------
-
-_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
-
-
-def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """name -> (dtype code, shape, first byte, end byte) of every tensor in a .safetensors file."""
-    with open(path, "rb") as f:
-        head = f.read(8)
-        if len(head) != 8:
-            raise MespError(f"{path}: unreadable safetensors file (truncated header)")
-        (n,) = struct.unpack("<Q", head)
-        try:
-            meta = json.loads(f.read(n))
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MespError(f"{path}: unreadable safetensors header ({e})") from e
-    base = 8 + n
-    out = {}
-    for name, info in meta.items():
-        if name == "__metadata__":
-            continue
-        try:
-            start, end = info["data_offsets"]
-            out[name] = (info["dtype"], tuple(int(s) for s in info["shape"]), base + int(start), base + int(end))
-        except (KeyError, TypeError, ValueError) as e:
-            raise MespError(f"{path}: malformed safetensors entry for {name!r}") from e
-    return out
-
-
-class LazyWeight(FrozenWeight):
-    """A tensor left in its .safetensors file: every use reads the rows it needs (positioned reads into a
-    fresh tensor, no memory map), converts them to the compute dtype, and drops them afterwards."""
-
-    def __init__(self, path, name: str, stored: str, shape, start: int, end: int,
-                 dtype: torch.dtype = torch.float32, device="cpu"):
-        super().__init__(shape, dtype)
-        if stored not in _SAFETENSORS_DTYPES:
-            raise MespError(f"{path}: tensor {name!r} has non-float dtype {stored}")
-        self.path, self.name, self.stored = str(path), name, _SAFETENSORS_DTYPES[stored]
-        self.start, self._device = start, torch.device(device)
-        self.row_bytes = (shape[1] if len(shape) > 1 else 1) * self.stored.itemsize
-        if end - start != self.numel() * self.stored.itemsize:
-            raise MespError(f"{path}: tensor {name!r} has {end - start} bytes for shape {tuple(shape)}")
-
-    @property
-    def device(self):
-        return self._device
-
-    @property
-    def nbytes(self):
-        return 0  # nothing stays resident
-
-    def to(self, device=None, dtype=None):
-        new = copy.copy(self)
-        new._device = torch.device(device) if device is not None else self._device
-        new.dtype = dtype or self.dtype
-        return new
-
-    def _read(self, f, n0: int, n1: int) -> torch.Tensor:
-        buf = torch.empty((n1 - n0) * self.row_bytes, dtype=torch.uint8)
-        f.seek(self.start + n0 * self.row_bytes)
-        if f.readinto(buf.numpy()) != buf.numel():
-            raise MespError(f"{self.path}: tensor {self.name!r} is truncated")
-        return buf.view(self.stored).view(n1 - n0, *self.shape[1:])
-
-    def read_rows(self, n0: int, n1: int) -> torch.Tensor:
-        """Rows [n0, n1) as stored (dtype of the file), on CPU."""
-        with open(self.path, "rb", buffering=0) as f:
-            return self._read(f, n0, n1)
-
-    def dense_rows(self, n0, n1, dtype):
-        return self.read_rows(n0, n1).to(device=self._device, dtype=dtype)
-
-    def rows(self, ids):
-        r = _contiguous_range(ids)
-        if r is not None:
-            return self.dense_rows(r[0], r[1], self.dtype)
-        flat = ids.reshape(-1)
-        uniq, inverse = torch.unique(flat, return_inverse=True)
-        with open(self.path, "rb", buffering=0) as f:
-            out = torch.cat([self._read(f, i, i + 1) for i in uniq.tolist()])
-        return out.to(device=self._device, dtype=self.dtype)[inverse.to(self._device)].view(*ids.shape, -1)
-
-
-def lazy_safetensors(path: Path, dtype: torch.dtype, device) -> list[tuple[str, LazyWeight]]:
-    """(name, LazyWeight) for every tensor of a .safetensors file, nothing read beyond its header."""
-    return [(name, LazyWeight(path, name, code, shape, start, end, dtype, device))
-            for name, (code, shape, start, end) in safetensors_header(path).items()]
-
-
-# ---- choosing a form per weight -------------------------------------------------------------------------
-
-def check_mode(quantize) -> str | None:
-    """Normalise load_model's quantize= ("none" -> None); MespError on anything else unknown."""
-    if quantize is None or quantize == "none":
-        return None
-    if quantize not in MODES:
-        raise MespError(f"quantize: unknown {quantize!r}; choose from none, {', '.join(MODES)}")
-    return quantize
-
-
-def is_matrix(name: str, shape) -> bool:
-    """Projections, the embedding table and the LM head: the base weights worth quantizing or leaving on disk."""
-    return name.endswith(".weight") and len(shape) == 2
-
-
-def place_weight(name: str, source, quantize: str | None, dtype: torch.dtype, device):
-    """The form base weight `name` takes in the model.
-
-    source: a tensor, a FrozenWeight (already quantized from a GGUF file, or lazy), or a row source (an object
-    with shape and read_rows: seeded random rows, or a LazyWeight to quantize, read block by block without
-    mapping the file). quantize "int8": every matrix int8 per channel;
-    "int4": projections int4 (group INT4_GROUP_SIZE), embedding and LM head int8 per row (they are read as
-    rows, are the most sensitive to quantization, and their int8 form keeps the fast bf16 kernel); "gguf" or
-    None: tensors stay dense in `dtype`. Vectors (norms, biases) always stay dense."""
-    if isinstance(source, LazyWeight) and not is_matrix(name, source.shape):
-        return source.read_rows(0, source.shape[0]).to(device=device, dtype=dtype)
-    if isinstance(source, FrozenWeight) and not (isinstance(source, LazyWeight) and quantize):
-        return source.to(device, dtype)
-    shape = tuple(source.shape)
-    if quantize in ("int8", "int4") and is_matrix(name, shape):
-        table = name in ("model.embed_tokens.weight", "lm_head.weight")
-        if quantize == "int4" and not table:
-            if int4_supported(shape) is not None:
-                return Int4Weight.quantize(source, shape, dtype=dtype).to(device)
-            log.warning("%s: shape %s does not fit the int4 kernel; stored as int8", name, shape)
-        return Int8Weight.quantize(source, shape, dtype=dtype).to(device)
-    dense = source if isinstance(source, torch.Tensor) else source.read_rows(0, shape[0])
-    return dense.to(device=device, dtype=dtype).contiguous()
-
-
-def gguf_weight(tensor, perm: torch.Tensor | None, dtype: torch.dtype):
-    """A GGUF Q4_0 / Q4_1 / Q8_0 matrix kept in its own quantization (rows reordered by `perm` if given), or
-    None for any other tensor type (and for 4-bit matrices whose rows are not a multiple of 16)."""
-    import gguf
-
-    kinds = {gguf.GGMLQuantizationType.Q4_0: "q4_0", gguf.GGMLQuantizationType.Q4_1: "q4_1",
-             gguf.GGMLQuantizationType.Q8_0: "q8_0"}
-    kind = kinds.get(tensor.tensor_type)
-    if kind is None or len(tensor.shape) != 2:
-        return None
-    raw = np.asarray(tensor.data)
-    if kind == "q8_0":
-        return Int8Weight.from_gguf_q8_0(raw, perm, dtype)
-    if raw.shape[0] % 16:
-        return None
-    return Int4Weight.from_gguf(raw, kind == "q4_1", perm, dtype)

@@ -359,7 +359,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     ckpt = check_out_dir(c)
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
-    from .loaders import load_tokenizer
+    from .tokenizer import load_tokenizer
 
     model = _load_model(c, device)
     max_pos = model.config.max_position_embeddings

@@ -10,7 +10,7 @@ import torch
 
 from mesp.data import IGNORE, MicroBatchStream, collate, epoch_order, load_jsonl
 from mesp.errors import MespError
-from mesp.loaders import load_tokenizer
+from mesp.tokenizer import load_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,10 @@ from helpers import hf_config, llama3_rope_freqs, write_gguf
 import mesp
 from mesp.cli import main
 from mesp.errors import MespError
-from mesp.loaders import PRESETS, gguf_to_hf_name, list_presets, load_model, load_tokenizer
+from mesp.formats.gguf import gguf_to_hf_name
+from mesp.loaders import load_model
+from mesp.presets import PRESETS, list_presets
+from mesp.tokenizer import load_tokenizer
 
 LLAMA3_ROPE = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
                "original_max_position_embeddings": 64, "rope_theta": 10000.0}

@@ -1,4 +1,5 @@
-"""Quantized (int8, int4, GGUF Q4_0/Q4_1/Q8_0) and lazily read base weights (mesp.quant).
+"""Quantized (int8, int4, GGUF Q4_0/Q4_1/Q8_0) and lazily read base weights (mesp.quant, the GGUF block
+decoders of mesp.formats.gguf, LazyWeight of mesp.formats.safetensors, the load policy of mesp.loaders).
 
 Every product a weight object computes is checked against the same product with its dequantized matrix, and
 gradients on quantized models are checked to be exactly those of the quantized model: MeSP and MeBP against
@@ -17,6 +18,9 @@ from helpers import assert_grads_close, make_batch, randomize_lora_b, relative_e
 import mesp
 from mesp import quant
 from mesp.errors import MespError
+from mesp.formats.gguf import q4_weight, q8_0_weight
+from mesp.formats.safetensors import LazyWeight
+from mesp.loaders import load_random
 from mesp.model import set_weight
 
 TOL = 1e-5
@@ -45,13 +49,13 @@ def randw(*shape, seed=0, outliers=True):
 # ---- formats --------------------------------------------------------------------------------------------
 
 def test_int4_kernel_layout_round_trip():
-    B, _, _ = quant._int4_layout()
+    B, _, _ = quant.int4_layout()
     g = torch.Generator().manual_seed(1)
     codes = torch.randint(0, 16, (3 * B + 16, 96), dtype=torch.int32, generator=g)  # full blocks + a tail
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     N = codes.shape[0]
     for n0, n1 in ((0, N), (5, B + 7), (B, 2 * B), (3 * B + 2, N), (N - 1, N)):
-        assert torch.equal(quant._unpack(packed, codes.shape, n0, n1).int(), codes[n0:n1]), (n0, n1)
+        assert torch.equal(quant.unpack_int4(packed, codes.shape, n0, n1).int(), codes[n0:n1]), (n0, n1)
 
 
 @pytest.mark.parametrize("mode", ["int8", "int4"])
@@ -91,9 +95,9 @@ def test_gguf_blocks_match_gguf_dequantize(qtype):
     perm = torch.randperm(64, generator=torch.Generator().manual_seed(0))
     for p in (None, perm):
         if qtype == Q.Q8_0:
-            q = quant.Int8Weight.from_gguf_q8_0(raw, p)
+            q = q8_0_weight(raw, p)
         else:
-            q = quant.Int4Weight.from_gguf(raw, qtype == Q.Q4_1, p)
+            q = q4_weight(raw, qtype == Q.Q4_1, p)
         want = ref if p is None else ref[p]
         # Q4_1 is evaluated as (q - 8) d + (m + 8 d), the kernel's form: equal to d q + m up to rounding
         assert relative_error(q.dequantize(), want) <= 1e-7
@@ -107,8 +111,7 @@ def weights_under_test():
     w = randw(3 * align, 128, seed=5)
     raw, _ = gguf_blocks(w, Q.Q8_0)
     return {"int8": quant.Int8Weight.quantize(w, w.shape), "int4": quant.Int4Weight.quantize(w, w.shape),
-            "q8_0": quant.Int8Weight.from_gguf_q8_0(raw), "q4_1": quant.Int4Weight.from_gguf(
-                gguf_blocks(w, Q.Q4_1)[0], True)}
+            "q8_0": q8_0_weight(raw), "q4_1": q4_weight(gguf_blocks(w, Q.Q4_1)[0], True)}
 
 
 @pytest.mark.parametrize("kind", ["int8", "int4", "q8_0", "q4_1"])
@@ -215,7 +218,8 @@ def test_logit_error_against_fp32(make_hf_model, arch):
     path, _ = make_hf_model(arch, num_key_value_heads=2)
     ids, _, mask = make_batch(2, 24, 96, "left", seed=4)
     ref = mesp.forward(mesp.load_model(path), ids, mask)
-    errs = {q: relative_error(mesp.forward(mesp.load_model(path, quantize=q), ids, mask), ref) for q in ("int8", "int4")}
+    errs = {q: relative_error(mesp.forward(mesp.load_model(path, quantize=q), ids, mask), ref)
+            for q in ("int8", "int4")}
     print(f"\n{arch}: logits relative error vs fp32: int8 {errs['int8']:.2e}, int4 {errs['int4']:.2e}")
     assert 0 < errs["int8"] < 0.05 and 3 * errs["int8"] < errs["int4"] < 0.4, errs
     bf16 = mesp.load_model(path, dtype=torch.bfloat16, quantize="int4")  # kernels in forward
@@ -225,14 +229,12 @@ def test_logit_error_against_fp32(make_hf_model, arch):
 def test_random_preset_is_quantized_block_by_block(monkeypatch):
     """A random preset quantized as it is drawn equals the dense preset quantized afterwards: the seeded draws
     do not depend on the block size, so the full-precision weights never need to exist."""
-    from mesp.loaders import _load_random
-
     hf = dict(architectures=["Qwen2ForCausalLM"], vocab_size=160, hidden_size=64, intermediate_size=96,
               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
-    dense = _load_random("tiny", hf, torch.float32, "cpu")
+    dense = load_random("tiny", hf, torch.float32, "cpu")
     monkeypatch.setattr(quant, "QUANT_BLOCK_ELEMENTS", 64 * 40)  # blocks of 48 / 64 rows, not whole matrices
     for mode in ("int8", "int4"):
-        model = _load_random("tiny", hf, torch.float32, "cpu", quantize=mode)
+        model = load_random("tiny", hf, torch.float32, "cpu", quantize=mode)
         weights = dict(model.base_weights())
         for name, w in dense.base_weights():
             got = weights[name]
@@ -258,7 +260,7 @@ def test_lazy_weights_read_from_disk(make_hf_model, shard, monkeypatch):
         assert torch.equal(got, want), name
     lazy = with_lora(mesp.load_model(path, lazy=True))
     matrices = [w for _, w in lazy.base_weights() if w.dim() == 2]
-    assert matrices and all(isinstance(w, quant.LazyWeight) and w.nbytes == 0 for w in matrices)
+    assert matrices and all(isinstance(w, LazyWeight) and w.nbytes == 0 for w in matrices)
     ids, labels, mask = make_batch(3, 13, lazy.config.vocab_size, "right", seed=1)
     assert torch.equal(mesp.forward(lazy, ids, mask), mesp.forward(dense, ids, mask))
     ref_loss, ref = mesp.compute_gradients(dense, ids, labels, mask, method="autograd")

@@ -1,0 +1,280 @@
+"""GGUF, llama.cpp's format: everything mesp knows about it, read through the `gguf` package.
+
+    open_gguf(path)                      the file's reader (a MespError, naming the file, if it is not GGUF)
+    gguf_config(reader, where)           its metadata as the transformers config.json dict
+    gguf_tensors(reader, cfg, where, ...) (Hugging Face name, tensor or quantized weight) of every tensor
+
+What differs from a Hugging Face checkpoint, and where it is undone here:
+- names: GGUF_LAYER_NAMES / GGUF_TOP_NAMES map llama.cpp's tensor names to transformers' (gguf_to_hf_name);
+- q/k rows: convert_hf_to_gguf permutes llama's q and k projections for llama.cpp's rope (unpermute);
+- metadata: sizes under "<arch>.*" keys, float32 values, llama3 rope scaling stored as a rope_freqs tensor of
+  per-frequency divisors (llama3_rope_scaling recovers the parameters);
+- blocks: Q8_0 / Q4_0 / Q4_1 blocks decode straight into mesp.quant's Int8Weight / Int4Weight (gguf_weight),
+  everything else is dequantized by the gguf package (dequantize).
+
+A writer belongs here too: it would invert the same name tables and the permutation, so each fact about the
+format stays written once.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import gguf  # the PyPI package (this module is mesp.formats.gguf)
+import numpy as np
+import torch
+
+from ..errors import MespError, one_line
+from ..model import ARCHITECTURES, ModelConfig, expected_shapes
+from ..quant import Int4Weight, Int8Weight
+
+# general.architecture -> transformers class: llama.cpp names architectures as mesp's ModelConfig.arch does
+HF_CLASSES = {arch: hf_class for hf_class, arch in ARCHITECTURES.items()}
+
+# ---- names ----------------------------------------------------------------------------------------------
+
+GGUF_LAYER_NAMES = {
+    "attn_q": "self_attn.q_proj", "attn_k": "self_attn.k_proj", "attn_v": "self_attn.v_proj",
+    "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
+    "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
+}
+GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
+ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling as a tensor; folded into the config
+
+
+def gguf_to_hf_name(name: str) -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None if not a model tensor."""
+    parts = name.split(".")
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
+        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    if len(parts) == 2 and parts[0] in GGUF_TOP_NAMES:
+        return f"{GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
+    return None
+
+
+def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
+    """Undo convert_hf_to_gguf's LlamaModel.permute (rows of q/k interleaved per head for llama.cpp's rope)."""
+    shape = w.shape
+    return w.reshape(n_head, shape[0] // n_head // 2, 2, *shape[1:]).transpose(1, 2).reshape(shape)
+
+
+def permuted_heads(cfg: ModelConfig, hf_name: str) -> int | None:
+    """The head count whose permutation a tensor's rows carry (llama q and k projections), else None."""
+    if cfg.arch != "llama":
+        return None
+    if ".self_attn.q_proj." in hf_name:
+        return cfg.num_attention_heads
+    if ".self_attn.k_proj." in hf_name:
+        return cfg.num_key_value_heads
+    return None
+
+
+# ---- metadata -------------------------------------------------------------------------------------------
+
+def open_gguf(path: Path):
+    """The gguf package's reader of `path`; a MespError naming the file when it is not a readable GGUF file."""
+    try:
+        return gguf.GGUFReader(str(path))
+    except Exception as e:  # ValueError / struct errors / IndexError on a truncated or foreign file
+        raise MespError(f"{path}: unreadable GGUF file ({one_line(e)})") from e
+
+
+def metadata_value(reader, key, default=None):
+    """The value of metadata `key`, or `default` when the file lacks it."""
+    f = reader.fields.get(key)
+    if f is None:
+        return default
+    return f.contents()
+
+
+def llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> dict:
+    """Recover llama3 rope_scaling from llama.cpp's rope_freqs tensor (its per-frequency divisors)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    top = float(np.float32(freqs.max())) if len(freqs) else 1.0
+    for orig in [8192] + [2 ** k for k in range(4, 18) if k != 13]:
+        for factor in dict.fromkeys([round(top), 8.0, 32.0, 16.0, 4.0, 2.0, 64.0]):
+            for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
+                low_wl, high_wl = orig / low, orig / high
+                out = []
+                for f in inv:
+                    wl = 2 * math.pi / f
+                    if wl < high_wl:
+                        out.append(1.0)
+                    elif wl > low_wl:
+                        out.append(factor)
+                    else:
+                        s = (orig / wl - low) / (high - low)
+                        out.append(1.0 / ((1 - s) / factor + s))
+                if len(out) == len(freqs) and np.allclose(out, freqs, rtol=1e-3, atol=1e-4):
+                    return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
+                            "high_freq_factor": high, "original_max_position_embeddings": orig}
+    raise MespError("unsupported rope_freqs tensor (not a recognised llama3 rope scaling)")
+
+
+def gguf_config(reader, where: str) -> dict:
+    """The transformers config.json dict that a GGUF file's metadata describes."""
+    arch = metadata_value(reader, "general.architecture")
+    if arch not in HF_CLASSES:
+        raise MespError(f"{where}: unsupported architecture {arch!r} (supported: {', '.join(sorted(HF_CLASSES))})")
+    names = {t.name for t in reader.tensors}
+
+    def need(key):
+        v = metadata_value(reader, f"{arch}.{key}")
+        if v is None:
+            raise MespError(f"{where}: missing metadata {arch}.{key}")
+        return v
+
+    hidden = int(need("embedding_length"))
+    heads = int(need("attention.head_count"))
+    kv = metadata_value(reader, f"{arch}.attention.head_count_kv", heads)
+    tokens = reader.fields.get("tokenizer.ggml.tokens")
+    vocab = len(tokens.data) if tokens is not None else metadata_value(reader, f"{arch}.vocab_size")
+    if vocab is None:
+        emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
+        if emb is None:
+            raise MespError(f"{where}: missing tensor 'token_embd.weight'")
+        vocab = int(emb.shape[-1])
+    eps = metadata_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    hf = {
+        "architectures": [HF_CLASSES[arch]],
+        "model_type": arch,
+        "vocab_size": int(vocab),
+        "hidden_size": hidden,
+        "intermediate_size": int(need("feed_forward_length")),
+        "num_hidden_layers": int(need("block_count")),
+        "num_attention_heads": heads,
+        "num_key_value_heads": int(kv),
+        "head_dim": int(metadata_value(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "rms_norm_eps": float(str(np.float32(eps))),  # metadata holds float32: 1e-5 reads 9.99999974e-06
+        "rope_theta": float(str(np.float32(metadata_value(reader, f"{arch}.rope.freq_base", 10000.0)))),
+        "max_position_embeddings": int(metadata_value(reader, f"{arch}.context_length", 2048)),
+        "tie_word_embeddings": "output.weight" not in names,
+        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
+        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
+    }
+    if arch == "llama":
+        hf["attention_bias"] = "blk.0.attn_q.bias" in names
+    if hf["max_position_embeddings"] <= 0:
+        hf["max_position_embeddings"] = 2048
+    scaling_type = metadata_value(reader, f"{arch}.rope.scaling.type")
+    if scaling_type not in (None, "none"):
+        if scaling_type != "linear":
+            raise MespError(f"{where}: unsupported rope scaling {scaling_type!r}")
+        hf["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
+    if ROPE_FREQS in names:
+        t = next(t for t in reader.tensors if t.name == ROPE_FREQS)
+        freqs = np.asarray(t.data, dtype=np.float64).reshape(-1)
+        try:
+            hf["rope_scaling"] = llama3_rope_scaling(freqs, hf["head_dim"], hf["rope_theta"])
+        except MespError as e:
+            raise MespError(f"{where}: {e}") from e
+    return hf
+
+
+# ---- tensors --------------------------------------------------------------------------------------------
+
+def dequantize(t, where: str) -> torch.Tensor:
+    """A GGUF tensor as a dense fp32 tensor in transformers' [out, in] order (the gguf package's decoders)."""
+    qtype = t.tensor_type
+    if qtype == gguf.GGMLQuantizationType.F64:
+        arr = np.asarray(t.data, dtype=np.float32)
+    else:
+        try:
+            arr = gguf.quants.dequantize(t.data, qtype)
+        except NotImplementedError as e:  # the package's answer for a type it has no decoder for
+            raise MespError(f"{where}: tensor {t.name!r} has unsupported GGUF tensor type {qtype.name}") from e
+    shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
+    arr = np.asarray(arr, dtype=np.float32)
+    if not (arr.flags.writeable and arr.flags.c_contiguous):  # F32 comes back as a view of the mapped file
+        arr = np.array(arr, dtype=np.float32, order="C")
+    return torch.from_numpy(arr.reshape(shape))
+
+
+def _fp16_column(blocks: np.ndarray, at: int) -> torch.Tensor:
+    """The fp16 field at byte `at` of every block, [rows, blocks] fp32."""
+    return torch.from_numpy(blocks[:, :, at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
+
+
+def q8_0_weight(raw: np.ndarray, perm: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Int8Weight:
+    """GGUF Q8_0 rows: raw uint8 [out, in / 32 * 34], each block an fp16 d then 32 int8 codes (w = d q).
+    `perm` reorders rows (llama q/k un-permutation)."""
+    N = raw.shape[0]
+    blocks = np.ascontiguousarray(raw).reshape(N, -1, 34)
+    if perm is not None:
+        blocks = blocks[perm.numpy()]
+    d = _fp16_column(blocks, 0)
+    q = torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8).reshape(N, -1))
+    return Int8Weight(q, d, dtype)
+
+
+def q4_weight(raw: np.ndarray, with_min: bool, perm: torch.Tensor | None = None,
+              dtype: torch.dtype = torch.float32) -> Int4Weight:
+    """GGUF Q4_0 (with_min False: block = fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m, 16 bytes;
+    w = d q + m, so Int4Weight's zero = m + 8 d) rows, raw uint8 [out, in / 32 * block bytes], out a multiple
+    of 16; byte j of a block holds code j (low nibble) and code j + 16 (high nibble). `perm` reorders rows
+    (llama q/k un-permutation)."""
+    N = raw.shape[0]
+    head = 4 if with_min else 2
+    blocks = np.ascontiguousarray(raw).reshape(N, -1, head + 16)
+    if perm is not None:
+        blocks = blocks[perm.numpy()]
+    d = _fp16_column(blocks, 0)
+    m = _fp16_column(blocks, 2) if with_min else torch.zeros_like(d)
+    qs = torch.from_numpy(blocks[:, :, head:].copy())  # [N, blocks, 16]
+    K = blocks.shape[1] * 32
+
+    def block_codes(n0, n1):
+        q = qs[n0:n1]
+        codes = torch.cat([q & 15, q >> 4], dim=-1).to(torch.int32).view(n1 - n0, K)
+        zero = m[n0:n1] + 8.0 * d[n0:n1] if with_min else torch.zeros_like(d[n0:n1])
+        return codes, d[n0:n1], zero
+
+    return Int4Weight.pack(block_codes, (N, K), 32, dtype)
+
+
+def gguf_weight(tensor, perm: torch.Tensor | None, dtype: torch.dtype):
+    """A GGUF Q4_0 / Q4_1 / Q8_0 matrix kept in its own quantization (rows reordered by `perm` if given), or
+    None for any other tensor type (and for 4-bit matrices whose rows are not a multiple of 16)."""
+    Q = gguf.GGMLQuantizationType
+    kind = tensor.tensor_type
+    if kind not in (Q.Q4_0, Q.Q4_1, Q.Q8_0) or len(tensor.shape) != 2:
+        return None
+    raw = np.asarray(tensor.data)
+    if kind == Q.Q8_0:
+        return q8_0_weight(raw, perm, dtype)
+    if raw.shape[0] % 16:
+        return None
+    return q4_weight(raw, kind == Q.Q4_1, perm, dtype)
+
+
+def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dtype: torch.dtype):
+    """Yield (Hugging Face name, tensor) for every model tensor of the file, q/k rows un-permuted.
+
+    keep_quantized: Q4_0 / Q4_1 / Q8_0 matrices come as Int4Weight / Int8Weight in their own quantization
+    (when their shape allows); everything else, and every tensor without it, comes dequantized to fp32."""
+    for t in reader.tensors:
+        if t.name == ROPE_FREQS:
+            continue  # folded into config.rope_scaling
+        name = gguf_to_hf_name(t.name)
+        if name is None:
+            raise MespError(f"{where}: unknown tensor {t.name!r}")
+        heads = permuted_heads(cfg, name)
+        if keep_quantized and (not heads or int(t.shape[-1]) % (2 * heads) == 0):
+            perm = unpermute(torch.arange(int(t.shape[-1])), heads) if heads else None
+            w = gguf_weight(t, perm, dtype)  # None: not Q4_0/Q4_1/Q8_0, so it loads dense below
+            if w is not None:
+                yield name, w
+                continue
+        try:
+            w = dequantize(t, where)
+        except MespError:
+            raise
+        except Exception as e:
+            raise MespError(f"{where}: tensor {t.name!r} is unreadable ({one_line(e)})") from e
+        if heads:
+            if w.shape[0] % (2 * heads):
+                raise MespError(f"{where}: tensor {t.name!r} has shape {tuple(w.shape)}, "
+                                f"expected {expected_shapes(cfg).get(name)}")
+            w = unpermute(w, heads)
+        yield name, w
