@@ -31,7 +31,9 @@ import torch
 
 from .errors import MespError
 from . import quant
-from .model import Model, ModelConfig, expected_shapes, random_weights, set_weight
+from .families import ModelConfig, expected_shapes
+from .model import Model, set_weight
+from .random_init import random_weights
 
 log = logging.getLogger(__name__)
 
