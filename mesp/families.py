@@ -14,14 +14,15 @@ Each kind names a forward/backward pair in mesp.ops (`NORMS`, `ACTIVATIONS`), an
 architectures: our name (HF model_type) <-> HF class <-> description.
 
 Adding a family (e.g. Qwen3, Gemma 3) touches:
-1. `FAMILIES`: one `Family(...)` row (Qwen3: `qk_norm=True`, no q/k/v bias; Gemma 3: `norm="rms_offset"`,
-   `activation="geglu"`, `sandwich_norms=True`, and `layer_attention` giving sliding-window layers their
-   window and rope θ);
+1. `FAMILIES`: one `Family(...)` row (Qwen3: `qk_norm=True`, no q/k/v bias;
+   Gemma 3: `norm=NORMS["rms_offset"]`, `activation=ACTIVATIONS["geglu"]`, `sandwich_norms=True`, and a
+   `layer_attention` function giving sliding-window layers their window and rope θ), plus
+   `ModelConfig.from_hf` for any new config.json field;
 2. mesp.ops: the new forward/backward pairs (a (1+w) RMSNorm, GeGLU, a window in `causal_visibility`), each
    autograd-checked in tests/test_ops.py, entered in `NORMS` / `ACTIVATIONS`;
-3. the step for a new flag, written once in `DecoderLayer.forward` and once (reversed) in
-   `methods.mesp.layer_backward`, and its tensors in `layer_shapes`; then drop the flag from
-   `LayerSpec.__post_init__`'s list of features without ops.
+3. a new kind of step only (q/k norm, sandwich norm, window): written once in `DecoderLayer.forward`, once in
+   reverse in `methods.mesp.layer_backward`, its weights in `layer_shapes` and `DecoderLayer.__init__`; then
+   take it off `LayerSpec.__post_init__`'s list of features without ops.
 """
 
 from __future__ import annotations
@@ -127,6 +128,11 @@ def expected_shapes(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
 
 # ---- families -------------------------------------------------------------------------------------------
 
+def full_attention(cfg: "ModelConfig", index: int) -> AttentionKind:
+    """Every layer alike: causal attention over all earlier positions, the config's RoPE."""
+    return AttentionKind(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
+
+
 @dataclass(frozen=True)
 class Family:
     """What a family's layers are made of; `layer_spec` resolves it for one layer of a configuration."""
@@ -136,16 +142,16 @@ class Family:
     activation: ActivationKind = ACTIVATIONS["swiglu"]
     qkv_bias_always: bool = False  # q/k/v biases whatever attention_bias says (Qwen2's config has no such field)
     o_bias_follows_attention_bias: bool = False  # attention_bias also covers o_proj (transformers' Llama)
-
-    def layer_attention(self, cfg: "ModelConfig", index: int) -> AttentionKind:
-        """The attention kind of layer `index`: every layer alike for the families so far."""
-        return AttentionKind(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    layer_attention: Callable[["ModelConfig", int], AttentionKind] = full_attention  # (cfg, layer index) -> kind
 
     def layer_spec(self, cfg: "ModelConfig", index: int) -> LayerSpec:
         return LayerSpec(norm=self.norm, activation=self.activation,
                          qkv_bias=cfg.attention_bias,
                          o_bias=cfg.attention_bias and self.o_bias_follows_attention_bias,
-                         attention=self.layer_attention(cfg, index))
+                         attention=self.layer_attention(cfg, index), qk_norm=self.qk_norm,
+                         sandwich_norms=self.sandwich_norms)
 
 
 FAMILIES = {f.arch: f for f in (

@@ -142,7 +142,7 @@ def _assign_weights(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], d
     """Check every (HF name, tensor) against expected_shapes and set it on `model`; all must be present.
 
     The one place base weights are assigned: quant.place_weight gives each its form (dense, quantized, lazy;
-    a "tensor" may also be a quant.FrozenWeight or a row source such as model.RandomMatrix). `where` names the
+    a "tensor" may also be a quant.FrozenWeight or a row source such as random_init.RandomMatrix). `where` names the
     source in messages; `tensor_where()`, if given, names the file of the tensor at fault (a shard)."""
     cfg = model.config
     whole = where

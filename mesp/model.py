@@ -1,6 +1,8 @@
-"""One decoder-only transformer for the Qwen2/Qwen2.5 and Llama (SmolLM2, Llama 3.x) families.
+"""One decoder-only transformer for every family in mesp.families (Qwen2/Qwen2.5, Llama: SmolLM2, Llama 3.x).
 
-The module tree mirrors Hugging Face's (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`), so
+Each layer is built from its LayerSpec, and `DecoderLayer.forward` is the one place its steps are written; a
+`LayerRun` says how they execute (here: modules under autograd, SDPA over an optional KV cache; MeSP runs the
+same steps through mesp.ops). The module tree mirrors Hugging Face's (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`), so
 checkpoint names, PEFT adapter keys and merged exports need no renaming table. Base weights are frozen
 buffers (or quantized weight objects, see mesp.quant), never Parameters: the only trainable tensors are
 LoRA's, and the engines in mesp.methods read the weights directly to run their own backward passes.
@@ -14,6 +16,7 @@ from torch import nn
 
 from . import ops
 from .families import LayerSpec, ModelConfig, NormKind, Projection, projections
+
 
 class Linear(nn.Module):
     """A frozen projection y = x W^T (+ b), plus LoRA's scale * (x A^T) B^T once mesp.lora adds A and B."""
@@ -56,14 +59,10 @@ class Embedding(nn.Module):
         self.register_buffer("weight", torch.empty(0))
 
     def forward(self, ids):
-        return embedding_lookup(self.weight, ids)
-
-
-def embedding_lookup(weight, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of the embedding table; quantized tables dequantize only the rows asked for."""
-    if isinstance(weight, torch.Tensor):
-        return F.embedding(ids, weight)
-    return weight.rows(ids)
+        """Rows of the embedding table; quantized tables dequantize only the rows asked for."""
+        if isinstance(self.weight, torch.Tensor):
+            return F.embedding(ids, self.weight)
+        return self.weight.rows(ids)
 
 
 class Attention(nn.Module):

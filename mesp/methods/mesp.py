@@ -2,8 +2,9 @@
 
 Forward keeps only each decoder layer's input. The loss runs the LM head on chunks of labelled tokens, so
 full-vocabulary logits never exist. Backward walks the layers in reverse; for each it recomputes the layer's
-forward keeping a minimal set of intermediates, then applies the hand-derived backward of every op in
-mesp.ops, freeing each intermediate right after its last use. Attention is recomputed block by block from
+forward (DecoderLayer.forward's steps, run through mesp.ops by StructuredRun) keeping a minimal set of
+intermediates (Saved), then applies the hand-derived backward of every step in reverse, each op's backward from
+mesp.ops as the layer's LayerSpec names it, freeing each intermediate right after its last use. Attention is recomputed block by block from
 q, k and the row log-sum-exp, so no [heads, T, T] matrix is ever held. The gradients are those of autograd.
 
 Beyond the paper, `on_layer_grads(layer_index, grads)` is called as soon as a layer's LoRA gradients exist
