@@ -1,11 +1,12 @@
 """mesp: exact-gradient LoRA fine-tuning under tight memory (Memory-efficient Structured Backpropagation)."""
 
 from .errors import MespError
+from .families import ModelConfig
 from .generate import generate, generate_stream
 from .loaders import load_model
 from .lora import LoraConfig, add_lora, load_adapter, save_adapter
 from .methods import compute_gradients
-from .model import Model, ModelConfig, forward
+from .model import Model, forward
 from .presets import PRESETS, list_presets
 from .tokenizer import load_tokenizer
 from .train import TrainConfig, TrainResult, train

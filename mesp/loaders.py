@@ -32,9 +32,11 @@ import torch
 from .errors import MespError, one_line
 from .formats.gguf import gguf_config, gguf_tensors, open_gguf
 from .formats.safetensors import LazyWeight, iter_safetensors, lazy_safetensors, safetensors_files
-from .model import Model, ModelConfig, expected_shapes, random_weights, set_weight
+from .families import ModelConfig, expected_shapes
+from .model import Model, set_weight
 from .presets import PRESETS, preset_gguf_path
 from .quant import FrozenWeight, Int4Weight, Int8Weight, int4_supported
+from .random_init import random_weights
 
 log = logging.getLogger(__name__)
 
@@ -98,7 +100,7 @@ def _assign_weights(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], d
     """Check every (HF name, tensor) against expected_shapes and set it on `model`; all must be present.
 
     The one place base weights are assigned: place_weight gives each its form (dense, quantized, lazy;
-    a "tensor" may also be a mesp.quant.FrozenWeight or a row source such as model.RandomMatrix). `where` names the
+    a "tensor" may also be a mesp.quant.FrozenWeight or a row source such as random_init.RandomMatrix). `where` names the
     source in messages; `tensor_where()`, if given, names the file of the tensor at fault (a shard)."""
     cfg = model.config
     whole = where

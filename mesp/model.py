@@ -1,6 +1,8 @@
-"""One decoder-only transformer for the Qwen2/Qwen2.5 and Llama (SmolLM2, Llama 3.x) families.
+"""One decoder-only transformer for every family in mesp.families (Qwen2/Qwen2.5, Llama: SmolLM2, Llama 3.x).
 
-The module tree mirrors Hugging Face's (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`), so
+Each layer is built from its LayerSpec, and `DecoderLayer.forward` is the one place its steps are written; a
+`LayerRun` says how they execute (here: modules under autograd, SDPA over an optional KV cache; MeSP runs the
+same steps through mesp.ops). The module tree mirrors Hugging Face's (`model.layers.3.self_attn.q_proj.weight`, `lm_head.weight`), so
 checkpoint names, PEFT adapter keys and merged exports need no renaming table. Base weights are frozen
 buffers (or quantized weight objects, see mesp.quant), never Parameters: the only trainable tensors are
 LoRA's, and the engines in mesp.methods read the weights directly to run their own backward passes.
@@ -8,96 +10,12 @@ LoRA's, and the engines in mesp.methods read the weights directly to run their o
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
-
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .errors import MespError
-
-ARCHITECTURES = {"LlamaForCausalLM": "llama", "Qwen2ForCausalLM": "qwen2"}
-
-
-@dataclass
-class ModelConfig:
-    arch: str  # "llama" or "qwen2"
-    vocab_size: int
-    hidden_size: int
-    intermediate_size: int
-    num_hidden_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    rms_norm_eps: float = 1e-6
-    rope_theta: float = 10000.0
-    rope_scaling: dict | None = None
-    tie_word_embeddings: bool = False
-    attention_bias: bool = False  # q/k/v biases (always on in Qwen2)
-    max_position_embeddings: int = 2048
-    bos_token_id: int | None = None
-    eos_token_id: int | list | None = None
-    extra: dict = field(default_factory=dict)  # untouched HF fields, written back on export
-
-    @classmethod
-    def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
-        """Read a transformers config.json dict; `where` names the source in error messages."""
-        archs = hf.get("architectures") or []
-        arch_name = archs[0] if archs else {"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}.get(
-            hf.get("model_type"), hf.get("model_type"))
-        if arch_name not in ARCHITECTURES:
-            raise MespError(f"{where}: unsupported architecture {arch_name!r} "
-                            f"(supported: {', '.join(sorted(ARCHITECTURES))})")
-        arch = ARCHITECTURES[arch_name]
-        try:
-            heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
-            rope_params = hf.get("rope_parameters") or {}
-            scaling = hf.get("rope_scaling") or None
-            if scaling is None and rope_params.get("rope_type", "default") not in ("default", None):
-                scaling = dict(rope_params)
-            if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
-                scaling = None
-            cfg = cls(
-                arch=arch,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_hidden_layers=int(hf["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
-                rope_scaling=scaling,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=True if arch == "qwen2" else bool(hf.get("attention_bias", False)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-            )
-        except KeyError as e:
-            raise MespError(f"{where}: missing field {e.args[0]!r}") from e
-        except (TypeError, ValueError) as e:
-            raise MespError(f"{where}: bad value ({e})") from e
-        if cfg.num_attention_heads % cfg.num_key_value_heads:
-            raise MespError(f"{where}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
-                            f"num_key_value_heads {cfg.num_key_value_heads}")
-        known = set(asdict(cfg)) | {"architectures", "model_type", "rope_parameters", "head_dim"}
-        cfg.extra = {k: v for k, v in hf.items() if k not in known}
-        return cfg
-
-    def to_hf(self) -> dict:
-        """A transformers config.json dict for this architecture."""
-        d = {k: v for k, v in asdict(self).items() if k not in ("arch", "extra")}
-        d.update(self.extra)
-        d["architectures"] = [{"llama": "LlamaForCausalLM", "qwen2": "Qwen2ForCausalLM"}[self.arch]]
-        d["model_type"] = self.arch
-        if self.arch == "qwen2":
-            d.pop("attention_bias")
-        d["hidden_act"] = "silu"
-        return d
+from .families import LayerSpec, ModelConfig, NormKind, Projection, projections
 
 
 class Linear(nn.Module):
@@ -123,14 +41,16 @@ class Linear(nn.Module):
         return y
 
 
-class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+class Norm(nn.Module):
+    """A frozen norm of the family's kind over the last dim (weight [d])."""
+
+    def __init__(self, dim: int, eps: float, kind: NormKind):
         super().__init__()
-        self.eps = eps
-        self.register_buffer("weight", torch.ones(dim))
+        self.eps, self.kind = eps, kind
+        self.register_buffer("weight", torch.full((dim,), kind.init))
 
     def forward(self, x):
-        return ops.rmsnorm_forward(x, self.weight, self.eps)
+        return self.kind.forward(x, self.weight, self.eps)
 
 
 class Embedding(nn.Module):
@@ -139,63 +59,47 @@ class Embedding(nn.Module):
         self.register_buffer("weight", torch.empty(0))
 
     def forward(self, ids):
-        return embedding_lookup(self.weight, ids)
-
-
-def embedding_lookup(weight, ids: torch.Tensor) -> torch.Tensor:
-    """Rows of the embedding table; quantized tables dequantize only the rows asked for."""
-    if isinstance(weight, torch.Tensor):
-        return F.embedding(ids, weight)
-    return weight.rows(ids)
+        """Rows of the embedding table; quantized tables dequantize only the rows asked for."""
+        if isinstance(self.weight, torch.Tensor):
+            return F.embedding(ids, self.weight)
+        return self.weight.rows(ids)
 
 
 class Attention(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """The attention projections (HF's module tree); the steps that use them are DecoderLayer.forward's."""
+
+    def __init__(self, cfg: ModelConfig, proj: dict[str, Projection]):
         super().__init__()
-        d, hd = cfg.hidden_size, cfg.head_dim
-        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, hd
-        self.q_proj = Linear(d, cfg.num_attention_heads * hd, cfg.attention_bias)
-        self.k_proj = Linear(d, cfg.num_key_value_heads * hd, cfg.attention_bias)
-        self.v_proj = Linear(d, cfg.num_key_value_heads * hd, cfg.attention_bias)
-        # Llama's attention_bias also covers o_proj (transformers LlamaAttention); Qwen2's o_proj has none
-        self.o_proj = Linear(cfg.num_attention_heads * hd, d, cfg.attention_bias and cfg.arch == "llama")
+        self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
+        self.q_proj, self.k_proj = Linear(*proj["self_attn.q_proj"]), Linear(*proj["self_attn.k_proj"])
+        self.v_proj, self.o_proj = Linear(*proj["self_attn.v_proj"]), Linear(*proj["self_attn.o_proj"])
 
     def split_heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
         """[B, T, heads*hd] -> [B, heads, T, hd]"""
         B, T, _ = t.shape
         return t.view(B, T, heads, self.head_dim).transpose(1, 2)
 
-    def forward(self, x, cos, sin, visible, cache=None):
-        """x [B, T, d]; visible: bool [B, 1, T, S] (S = cached + T); cache: (k, v) of earlier positions or None."""
-        q = ops.rope_forward(self.split_heads(self.q_proj(x), self.num_heads), cos, sin)
-        k = ops.rope_forward(self.split_heads(self.k_proj(x), self.num_kv_heads), cos, sin)
-        v = self.split_heads(self.v_proj(x), self.num_kv_heads)
-        if cache is not None:
-            k = torch.cat([cache[0], k], dim=2)
-            v = torch.cat([cache[1], v], dim=2)
-        o = F.scaled_dot_product_attention(q, k, v, attn_mask=visible, enable_gqa=self.num_heads != self.num_kv_heads)
-        B, _, T, _ = o.shape
-        return self.o_proj(o.transpose(1, 2).reshape(B, T, -1)), (k, v)
-
 
 class MLP(nn.Module):
-    def __init__(self, cfg: ModelConfig):
-        super().__init__()
-        self.gate_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False)
-        self.up_proj = Linear(cfg.hidden_size, cfg.intermediate_size, False)
-        self.down_proj = Linear(cfg.intermediate_size, cfg.hidden_size, False)
+    """The gated MLP's projections (HF's module tree); the steps that use them are DecoderLayer.forward's."""
 
-    def forward(self, x):
-        return self.down_proj(ops.swiglu_forward(self.gate_proj(x), self.up_proj(x)))
+    def __init__(self, proj: dict[str, Projection]):
+        super().__init__()
+        self.gate_proj, self.up_proj = Linear(*proj["mlp.gate_proj"]), Linear(*proj["mlp.up_proj"])
+        self.down_proj = Linear(*proj["mlp.down_proj"])
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, cfg: ModelConfig):
+    """One decoder layer, built from and run as its LayerSpec (mesp.families) describes."""
+
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec):
         super().__init__()
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.self_attn = Attention(cfg)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.mlp = MLP(cfg)
+        self.spec = spec
+        proj = projections(cfg, spec)
+        self.input_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
+        self.self_attn = Attention(cfg, proj)
+        self.post_attention_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
+        self.mlp = MLP(proj)
 
     def projections(self) -> dict[str, Linear]:
         """The seven projections by their PEFT target name."""
@@ -203,18 +107,83 @@ class DecoderLayer(nn.Module):
         return {"q_proj": a.q_proj, "k_proj": a.k_proj, "v_proj": a.v_proj, "o_proj": a.o_proj,
                 "gate_proj": m.gate_proj, "up_proj": m.up_proj, "down_proj": m.down_proj}
 
-    def forward(self, x, cos, sin, visible, cache=None):
-        a, new_cache = self.self_attn(self.input_layernorm(x), cos, sin, visible, cache)
-        h = x + a
-        return h + self.mlp(self.post_attention_layernorm(h)), new_cache
+    def forward(self, x, run: LayerRun):
+        """The layer's steps, the only place they are written: x [B, T, d] -> y [B, T, d] (or what run.output
+        makes of it). `run` says how projections and attention execute and what is kept for a backward
+        (LayerRun here; MeSP's StructuredRun); methods.mesp.layer_backward walks these steps in reverse.
+
+        Every intermediate is dropped after its last use (run.keep holds those a backward needs), so a run that
+        keeps nothing holds at most a few [B, T, *] tensors at once."""
+        attn, mlp = self.self_attn, self.mlp
+        n1 = self.input_layernorm(x)
+        q = rotate(attn.split_heads(run.project("q_proj", attn.q_proj, n1), attn.num_heads), run.rope)
+        k = rotate(attn.split_heads(run.project("k_proj", attn.k_proj, n1), attn.num_kv_heads), run.rope)
+        v = attn.split_heads(run.project("v_proj", attn.v_proj, n1), attn.num_kv_heads)
+        run.keep(n1=n1)
+        del n1
+        o = run.attend(q, k, v)
+        run.keep(q=q, k=k, v=v, o=o)
+        del q, k, v
+        B, _, T, _ = o.shape
+        o_flat = o.transpose(1, 2).reshape(B, T, -1)
+        del o
+        h1 = run.residual(run.project("o_proj", attn.o_proj, o_flat), x)
+        run.keep(o_flat=o_flat, h1=h1)
+        del o_flat
+        n2 = self.post_attention_layernorm(h1)
+        G = run.project("gate_proj", mlp.gate_proj, n2)
+        U = run.project("up_proj", mlp.up_proj, n2)
+        run.keep(n2=n2, G=G, U=U)
+        del n2
+        M = self.spec.activation.forward(G, U)
+        del G, U
+        run.keep(M=M)
+        return run.output("down_proj", mlp.down_proj, M, h1)
+
+
+def rotate(t, rope):
+    """The RoPE step: t [B, H, T, hd] rotated by rope = (cos, sin), or t itself in a layer without RoPE."""
+    return t if rope is None else ops.rope_forward(t, *rope)
+
+
+class LayerRun:
+    """DecoderLayer.forward's steps through the modules (differentiable, for autograd, MeBP and generation),
+    attention by SDPA over an optional KV cache; keeps nothing. `cache` is (k, v) of earlier positions on the
+    way in and this call's (k, v) (earlier positions included) on the way out.
+
+    rope: (cos, sin) of the layer's attention kind, or None (Model.rope); visible: bool [B or 1, 1, T, S] (S = cached + T,
+    see sdpa_visibility)."""
+
+    def __init__(self, rope, visible, cache=None):
+        self.rope, self.visible, self.cache = rope, visible, cache
+
+    def project(self, name: str, proj: Linear, x):
+        return proj(x)
+
+    def attend(self, q, k, v):
+        if self.cache is not None:
+            k = torch.cat([self.cache[0], k], dim=2)
+            v = torch.cat([self.cache[1], v], dim=2)
+        self.cache = (k, v)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.visible, enable_gqa=q.shape[1] != k.shape[1])
+
+    def residual(self, y, x):
+        return x + y
+
+    def keep(self, **tensors):
+        pass
+
+    def output(self, name: str, proj: Linear, m, residual):
+        """The last step: the output projection plus the residual."""
+        return residual + proj(m)
 
 
 class Backbone(nn.Module):
     def __init__(self, cfg: ModelConfig):
         super().__init__()
         self.embed_tokens = Embedding()
-        self.layers = nn.ModuleList(DecoderLayer(cfg) for _ in range(cfg.num_hidden_layers))
-        self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.layers = nn.ModuleList(DecoderLayer(cfg, cfg.layer_spec(i)) for i in range(cfg.num_hidden_layers))
+        self.norm = Norm(cfg.hidden_size, cfg.rms_norm_eps, cfg.family.norm)
 
 
 class Model(nn.Module):
@@ -232,10 +201,6 @@ class Model(nn.Module):
     @property
     def lm_head_weight(self):
         return self.model.embed_tokens.weight if self.lm_head is None else self.lm_head.weight
-
-    @property
-    def layers(self) -> list[DecoderLayer]:
-        return list(self.model.layers)
 
     def base_weights(self):
         """(name, tensor-or-quantized) of every frozen base weight, HF names."""
@@ -268,9 +233,18 @@ class Model(nn.Module):
         return self.model.norm.weight.device
 
     # ---- forward -------------------------------------------------------------------------
-    def rope(self, positions: torch.Tensor):
-        c = self.config
-        return ops.rope_cos_sin(positions, c.head_dim, c.rope_theta, c.rope_scaling, dtype=self.dtype)
+    def rope(self, positions: torch.Tensor) -> list:
+        """Per layer: (cos, sin) of its attention kind at `positions`, or None where it has no RoPE; each
+        distinct kind's tables are computed once and shared."""
+        c, made, per_layer = self.config, [], []
+        for layer in self.model.layers:
+            kind = layer.spec.attention
+            tables = next((t for k, t in made if k == kind), None)
+            if tables is None and kind.rope:
+                tables = ops.rope_cos_sin(positions, c.head_dim, kind.rope_theta, kind.rope_scaling, dtype=self.dtype)
+                made.append((kind, tables))
+            per_layer.append(tables)
+        return per_layer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
         return self.model.embed_tokens(input_ids)
@@ -284,106 +258,32 @@ class Model(nn.Module):
         B, T = input_ids.shape
         past = 0 if cache is None else cache[0][0].shape[2]
         positions = torch.arange(past, past + T, device=input_ids.device)
-        cos, sin = self.rope(positions)
-        visible = visibility_mask(attention_mask, T, past, input_ids.device)
+        rope = self.rope(positions)
+        visible = sdpa_visibility(attention_mask, T, past, input_ids.device)
         x = self.embed(input_ids)
         new_cache = []
         for i, layer in enumerate(self.model.layers):
-            x, kv = layer(x, cos, sin, visible, None if cache is None else cache[i])
-            new_cache.append(kv)
+            run = LayerRun(rope[i], visible, None if cache is None else cache[i])
+            x = layer(x, run)
+            new_cache.append(run.cache)
         x = self.model.norm(x)
         if return_hidden:
             return x, new_cache
         return ops.frozen_linear(x, self.lm_head_weight), new_cache
 
 
-def visibility_mask(attention_mask, T: int, past: int, device) -> torch.Tensor:
-    """bool [B or 1, 1, T, past+T]: query i (absolute past+i) sees key j iff j <= past+i and
-    (attention_mask[b, j] or j == past+i). The diagonal stays visible so a padded row is never all-masked
-    (no NaN); padded positions carry label -100, so what they compute never reaches the loss."""
-    S = past + T
-    qpos = torch.arange(past, S, device=device)[:, None]
-    kpos = torch.arange(S, device=device)[None, :]
-    causal = kpos <= qpos  # [T, S]
-    if attention_mask is None:
-        return causal[None, None]
-    keep = attention_mask.to(device=device, dtype=torch.bool)[:, None, None, :] | (kpos == qpos)[None, None]
-    return causal[None, None] & keep
+def sdpa_visibility(attention_mask, T: int, past: int, device) -> torch.Tensor:
+    """SDPA's bool mask [B or 1, 1, T, past+T] for queries at positions past..past+T-1: ops.causal_visibility's
+    rule (attention_mask [B, past+T], 1 = real token, or None)."""
+    key_mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+    visible = ops.causal_visibility(past, past + T, past + T, key_mask, device=device)
+    return visible[None, None] if key_mask is None else visible[:, None]
 
 
 def forward(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
     """Logits [B, T, V] of `model` for `input_ids` [B, T] (attention_mask [B, T], 1 = real token)."""
     with torch.no_grad():
         return model(input_ids, attention_mask)[0]
-
-
-def init_random_weights(model: Model, seed: int = 0, std: float = 0.02) -> Model:
-    """Seeded random base weights, as transformers initialises (normal(0, std), norms 1, biases 0): memory and
-    speed do not depend on the values, so the published architectures can be measured without downloads."""
-    dtype = model.dtype if model.model.norm.weight.numel() else torch.float32
-    for name, w in random_weights(model.config, seed, std, dtype):
-        set_weight(model, name, w if isinstance(w, torch.Tensor) else w.read_rows(0, w.shape[0]))
-    return model
-
-
-class RandomMatrix:
-    """A seeded normal(0, std) matrix drawn on demand, rows in order, so a loader can quantize it block by block
-    and the full-precision matrix never exists. Blocks whose row counts are multiples of 16 draw exactly the
-    numbers one draw of the whole matrix would (PyTorch's CPU normal_ fills 16 values at a time)."""
-
-    def __init__(self, shape, std: float, dtype: torch.dtype, generator: torch.Generator):
-        self.shape, self.std, self.dtype, self.generator = torch.Size(shape), std, dtype, generator
-        self._next = 0
-
-    def read_rows(self, n0: int, n1: int) -> torch.Tensor:
-        if n0 != self._next:
-            raise ValueError(f"RandomMatrix rows are drawn in order: asked for row {n0}, next is {self._next}")
-        self._next = n1
-        return torch.empty(n1 - n0, *self.shape[1:], dtype=self.dtype).normal_(0.0, self.std, generator=self.generator)
-
-
-def random_weights(cfg: ModelConfig, seed: int = 0, std: float = 0.02, dtype: torch.dtype = torch.float32):
-    """(HF name, weight) of init_random_weights' base weights, in their drawing order: vectors as tensors,
-    matrices as RandomMatrix. The matrices share one generator: read each one whole (or block by block, in
-    order) before taking the next item."""
-    g = torch.Generator().manual_seed(seed)
-    shapes = expected_shapes(cfg)
-    yield "model.embed_tokens.weight", RandomMatrix(shapes["model.embed_tokens.weight"], std, dtype, g)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        yield p + "input_layernorm.weight", torch.ones(cfg.hidden_size, dtype=dtype)
-        yield p + "post_attention_layernorm.weight", torch.ones(cfg.hidden_size, dtype=dtype)
-        for proj in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
-                     "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj"):
-            yield p + proj + ".weight", RandomMatrix(shapes[p + proj + ".weight"], std, dtype, g)
-            if p + proj + ".bias" in shapes:
-                yield p + proj + ".bias", torch.zeros(shapes[p + proj + ".bias"], dtype=dtype)
-    yield "model.norm.weight", torch.ones(cfg.hidden_size, dtype=dtype)
-    if "lm_head.weight" in shapes:
-        yield "lm_head.weight", RandomMatrix(shapes["lm_head.weight"], std, dtype, g)
-
-
-def expected_shapes(cfg: ModelConfig) -> dict[str, tuple[int, ...]]:
-    """HF tensor name -> shape for this configuration (loaders check every tensor against it)."""
-    d, hd, f = cfg.hidden_size, cfg.head_dim, cfg.intermediate_size
-    q, kv = cfg.num_attention_heads * hd, cfg.num_key_value_heads * hd
-    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
-    if not cfg.tie_word_embeddings:
-        shapes["lm_head.weight"] = (cfg.vocab_size, d)
-    for i in range(cfg.num_hidden_layers):
-        p = f"model.layers.{i}."
-        shapes.update({
-            p + "input_layernorm.weight": (d,), p + "post_attention_layernorm.weight": (d,),
-            p + "self_attn.q_proj.weight": (q, d), p + "self_attn.k_proj.weight": (kv, d),
-            p + "self_attn.v_proj.weight": (kv, d), p + "self_attn.o_proj.weight": (d, q),
-            p + "mlp.gate_proj.weight": (f, d), p + "mlp.up_proj.weight": (f, d), p + "mlp.down_proj.weight": (d, f),
-        })
-        if cfg.attention_bias:
-            shapes.update({p + "self_attn.q_proj.bias": (q,), p + "self_attn.k_proj.bias": (kv,),
-                           p + "self_attn.v_proj.bias": (kv,)})
-            if cfg.arch == "llama":
-                shapes[p + "self_attn.o_proj.bias"] = (d,)
-    return shapes
 
 
 def set_weight(model: Model, name: str, value) -> None:

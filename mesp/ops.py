@@ -1,8 +1,9 @@
-"""Forward/backward pairs for one Llama/Qwen2 decoder layer, llm.c style.
+"""Forward/backward pairs for the ops of a decoder layer, llm.c style.
 
 Every op's forward sits next to its hand-derived backward. The backward functions
 use no autograd: they are called under ``torch.no_grad()`` by the MeSP layer code
-and only ever see the tensors the caller chose to keep (see paper-notes.md).
+and only ever see the tensors the caller chose to keep. Which of them a family's
+layer uses is said in mesp.families (``NORMS``, ``ACTIVATIONS``).
 
 Conventions
 -----------

@@ -178,7 +178,7 @@ def _read_rows(source, n0: int, n1: int) -> torch.Tensor:
 
 def _quant_blocks(N: int, K: int, align: int) -> list[tuple[int, int]]:
     """Row blocks for quantizing. Multiples of 16 rows also keep a seeded random source's numbers the same as
-    one draw of the whole matrix (see mesp.model.RandomMatrix)."""
+    one draw of the whole matrix (see mesp.random_init.RandomMatrix)."""
     step = max(align, QUANT_BLOCK_ELEMENTS // max(K, 1) // align * align)
     return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
 

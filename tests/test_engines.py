@@ -14,7 +14,10 @@ import torch
 from helpers import IGNORE, assert_grads_close, make_batch, randomize_lora_b
 
 import mesp
+from mesp.families import FAMILIES, AttentionKind, LayerSpec, ModelConfig
 from mesp.lora import adapter_state
+from mesp.methods.mesp import layer_forward, layer_recompute
+from mesp.model import LayerRun, sdpa_visibility
 from mesp.testing import cosine
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -92,6 +95,46 @@ def test_exact_methods_match_peft(make_hf_model, arch, gqa, tied, extra, targets
         assert_grads_close(grads, ref, TOL, method)
         assert all(g.dtype == torch.float32 for g in grads.values())
         assert not any(p.grad is not None for p in model.lora_parameters().values()), f"{method} left .grad set"
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+def test_layer_steps_agree_under_module_and_structured_runs(make_hf_model, arch):
+    """DecoderLayer.forward's steps run through the modules (LayerRun, SDPA) and through mesp.ops
+    (StructuredRun, blockwise attention) give the same output, and layer_recompute keeps what it is made of."""
+    model = our_model(model_dir(make_hf_model, arch, 2, attention_bias=True))
+    B, T = 2, 11
+    ids, _, mask = make_batch(B, T, model.config.vocab_size, "left", seed=4)
+    rope = model.rope(torch.arange(T))
+    layer = model.model.layers[1]
+    with torch.no_grad():
+        x = model.embed(ids)
+        y_modules = layer(x, LayerRun(rope[1], sdpa_visibility(mask, T, 0, x.device)))
+        y = layer_forward(layer, x, rope[1], mask.bool(), attn_block=4)
+        saved = layer_recompute(layer, x, rope[1], mask.bool(), attn_block=4, store_h=True)
+        y_saved = saved.h1 + layer.mlp.down_proj(saved.M)
+    torch.testing.assert_close(y, y_modules, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(y_saved, y, rtol=1e-5, atol=1e-6)
+    assert set(saved.h) == set(layer.projections())
+    assert saved.lse.shape == (B, model.config.num_attention_heads, T)
+
+
+@pytest.mark.parametrize("arch", sorted(FAMILIES))
+def test_family_config_round_trips_through_hf(arch):
+    cfg = ModelConfig(arch=arch, vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
+                      num_attention_heads=4, num_key_value_heads=2, head_dim=16, attention_bias=True)
+    hf = cfg.to_hf()
+    assert hf["architectures"] == [FAMILIES[arch].hf_class] and hf["model_type"] == arch
+    assert ModelConfig.from_hf(hf).to_hf() == hf
+    spec = cfg.layer_spec(0)
+    assert spec.qkv_bias and spec.o_bias == (arch == "llama")  # Qwen2's o_proj never has a bias
+
+
+def test_layer_features_without_ops_are_refused():
+    spec = ModelConfig(arch="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
+                       num_attention_heads=2, num_key_value_heads=1, head_dim=4).layer_spec(0)
+    for change in (dict(qk_norm=True), dict(sandwich_norms=True), dict(attention=AttentionKind(window=4))):
+        with pytest.raises(NotImplementedError):
+            LayerSpec(**{**spec.__dict__, **change})
 
 
 @pytest.mark.parametrize("case", CASES[::2], ids=lambda c: f"{c[0]}-gqa{c[1]}-T{c[7]}-{c[8] or 'nopad'}")

@@ -26,11 +26,9 @@ import numpy as np
 import torch
 
 from ..errors import MespError, one_line
-from ..model import ARCHITECTURES, ModelConfig, expected_shapes
+from ..families import FAMILIES, ModelConfig, expected_shapes
 from ..quant import Int4Weight, Int8Weight
 
-# general.architecture -> transformers class: llama.cpp names architectures as mesp's ModelConfig.arch does
-HF_CLASSES = {arch: hf_class for hf_class, arch in ARCHITECTURES.items()}
 
 # ---- names ----------------------------------------------------------------------------------------------
 
@@ -115,8 +113,8 @@ def llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> dict:
 def gguf_config(reader, where: str) -> dict:
     """The transformers config.json dict that a GGUF file's metadata describes."""
     arch = metadata_value(reader, "general.architecture")
-    if arch not in HF_CLASSES:
-        raise MespError(f"{where}: unsupported architecture {arch!r} (supported: {', '.join(sorted(HF_CLASSES))})")
+    if arch not in FAMILIES:  # llama.cpp's general.architecture names families as mesp's ModelConfig.arch does
+        raise MespError(f"{where}: unsupported architecture {arch!r} (supported: {', '.join(sorted(FAMILIES))})")
     names = {t.name for t in reader.tensors}
 
     def need(key):
@@ -137,7 +135,7 @@ def gguf_config(reader, where: str) -> dict:
         vocab = int(emb.shape[-1])
     eps = metadata_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     hf = {
-        "architectures": [HF_CLASSES[arch]],
+        "architectures": [FAMILIES[arch].hf_class],
         "model_type": arch,
         "vocab_size": int(vocab),
         "hidden_size": hidden,

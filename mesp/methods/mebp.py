@@ -9,15 +9,15 @@ from __future__ import annotations
 import torch
 
 from ..memory import stage
-from ..model import visibility_mask
+from ..model import LayerRun, sdpa_visibility
 from .common import Batch, collect_grads, full_logits_loss
 
 
 def gradients(model, batch: Batch):
     layers = model.model.layers
     T = batch.input_ids.shape[1]
-    cos, sin = model.rope(torch.arange(T, device=model.device))
-    visible = visibility_mask(batch.attention_mask, T, 0, model.device)
+    rope = model.rope(torch.arange(T, device=model.device))
+    visible = sdpa_visibility(batch.attention_mask, T, 0, model.device)
     for p in model.lora_parameters().values():
         p.requires_grad_(True)
         p.grad = None
@@ -25,9 +25,9 @@ def gradients(model, batch: Batch):
     inputs = []  # the checkpoints: one [B, T, d] per layer
     with torch.no_grad(), stage("forward"):
         x = model.embed(batch.input_ids)
-        for layer in layers:
+        for i, layer in enumerate(layers):
             inputs.append(x)
-            x, _ = layer(x, cos, sin, visible)
+            x = layer(x, LayerRun(rope[i], visible))
 
     with torch.enable_grad(), stage("loss"):
         x = x.requires_grad_(True)
@@ -39,7 +39,7 @@ def gradients(model, batch: Batch):
     for i in reversed(range(len(layers))):
         x = inputs.pop().requires_grad_(i > 0)
         with torch.enable_grad(), stage("backward"):
-            y, _ = layers[i](x, cos, sin, visible)
+            y = layers[i](x, LayerRun(rope[i], visible))
             y.backward(g)
         g = x.grad
         del x, y

@@ -1,0 +1,251 @@
+"""Model families: the one description of each architecture's decoder layer, and its Hugging Face config.
+
+A `Family` says what a family's layer is made of (norm kind, MLP activation, which projections carry biases,
+extra norms, the attention kind of each layer); `Family.layer_spec` resolves it for one layer of one
+configuration into a `LayerSpec`. Everything that spells out a layer reads that spec and nothing else:
+
+* `mesp.model.DecoderLayer` builds its modules from it and runs its forward as the spec's steps (the same
+  forward serves autograd, KV-cache generation, MeBP's recompute and MeSP's structured recompute);
+* `mesp.methods.mesp.layer_backward` walks those steps in reverse with each op's hand-derived backward;
+* `expected_shapes` (what loaders check every tensor against) and `mesp.random_init` list the layer's tensors
+  from it.
+
+Each kind names a forward/backward pair in mesp.ops (`NORMS`, `ACTIVATIONS`), and `FAMILIES` is the one table of
+architectures: our name (HF model_type) <-> HF class <-> description.
+
+Adding a family (e.g. Qwen3, Gemma 3) touches:
+1. `FAMILIES`: one `Family(...)` row (Qwen3: `qk_norm=True`, no q/k/v bias;
+   Gemma 3: `norm=NORMS["rms_offset"]`, `activation=ACTIVATIONS["geglu"]`, `sandwich_norms=True`, and a
+   `layer_attention` function giving sliding-window layers their window and rope θ), plus
+   `ModelConfig.from_hf` for any new config.json field;
+2. mesp.ops: the new forward/backward pairs (a (1+w) RMSNorm, GeGLU, a window in `causal_visibility`), each
+   autograd-checked in tests/test_ops.py, entered in `NORMS` / `ACTIVATIONS`;
+3. a new kind of step only (q/k norm, sandwich norm, window): written once in `DecoderLayer.forward`, once in
+   reverse in `methods.mesp.layer_backward`, its weights in `layer_shapes` and `DecoderLayer.__init__`; then
+   take it off `LayerSpec.__post_init__`'s list of features without ops.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from typing import NamedTuple
+
+from . import ops
+from .errors import MespError
+
+
+# ---- op kinds: each a forward/backward pair of mesp.ops -------------------------------------------------
+
+@dataclass(frozen=True)
+class NormKind:
+    """y = forward(x, weight, eps); gx = backward(gy, x, weight, eps). `init` is the weight's neutral value."""
+    forward: Callable
+    backward: Callable
+    init: float
+
+
+@dataclass(frozen=True)
+class ActivationKind:
+    """The gated MLP's m = forward(G, U); (gG, gU) = backward(gM, G, U). `hf_name`: config.json hidden_act."""
+    forward: Callable
+    backward: Callable
+    hf_name: str
+
+
+NORMS = {"rms": NormKind(ops.rmsnorm_forward, ops.rmsnorm_backward, init=1.0)}
+ACTIVATIONS = {"swiglu": ActivationKind(ops.swiglu_forward, ops.swiglu_backward, hf_name="silu")}
+
+
+# ---- one layer's description ----------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class AttentionKind:
+    """How one layer attends: causal over every earlier position (window None) or the last `window` ones, with
+    rotary embeddings of base `rope_theta` (and HF `rope_scaling`) or none."""
+    rope: bool = True
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    window: int | None = None
+
+
+@dataclass(frozen=True)
+class LayerSpec:
+    """One decoder layer of one configuration, as every layer implementation reads it."""
+    norm: NormKind
+    activation: ActivationKind
+    qkv_bias: bool  # q_proj, k_proj, v_proj carry biases
+    o_bias: bool  # o_proj carries a bias
+    attention: AttentionKind
+    qk_norm: bool = False  # a norm on q and k per head, before RoPE (Qwen3, Gemma 3)
+    sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
+
+    def __post_init__(self):
+        missing = [name for name, on in (("qk_norm", self.qk_norm), ("sandwich_norms", self.sandwich_norms),
+                                         ("sliding-window attention", self.attention.window is not None)) if on]
+        if missing:
+            raise NotImplementedError(f"layer features without ops yet: {', '.join(missing)}")
+
+
+class Projection(NamedTuple):
+    in_features: int
+    out_features: int
+    bias: bool
+
+
+def projections(cfg: "ModelConfig", spec: LayerSpec) -> dict[str, Projection]:
+    """The layer's seven projections by module path, in forward order (also the random weights' draw order)."""
+    d, f = cfg.hidden_size, cfg.intermediate_size
+    q, kv = cfg.num_attention_heads * cfg.head_dim, cfg.num_key_value_heads * cfg.head_dim
+    return {
+        "self_attn.q_proj": Projection(d, q, spec.qkv_bias), "self_attn.k_proj": Projection(d, kv, spec.qkv_bias),
+        "self_attn.v_proj": Projection(d, kv, spec.qkv_bias), "self_attn.o_proj": Projection(q, d, spec.o_bias),
+        "mlp.gate_proj": Projection(d, f, False), "mlp.up_proj": Projection(d, f, False),
+        "mlp.down_proj": Projection(f, d, False),
+    }
+
+
+def layer_shapes(cfg: "ModelConfig", spec: LayerSpec) -> dict[str, tuple[int, ...]]:
+    """Every tensor of one layer (name relative to the layer) -> shape: norms, projection weights in forward
+    order, then biases."""
+    proj = projections(cfg, spec)
+    shapes = {"input_layernorm.weight": (cfg.hidden_size,), "post_attention_layernorm.weight": (cfg.hidden_size,)}
+    shapes.update({f"{name}.weight": (p.out_features, p.in_features) for name, p in proj.items()})
+    shapes.update({f"{name}.bias": (p.out_features,) for name, p in proj.items() if p.bias})
+    return shapes
+
+
+def expected_shapes(cfg: "ModelConfig") -> dict[str, tuple[int, ...]]:
+    """HF tensor name -> shape for this configuration (loaders check every tensor against it)."""
+    d = cfg.hidden_size
+    shapes = {"model.embed_tokens.weight": (cfg.vocab_size, d), "model.norm.weight": (d,)}
+    if not cfg.tie_word_embeddings:
+        shapes["lm_head.weight"] = (cfg.vocab_size, d)
+    for i in range(cfg.num_hidden_layers):
+        shapes.update({f"model.layers.{i}.{name}": s for name, s in layer_shapes(cfg, cfg.layer_spec(i)).items()})
+    return shapes
+
+
+# ---- families -------------------------------------------------------------------------------------------
+
+def full_attention(cfg: "ModelConfig", index: int) -> AttentionKind:
+    """Every layer alike: causal attention over all earlier positions, the config's RoPE."""
+    return AttentionKind(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
+
+
+@dataclass(frozen=True)
+class Family:
+    """What a family's layers are made of; `layer_spec` resolves it for one layer of a configuration."""
+    arch: str  # our name, and config.json's model_type
+    hf_class: str  # config.json's architectures[0]
+    norm: NormKind = NORMS["rms"]  # every norm of the model, the final one included
+    activation: ActivationKind = ACTIVATIONS["swiglu"]
+    qkv_bias_always: bool = False  # q/k/v biases whatever attention_bias says (Qwen2's config has no such field)
+    o_bias_follows_attention_bias: bool = False  # attention_bias also covers o_proj (transformers' Llama)
+    qk_norm: bool = False
+    sandwich_norms: bool = False
+    layer_attention: Callable[["ModelConfig", int], AttentionKind] = full_attention  # (cfg, layer index) -> kind
+
+    def layer_spec(self, cfg: "ModelConfig", index: int) -> LayerSpec:
+        return LayerSpec(norm=self.norm, activation=self.activation,
+                         qkv_bias=cfg.attention_bias,
+                         o_bias=cfg.attention_bias and self.o_bias_follows_attention_bias,
+                         attention=self.layer_attention(cfg, index), qk_norm=self.qk_norm,
+                         sandwich_norms=self.sandwich_norms)
+
+
+FAMILIES = {f.arch: f for f in (
+    Family("llama", "LlamaForCausalLM", o_bias_follows_attention_bias=True),
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias_always=True),
+)}
+HF_CLASSES = {f.hf_class: f for f in FAMILIES.values()}
+
+
+# ---- configuration --------------------------------------------------------------------------------------
+
+@dataclass
+class ModelConfig:
+    arch: str  # a key of FAMILIES
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: dict | None = None
+    tie_word_embeddings: bool = False
+    attention_bias: bool = False  # q/k/v biases (always on in Qwen2)
+    max_position_embeddings: int = 2048
+    bos_token_id: int | None = None
+    eos_token_id: int | list | None = None
+    extra: dict = field(default_factory=dict)  # untouched HF fields, written back on export
+
+    @property
+    def family(self) -> Family:
+        return FAMILIES[self.arch]
+
+    def layer_spec(self, index: int) -> LayerSpec:
+        return self.family.layer_spec(self, index)
+
+    @classmethod
+    def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
+        """Read a transformers config.json dict; `where` names the source in error messages."""
+        archs = hf.get("architectures") or []
+        model_type = hf.get("model_type")
+        hf_class = archs[0] if archs else FAMILIES[model_type].hf_class if model_type in FAMILIES else model_type
+        if hf_class not in HF_CLASSES:
+            raise MespError(f"{where}: unsupported architecture {hf_class!r} "
+                            f"(supported: {', '.join(sorted(HF_CLASSES))})")
+        family = HF_CLASSES[hf_class]
+        try:
+            heads = int(hf["num_attention_heads"])
+            hidden = int(hf["hidden_size"])
+            rope_params = hf.get("rope_parameters") or {}
+            scaling = hf.get("rope_scaling") or None
+            if scaling is None and rope_params.get("rope_type", "default") not in ("default", None):
+                scaling = dict(rope_params)
+            if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+                scaling = None
+            cfg = cls(
+                arch=family.arch,
+                vocab_size=int(hf["vocab_size"]),
+                hidden_size=hidden,
+                intermediate_size=int(hf["intermediate_size"]),
+                num_hidden_layers=int(hf["num_hidden_layers"]),
+                num_attention_heads=heads,
+                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
+                head_dim=int(hf.get("head_dim") or hidden // heads),
+                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+                rope_theta=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
+                rope_scaling=scaling,
+                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+                attention_bias=family.qkv_bias_always or bool(hf.get("attention_bias", False)),
+                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
+                bos_token_id=hf.get("bos_token_id"),
+                eos_token_id=hf.get("eos_token_id"),
+            )
+        except KeyError as e:
+            raise MespError(f"{where}: missing field {e.args[0]!r}") from e
+        except (TypeError, ValueError) as e:
+            raise MespError(f"{where}: bad value ({e})") from e
+        if cfg.num_attention_heads % cfg.num_key_value_heads:
+            raise MespError(f"{where}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
+                            f"num_key_value_heads {cfg.num_key_value_heads}")
+        known = set(asdict(cfg)) | {"architectures", "model_type", "rope_parameters", "head_dim"}
+        cfg.extra = {k: v for k, v in hf.items() if k not in known}
+        return cfg
+
+    def to_hf(self) -> dict:
+        """A transformers config.json dict for this architecture."""
+        family = self.family
+        d = {k: v for k, v in asdict(self).items() if k not in ("arch", "extra")}
+        d.update(self.extra)
+        d["architectures"] = [family.hf_class]
+        d["model_type"] = family.arch
+        if family.qkv_bias_always:
+            d.pop("attention_bias")
+        d["hidden_act"] = family.activation.hf_name
+        return d
