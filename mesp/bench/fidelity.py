@@ -23,7 +23,8 @@ from .sweep import check_model_source
 @dataclass
 class GradsSettings:
     """`mesp bench grads`: the models and batch, MeZO's directions and trials, where to write the result."""
-    models: list[str] = setting(factory=lambda: ["smollm2-135m-instruct", "qwen2.5-0.5b"], help="comma-separated models")
+    models: list[str] = setting(factory=lambda: ["smollm2-135m-instruct", "qwen2.5-0.5b"],
+                                help="comma-separated models")
     seq_len: int = setting(32, "tokens in the batch")
     rank: int = setting(8, "LoRA rank")
     directions: list[int] = setting(factory=lambda: [1, 10, 100], help="MeZO directions n")
