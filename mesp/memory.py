@@ -6,6 +6,9 @@
   with its running total; the peak of that total is the CPU figure. It sees every tensor the step creates,
   including the loss stage, and nothing allocated before the step (weights, adapters, data).
 Engines mark their stages with `stage("forward")` etc.; the tracker splits the peak by the stage in force.
+
+Beside it: the process's resident set (peak, current, and a resettable peak on Linux), glibc's return of freed
+memory, and `format_mib`, the one formatter of every MiB figure the CLI prints and the report writes.
 """
 
 from __future__ import annotations

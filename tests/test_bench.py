@@ -163,6 +163,8 @@ def test_report_renders_measured_rows(memory_run, tiny_dir, monkeypatch):
     assert run.command() in md
     assert "Not measured yet: run `mesp bench report --only grads`" in md
     assert "360.8" in md and "136.2" in md  # the paper's column beside ours
+    assert "issue" not in md.lower() and "shared/" not in md  # the report names nothing outside the repository
+    assert bench.MemorySettings.from_record(run.record()) == run  # memory.json keeps each run's settings
 
 
 def test_repeats_zero_measures_memory_only(tiny_dir):
