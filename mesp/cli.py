@@ -268,10 +268,6 @@ def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
 
 
-def _mib(n: int) -> str:
-    return f"{n / 2**20:.1f} MiB"
-
-
 def _print_answers(title: str, answers, phase: str) -> None:
     print(f"\n{title}")
     for a in answers:
@@ -284,6 +280,7 @@ def _print_answers(title: str, answers, phase: str) -> None:
                             "and show its answers before and after, with the memory of a MeSP and a MeBP step.")
 def demo_run(args) -> int:
     from .demo import DemoSettings, run_demo
+    from .memory import format_mib
 
     if args.steps is not None and args.steps < 1:
         raise MespError(f"--steps: must be a positive integer, got {args.steps}")
@@ -317,10 +314,10 @@ def demo_run(args) -> int:
     print(f"peak memory of one gradient step ({samples} samples x {tokens} tokens, allocator level, {r.device}):")
     peaks = {m.method: m.peak_bytes for m in r.memory}
     for m in r.memory:
-        print(f"  {m.method:5s} {_mib(m.peak_bytes):>12}")
+        print(f"  {m.method:5s} {format_mib(m.peak_bytes) + ' MiB':>12}")
     if peaks.get("mebp"):
         print(f"  MeSP needs {100 * (1 - peaks['mesp'] / peaks['mebp']):.0f}% less than MeBP")
-    print(f"process peak RSS: {_mib(r.peak_rss_bytes)} (weights, tokenizer, data and both steps included)")
+    print(f"process peak RSS: {format_mib(r.peak_rss_bytes)} MiB (weights, tokenizer, data and both steps included)")
     print(f"adapter: {r.adapter_dir}" if r.adapter_dir else "(pass --out DIR to keep the trained adapter)")
     print(f"done in {r.seconds:.0f} s")
     return 0
@@ -328,130 +325,80 @@ def demo_run(args) -> int:
 
 # ---- bench ---------------------------------------------------------------------------------------------
 
-def _csv(kind):
-    def parse(text: str):
-        try:
-            return [kind(x.strip()) for x in text.split(",") if x.strip()]
-        except ValueError as e:
-            raise argparse.ArgumentTypeError(f"expected a comma-separated list, got {text!r}") from e
-    return parse
+BENCH_COMMANDS = {  # name -> (help, description); each one's flags come from its settings class (mesp.bench)
+    "memory": ("peak memory and time of one training step per method and configuration",
+               "One training step per method and configuration, each in a fresh process: allocator-level peak "
+               "above the step's start (split by stage), resident weights, process peak RSS, median step time "
+               "(unprofiled)."),
+    "grads": ("gradient error of mesp/mebp vs autograd; MeZO's cosine with the truth",
+              "Per-tensor relative error of mesp and mebp against autograd (fp32, random non-zero lora_B), and the "
+              "cosine of MeZO's estimate with the true gradient for n directions beside the theory sqrt(2/(pi d))."),
+    "converge": ("loss curves of mesp, mebp and mezo on the demo data (CSV + PNG)",
+                 "Train mesp and mebp for --steps steps and mezo for --mezo-factor times as many, with mesp.train "
+                 "on the bundled demo data and the shipped model (demo settings)."),
+    "report": ("measure everything and write docs/results.md (under an hour on 2 cores)",
+               "Run every benchmark of the report and write results.md, its figures and raw JSON/CSV into --out."),
+}
+
+
+def _bench_settings_class(name: str):
+    from . import bench
+
+    return {"memory": bench.MemorySettings, "grads": bench.GradsSettings, "converge": bench.ConvergeSettings,
+            "report": bench.ReportSettings}[name]
 
 
 def bench_args(p: argparse.ArgumentParser) -> None:
+    from .settings import add_arguments
+
     sub = p.add_subparsers(dest="bench_command", required=True)
-    m = sub.add_parser("memory", help="peak memory and time of one training step per method and configuration",
-                       description="One training step per method and configuration, each in a fresh process: "
-                                   "allocator-level peak above the step's start (split by stage), resident "
-                                   "weights, process peak RSS, median step time (unprofiled).")
-    m.add_argument("--models", type=_csv(str), default=["qwen2.5-0.5b"],
-                   help="comma-separated presets, HF directories or .gguf files (default qwen2.5-0.5b)")
-    m.add_argument("--seq-lens", type=_csv(int), default=[256], help="comma-separated sequence lengths (256)")
-    m.add_argument("--ranks", type=_csv(int), default=[8], help="comma-separated LoRA ranks (8)")
-    m.add_argument("--methods", type=_csv(str), default=["mebp", "mesp", "autograd", "mezo"],
-                   help="comma-separated: autograd, mebp, mesp, mezo, hf (= hf+peft(gc)); default the four engines, "
-                        "plus hf+peft(gc) when transformers and peft are installed")
-    m.add_argument("--dtype", choices=["fp32", "bf16"], default="fp32", help="weights and compute dtype (fp32)")
-    m.add_argument("--batch-size", type=int, default=1, help="sequences per step (1)")
-    m.add_argument("--repeats", type=int, default=3,
-                   help="unprofiled steps timed, the median reported (3); 0: no timing, RSS read in the profiled step")
-    m.add_argument("--quantize", choices=["none", "int8", "int4"], default="none",
-                   help="quantized base weights (passed to load_model)")
-    m.add_argument("--store-h", action="store_true", help="mesp keeps every LoRA h = xA (the paper's ablation)")
-    m.add_argument("--no-peer", action="store_true", help="leave out the transformers+PEFT row")
-    m.add_argument("--device", choices=["cpu", "cuda"], default="cpu", help="where the step runs (cpu)")
-    m.add_argument("--threads", type=int, help="torch threads per measurement (default: PyTorch's)")
-    m.add_argument("--timeout", type=float, help="seconds allowed per configuration")
-    m.add_argument("--json", help="write the rows and the machine as JSON here")
-    m.add_argument("--plot", help="write grouped bars of peak MiB here (PNG)")
-
-    g = sub.add_parser("grads", help="gradient error of mesp/mebp vs autograd; MeZO's cosine with the truth",
-                       description="Per-tensor relative error of mesp and mebp against autograd (fp32, random "
-                                   "non-zero lora_B), and the cosine of MeZO's estimate with the true gradient "
-                                   "for n directions beside the theory sqrt(2/(pi d)).")
-    g.add_argument("--models", type=_csv(str), default=["smollm2-135m-instruct", "qwen2.5-0.5b"],
-                   help="comma-separated models (default smollm2-135m-instruct,qwen2.5-0.5b)")
-    g.add_argument("--seq-len", type=int, default=32, help="tokens in the batch (32)")
-    g.add_argument("--rank", type=int, default=8, help="LoRA rank (8)")
-    g.add_argument("--directions", type=_csv(int), default=[1, 10, 100], help="MeZO directions n (1,10,100)")
-    g.add_argument("--trials", type=int, default=10, help="seeds averaged for n: max(1, trials // n) (10)")
-    g.add_argument("--eps", type=float, default=1e-3, help="MeZO perturbation (1e-3)")
-    g.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
-    g.add_argument("--json", help="write the result as JSON here")
-
-    c = sub.add_parser("converge", help="loss curves of mesp, mebp and mezo on the demo data (CSV + PNG)",
-                       description="Train mesp and mebp for --steps steps and mezo for --mezo-factor times as many, "
-                                   "with mesp.train on the bundled demo data and the shipped model (demo settings).")
-    c.add_argument("--steps", type=int, default=30, help="steps for mesp and mebp (30)")
-    c.add_argument("--mezo-factor", type=int, default=10, help="MeZO runs this many times the steps (10)")
-    c.add_argument("--mezo-lr", type=float, help="MeZO learning rate (default: mesp.train's MeZO default)")
-    c.add_argument("--model", help="model (default: the shipped smollm2-135m-instruct)")
-    c.add_argument("--data", help="training JSONL (default: the bundled demo data)")
-    c.add_argument("--valid", help="validation JSONL (default: the bundled demo validation data)")
-    c.add_argument("--batch-size", type=int, help="samples per step (demo default)")
-    c.add_argument("--seq-len", type=int, help="tokens per sample (demo default)")
-    c.add_argument("--csv", help="write the curves here as CSV (one row per method and step)")
-    c.add_argument("--plot", help="write the curves here (PNG)")
-    c.add_argument("--threads", type=int, help="torch threads (default: PyTorch's)")
-    c.add_argument("--json", help="write the result as JSON here")
-
-    r = sub.add_parser("report", help="measure everything and write docs/results.md (under an hour on 2 cores)",
-                       description="Run every benchmark of the report and write results.md, its figures and raw "
-                                   "JSON/CSV into --out.")
-    r.add_argument("--out", default="docs", help="directory of results.md and its figures (docs)")
-    r.add_argument("--render-only", action="store_true",
-                   help="re-render results.md from the raw results already in OUT/results (no measuring)")
-    r.add_argument("--only", type=_csv(str), help="measure only these parts (memory, grads, converge); the others "
-                                                   "are read from OUT/results")
-    r.add_argument("--threads", type=int, help="torch threads for every measurement (default: PyTorch's)")
+    for name, (help_text, description) in BENCH_COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=description), _bench_settings_class(name))
 
 
-def _write_outputs(args, result, plot=None, csv_text=None) -> None:
+def _write_outputs(settings, result, plot=None, csv_text=None) -> None:
     from .fileio import write_json, write_text
 
-    if getattr(args, "json", None):
-        write_json(args.json, result)
-        print(f"wrote {args.json}")
-    if getattr(args, "plot", None) and plot is not None:
-        plot(result, args.plot)
-        print(f"wrote {args.plot}")
-    if getattr(args, "csv", None) and csv_text is not None:
-        write_text(args.csv, csv_text)
-        print(f"wrote {args.csv}")
+    if getattr(settings, "json", None):
+        write_json(settings.json, result)
+        print(f"wrote {settings.json}")
+    if getattr(settings, "plot", None) and plot is not None:
+        plot(result, settings.plot)
+        print(f"wrote {settings.plot}")
+    if getattr(settings, "csv", None) and csv_text is not None:
+        write_text(settings.csv, csv_text)
+        print(f"wrote {settings.csv}")
 
 
 @command("bench", bench_args, "Benchmarks: memory/time per step, gradient fidelity, convergence, the report.")
 def bench_run(args) -> int:
     from . import bench
+    from .settings import given
 
-    if args.threads is not None:
-        if args.threads < 1:
-            raise MespError(f"--threads: must be a positive integer, got {args.threads}")
+    cls = _bench_settings_class(args.bench_command)
+    s = cls(**given(cls, args))
+    if s.threads is not None:
+        if s.threads < 1:
+            raise MespError(f"--threads: must be a positive integer, got {s.threads}")
         if args.bench_command != "memory":  # memory sets it in each fresh worker process
             import torch
-            torch.set_num_threads(args.threads)
+            torch.set_num_threads(s.threads)
     if args.bench_command == "memory":
-        cases = bench.memory_cases(args.models, args.seq_lens, args.ranks, args.methods, dtype=args.dtype,
-                                   batch_size=args.batch_size, repeats=args.repeats, quantize=args.quantize,
-                                   store_h=args.store_h, device=args.device, peer=False if args.no_peer else None,
-                                   threads=args.threads)
-        result = bench.bench_memory(cases, progress=True, timeout=args.timeout)
+        result = bench.bench_memory(s.cases(), progress=True, timeout=s.timeout)
         print(bench.memory_table(result))
-        _write_outputs(args, result, plot=bench.plot_memory)
+        _write_outputs(s, result, plot=bench.plot_memory)
     elif args.bench_command == "grads":
-        result = bench.bench_grads(args.models, seq_len=args.seq_len, rank=args.rank, directions=args.directions,
-                                   trials=args.trials, eps=args.eps)
+        result = bench.bench_grads(s)
         print(bench.grads_table(result))
-        _write_outputs(args, result)
+        _write_outputs(s, result)
     elif args.bench_command == "converge":
-        result = bench.bench_converge(steps=args.steps, mezo_factor=args.mezo_factor, model=args.model,
-                                      train_file=args.data, valid_file=args.valid, mezo_lr=args.mezo_lr,
-                                      batch_size=args.batch_size, seq_len=args.seq_len)
+        result = bench.bench_converge(s)
         last = {r["method"]: r for r in result["rows"]}
         for method, r in last.items():
             print(f"{method}: {r['step']} steps, final loss {r['loss']:.4f}")
-        _write_outputs(args, result, plot=bench.plot_converge, csv_text=bench.converge_csv(result))
+        _write_outputs(s, result, plot=bench.plot_converge, csv_text=bench.converge_csv(result))
     else:
-        path = bench.bench_report(args.out, render_only=args.render_only, only=args.only, threads=args.threads)
+        path = bench.bench_report(s)
         print(f"wrote {path}")
     return 0
 

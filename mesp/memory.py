@@ -6,6 +6,9 @@
   with its running total; the peak of that total is the CPU figure. It sees every tensor the step creates,
   including the loss stage, and nothing allocated before the step (weights, adapters, data).
 Engines mark their stages with `stage("forward")` etc.; the tracker splits the peak by the stage in force.
+
+Beside it: the process's resident set (peak, current, and a resettable peak on Linux), glibc's return of freed
+memory, and `format_mib`, the one formatter of every MiB figure the CLI prints and the report writes.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ from contextlib import contextmanager
 import torch
 
 STAGE_PREFIX = "mesp.stage:"
+MiB = 1 << 20
+
+
+def format_mib(n_bytes: int | None, digits: int = 1) -> str:
+    """A byte count in mebibytes with `digits` decimals, without the unit ("12.3"); "—" when unknown (None).
+    The one formatter behind every MiB figure the CLI prints and the benchmark report writes."""
+    return "—" if n_bytes is None else f"{n_bytes / MiB:.{digits}f}"
 
 
 @contextmanager
@@ -106,6 +116,38 @@ def peak_rss_bytes() -> int:
     """The process's peak resident set size so far (ru_maxrss: KiB on Linux, bytes on macOS)."""
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss if sys.platform == "darwin" else rss * 1024
+
+
+def reset_peak_rss() -> bool:
+    """Restart the kernel's peak-RSS record (VmHWM) from the current RSS; False where that is impossible."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def _proc_status_bytes(field: str) -> int | None:
+    """A size field of /proc/self/status (kB there) in bytes; None off Linux."""
+    try:
+        for line in open("/proc/self/status"):
+            if line.startswith(field + ":"):
+                return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return None
+
+
+def current_rss_bytes() -> int | None:
+    """The process's resident set size now (Linux VmRSS); None where unknown."""
+    return _proc_status_bytes("VmRSS")
+
+
+def peak_rss_since_reset() -> int:
+    """VmHWM (after reset_peak_rss), else the process's lifetime peak."""
+    hwm = _proc_status_bytes("VmHWM")
+    return hwm if hwm is not None else peak_rss_bytes()
 
 
 def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:

@@ -5,13 +5,14 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict
 
 import pytest
 import torch
 
 from mesp import bench
+from mesp.bench import plan
 from mesp.cli import main
+from mesp.errors import MespError
 from mesp.memory import PeakMemory
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -91,7 +92,7 @@ def test_memory_bad_input_is_one_line(tiny_dir, capsys):
     assert "unknown sgd" in capsys.readouterr().err
     assert main(["bench", "memory", "--models", "no-such-model"]) == 2
     assert "no-such-model" in capsys.readouterr().err
-    with pytest.raises(bench.MespError, match="seq-lens"):
+    with pytest.raises(MespError, match="seq-lens"):
         bench.memory_cases([tiny_dir], [0], [8], ["mesp"])
 
 
@@ -149,10 +150,10 @@ def test_converge_csv_png_and_equal_curves(tiny_dir, tmp_path):
 def test_report_renders_measured_rows(memory_run, tiny_dir, monkeypatch):
     """The report's tables come from the rows: the headline check and the numbers follow the measurement."""
     result, _ = memory_run
-    monkeypatch.setattr(bench, "REPORT_MODEL", tiny_dir)
-    run = bench.MemoryRun([tiny_dir], [256], [8], ["mesp", "mebp"], repeats=2, peer=False)
-    memory = {"runs": [{"run": asdict(run), "command": run.command(), "result": result}] + [
-        {"run": asdict(bench.MemoryRun([tiny_dir], [1], [1], ["mesp"])), "command": "", "result": {
+    monkeypatch.setattr(plan, "REPORT_MODEL", tiny_dir)
+    run = bench.MemorySettings([tiny_dir], [256], [8], ["mesp", "mebp"], repeats=2, no_peer=True)
+    memory = {"runs": [{"run": run.record(), "command": run.command(), "result": result}] + [
+        {"run": bench.MemorySettings([tiny_dir], [1], [1], ["mesp"]).record(), "command": "", "result": {
             "rows": [], "machine": result["machine"]}}] * 4}
     md = bench.render_report(memory, None, None, {})
     rows = {r["method"]: r for r in result["rows"]}
@@ -162,6 +163,8 @@ def test_report_renders_measured_rows(memory_run, tiny_dir, monkeypatch):
     assert run.command() in md
     assert "Not measured yet: run `mesp bench report --only grads`" in md
     assert "360.8" in md and "136.2" in md  # the paper's column beside ours
+    assert "issue" not in md.lower() and "shared/" not in md  # the report names nothing outside the repository
+    assert bench.MemorySettings.from_record(run.record()) == run  # memory.json keeps each run's settings
 
 
 def test_repeats_zero_measures_memory_only(tiny_dir):
