@@ -27,7 +27,8 @@ import torch
 
 from ..errors import MespError
 from ..lora import ALL_TARGETS, LoraConfig, add_lora
-from ..loaders import PRESETS, load_model, read_hf_config
+from ..loaders import load_model, read_hf_config
+from ..presets import PRESETS
 from ..memory import (PeakMemory, current_rss_bytes, format_mib, peak_rss_since_reset, reset_peak_rss, stage,
                       tensor_bytes)
 from ..methods import compute_gradients
