@@ -10,10 +10,10 @@ import torch
 
 from ..memory import stage
 from ..model import visibility_mask
-from .common import Batch, collect_grads, full_logits_loss
+from .common import LossBatch, collect_grads, full_logits_loss
 
 
-def gradients(model, batch: Batch):
+def gradients(model, batch: LossBatch):
     layers = model.model.layers
     T = batch.input_ids.shape[1]
     cos, sin = model.rope(torch.arange(T, device=model.device))
