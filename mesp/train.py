@@ -26,8 +26,7 @@ from .fileio import write_json, write_text
 from .loaders import load_model, load_tokenizer
 from .lora import adapter_state, add_lora, load_adapter, save_adapter
 from .memory import PeakMemory, peak_rss_bytes
-from .methods import compute_gradients
-from .methods import mezo
+from .methods import compute_gradients, mezo
 from .methods.common import forward_loss, prepare_batch
 from .optim import clip_grad_norm, learning_rate
 from .seeds import mix_seed
@@ -56,7 +55,6 @@ class TrainResult:
 
 # ---- evaluation -------------------------------------------------------------------------------------------
 
-@torch.no_grad()
 def evaluate(model, dataset: Dataset, batch_size: int) -> float:
     """Mean loss per labelled token over the whole dataset (no gradient, chunked LM head)."""
     total = 0.0
