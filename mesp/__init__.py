@@ -9,6 +9,7 @@ from .methods import compute_gradients
 from .model import Model, forward
 from .presets import PRESETS, list_presets
 from .tokenizer import load_tokenizer
-from .train import TrainConfig, TrainResult, train
+from .train import TrainResult, train
+from .train_config import TrainConfig
 
 __version__ = "0.1.0"

@@ -50,16 +50,14 @@ def main(argv: list[str] | None = None) -> int:
 
 # ---- subcommands (each: NAME_args, then @command NAME_run) --------------------------------------------
 
-def add_quantize_args(p: argparse.ArgumentParser, default: str | None = "none", lazy: bool = True) -> None:
-    """--quantize (and --lazy) for a command that loads a base model; see mesp.loaders.load_model."""
-    from .loaders import MODES
+def add_quantize_args(p: argparse.ArgumentParser) -> None:
+    """--quantize and --lazy for a command that loads a base model; see mesp.loaders.load_model. (mesp train's
+    --quantize comes from TrainConfig, with the same choices and help.)"""
+    from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP
 
-    p.add_argument("--quantize", choices=["none", *MODES], default=default,
-                   help="base weights: none (dense), int8 (per channel), int4 (group 64), gguf (keep a GGUF "
-                        "file's Q4_0/Q4_1/Q8_0)" + (f" (default {default})" if default else ""))
-    if lazy:
-        p.add_argument("--lazy", action="store_true",
-                       help="leave a Hugging Face directory's weights on disk, read at each use")
+    p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help=f"{QUANTIZE_HELP} (default none)")
+    p.add_argument("--lazy", action="store_true", help="leave a Hugging Face directory's weights on disk, read at "
+                                                       "each use")
 
 
 # ---- generate ------------------------------------------------------------------------------------------
@@ -102,90 +100,24 @@ def generate_run(args) -> int:
 # ---- train ---------------------------------------------------------------------------------------------
 
 def train_args(p: argparse.ArgumentParser) -> None:
-    # Every default is None so a --config file can fill what the command line leaves out; the real defaults
-    # are TrainConfig's (see --dry-run).
-    a = p.add_argument
-    a("--config", metavar="FILE.toml", help="settings file: keys are these flags' names (dashes or underscores); "
-      "flags given here override it")
-    a("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
-    a("--model", help="HF model directory, .gguf file or preset name")
-    a("--data", metavar="FILE.jsonl", help="training data: text, prompt/completion, messages or input_ids lines")
-    a("--valid", metavar="FILE.jsonl", help="validation data (loss every --eval-every steps)")
-    a("--out", metavar="DIR", help="run directory: adapter, metrics.jsonl, checkpoints")
-    a("--method", choices=["mesp", "mebp", "autograd", "mezo"], help="gradient method (default mesp)")
-    a("--rank", type=int, help="LoRA rank (default 8)")
-    a("--alpha", type=float, help="LoRA alpha (default 16)")
-    a("--targets", help="comma-separated projections (default all: q,k,v,o,gate,up,down _proj)")
-    a("--steps", type=int, help="optimizer steps (or --epochs)")
-    a("--epochs", type=int, help="passes over the data (default 3 when --steps is not given)")
-    a("--batch-size", type=int, help="samples per micro-batch (default 4)")
-    a("--seq-len", type=int, help="longest sample in tokens; longer ones are truncated (default 512)")
-    a("--lr", type=float, help="peak learning rate (default 1e-3 adamw, 1e-1 sgd, 1e-4 mezo)")
-    a("--optimizer", choices=["adamw", "sgd"], help="default adamw (mezo: its own sgd)")
-    a("--momentum", type=float, help="sgd momentum (default 0)")
-    a("--weight-decay", type=float, help="default 0 (decoupled for adamw)")
-    a("--schedule", choices=["constant", "cosine"], help="learning rate after the warmup (default cosine)")
-    a("--warmup", type=int, help="linear warmup steps (default 0)")
-    a("--grad-accum", type=int, help="micro-batches per step (default 1)")
-    a("--seed", type=int, help="LoRA init, data order and MeZO directions (default 0)")
-    a("--resume", action="store_true", default=None, help="continue the run in --out from its last checkpoint")
-    a("--overwrite", action="store_true", default=None, help="replace the run in --out")
-    a("--per-layer-update", action=argparse.BooleanOptionalAction, default=None,
-      help="mesp: update each layer as soon as its gradients exist (default: on where possible)")
-    a("--eval-every", type=int, help="steps between validation losses (default 50)")
-    a("--save-every", type=int, help="steps between checkpoints (default 100)")
-    a("--max-grad-norm", type=float, help="clip the global gradient norm (default off)")
-    a("--train-on-prompt", action="store_true", default=None, help="loss on prompt tokens too")
-    a("--dtype", choices=["float32", "bfloat16", "float16"], help="compute dtype (default float32)")
-    a("--device", help="auto (default), cpu, cuda, cuda:N")
-    a("--measure-memory", action="store_true", default=None,
-      help="record each step's allocator-level peak memory (slow on CPU)")
-    a("--mezo-eps", type=float, help="MeZO perturbation size (default 1e-2)")
-    add_quantize_args(p, default=None, lazy=False)
+    from .settings import add_arguments
+    from .train_config import TrainConfig
 
-
-def read_train_config_file(path: str) -> dict:
-    """Settings from a TOML file, keys checked against TrainConfig and values against its field types."""
-    import tomllib
-    import typing
-    from pathlib import Path
-
-    from .train import TrainConfig, config_fields
-
-    p = Path(path)
-    if p.suffix.lower() in (".yaml", ".yml"):
-        raise MespError(f"{path}: YAML is not supported; write the settings as TOML (key = value)")
-    try:
-        raw = tomllib.loads(p.read_text(encoding="utf-8"))
-    except FileNotFoundError as e:
-        raise MespError(f"{path}: no such file") from e
-    except (OSError, UnicodeDecodeError) as e:
-        raise MespError(f"{path}: unreadable ({e})") from e
-    except tomllib.TOMLDecodeError as e:
-        raise MespError(f"{path}: invalid TOML ({e})") from e
-    hints, known = typing.get_type_hints(TrainConfig), config_fields()
-    settings = {}
-    for key, value in raw.items():
-        name = key.replace("-", "_")
-        if name not in known:
-            raise MespError(f"{path}: unknown setting {key!r}")
-        allowed = typing.get_args(hints[name]) or (hints[name],)
-        allowed = tuple(typing.get_origin(t) or t for t in allowed)
-        ok = isinstance(value, allowed) and not (isinstance(value, bool) and bool not in allowed)
-        if not ok and not (float in allowed and isinstance(value, int) and not isinstance(value, bool)):
-            raise MespError(f"{path}: {key} = {value!r} has the wrong type "
-                            f"(expected {' or '.join(t.__name__ for t in allowed)})")
-        settings[name] = value
-    return settings
+    p.add_argument("--config", metavar="FILE.toml", help="settings file: keys are these flags' names (dashes or "
+                   "underscores); flags given here override it")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
+    # every flag defaults to None, so a --config file (or a resumed run) can fill what the command line leaves
+    # out; the real defaults are TrainConfig's (see --dry-run)
+    add_arguments(p, TrainConfig, defaults_to_none=True)
 
 
 def resolve_train_args(args):
     """TrainConfig from, lowest first: its defaults, the resumed run's saved settings, --config, the flags."""
-    from .train import TrainConfig, config_fields, load_run_config, resolve
+    from .checkpoint import load_run_config
+    from .settings import given, read_toml
+    from .train_config import TrainConfig, resolve
 
-    flags = {k: getattr(args, k) for k in config_fields() if getattr(args, k, None) is not None}
-    from_file = read_train_config_file(args.config) if args.config else {}
-    settings = {**from_file, **flags}
+    settings = {**(read_toml(TrainConfig, args.config) if args.config else {}), **given(TrainConfig, args)}
     if settings.get("resume") and settings.get("out"):
         settings = {**(load_run_config(settings["out"]) or {}), **settings}
     return resolve(TrainConfig(**settings))

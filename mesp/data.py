@@ -55,6 +55,7 @@ class Sample:
 
 @dataclass
 class Batch:
+    """Collated samples, labels unshifted (methods.common.prepare_batch turns one into the loss's LossBatch)."""
     input_ids: torch.Tensor  # [B, T] right-padded
     attention_mask: torch.Tensor  # [B, T], 1 = real token
     labels: torch.Tensor  # [B, T], IGNORE on pads and masked tokens

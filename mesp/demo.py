@@ -147,7 +147,9 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     from .lora import load_adapter
     from .memory import peak_rss_bytes
     from .tokenizer import load_tokenizer
-    from .train import TrainConfig, check_out_dir, resolve, train
+    from .checkpoint import check_out_dir
+    from .train import train
+    from .train_config import TrainConfig, resolve
 
     s = settings or DemoSettings()
     emit = progress or (lambda event: None)

@@ -41,8 +41,12 @@ from .random_init import random_weights
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "int4", "gguf")  # load_model's quantize= besides None
-DTYPES = {"float32": torch.float32, "fp32": torch.float32, "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-          "float16": torch.float16, "fp16": torch.float16}  # compute dtype names load_model accepts
+QUANTIZE_CHOICES = ("none", *MODES)  # the --quantize flag's values
+QUANTIZE_HELP = ("base weights: none (dense), int8 (per channel), int4 (group 64), gguf (keep a GGUF file's "
+                 "Q4_0/Q4_1/Q8_0)")
+DTYPE_NAMES = ("float32", "bfloat16", "float16")  # compute dtypes by name, as settings spell them
+DTYPES = {**{name: getattr(torch, name) for name in DTYPE_NAMES},
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}  # names load_model accepts
 
 
 # ---- entry point ----------------------------------------------------------------------------------------

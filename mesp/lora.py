@@ -44,11 +44,13 @@ class LoraConfig:
         if unknown or not self.target_modules:
             raise MespError(f"target_modules: unknown {', '.join(unknown) or '(empty)'}; "
                             f"choose from {', '.join(ALL_TARGETS)}")
-        if int(self.r) != self.r or self.r < 1:
-            raise MespError(f"r: must be a positive integer, got {self.r}")
+        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 1:
+            raise MespError(f"r: must be a positive integer, got {self.r!r}")
+        a = self.alpha
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not a > 0 or not math.isfinite(a):
+            raise MespError(f"alpha: must be a positive number, got {a!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise MespError(f"dropout: must be in [0, 1), got {self.dropout}")
-        self.r = int(self.r)
 
     @property
     def scale(self) -> float:

@@ -22,7 +22,7 @@ from safetensors.torch import load_file
 from .errors import MespError
 from .formats.safetensors import write_safetensors
 
-OPTIMIZERS = ("sgd", "adamw")
+OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine")
 
 
@@ -32,8 +32,8 @@ class Optimizer:
     state_names: tuple[str, ...] = ()
 
     def __init__(self, weight_decay: float = 0.0):
-        if weight_decay < 0:
-            raise MespError(f"weight_decay must be >= 0, got {weight_decay}")
+        if not weight_decay >= 0:  # NaN too
+            raise MespError(f"weight_decay: must be >= 0, got {weight_decay!r}")
         self.weight_decay = weight_decay
         self.state: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -86,7 +86,7 @@ class SGD(Optimizer):
     def __init__(self, momentum: float = 0.0, weight_decay: float = 0.0):
         super().__init__(weight_decay)
         if not 0.0 <= momentum < 1.0:
-            raise MespError(f"momentum must be in [0, 1), got {momentum}")
+            raise MespError(f"momentum: must be in [0, 1), got {momentum!r}")
         self.momentum = momentum
 
     def _step(self, p, g, state, lr):
@@ -134,7 +134,7 @@ def make_optimizer(name: str, weight_decay: float = 0.0, momentum: float = 0.0) 
         return SGD(momentum=momentum, weight_decay=weight_decay)
     if name == "adamw":
         if momentum:
-            raise MespError("momentum applies to sgd only (adamw has its own betas)")
+            raise MespError("momentum: applies to optimizer sgd only (adamw has its own betas)")
         return AdamW(weight_decay=weight_decay)
     raise MespError(f"optimizer: unknown {name!r}; choose from {', '.join(OPTIMIZERS)}")
 

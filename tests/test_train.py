@@ -4,9 +4,11 @@ dry-run) and every bad input (exit 2, one line on stderr, no adapter written).""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
+import re
 
 import pytest
 import torch
@@ -18,7 +20,7 @@ from mesp.cli import main
 from mesp.data import MicroBatchStream, load_jsonl
 from mesp.errors import MespError
 from mesp.optim import SGD, AdamW, clip_grad_norm, learning_rate
-from mesp.train import TrainConfig, train
+from mesp.train import TrainConfig, resolve, train
 
 VOCAB = 96  # conftest's tiny models
 
@@ -292,7 +294,6 @@ def test_bad_flags_exit_2_with_one_line(tiny, data, tmp_path, capsys, flags, mat
 
 
 def assert_one_line_error(capsys, match):
-    import re
     err = capsys.readouterr().err
     lines = err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mesp train: error: "), err
@@ -325,3 +326,41 @@ def test_config_file_overrides_and_dry_run(tiny, data, tmp_path, capsys):
         cfg.write_text(text)
         assert main(["train", "--config", str(cfg), "--model", tiny, "--data", data["train"], "--out", "x"]) == 2
         assert_one_line_error(capsys, match)
+
+
+def test_help_lists_every_setting_with_its_default(capsys):
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    text = capsys.readouterr().out
+    for f in dataclasses.fields(TrainConfig):
+        assert re.search(rf"^  --{f.name.replace('_', '-')}\b", text, re.M), f.name
+    assert "--no-per-layer-update" in text and "LoRA rank (default 8)" in text and "{none,int8,int4,gguf}" in text
+
+
+def test_from_toml_reads_the_file_and_overrides_win(tmp_path):
+    cfg = tmp_path / "run.toml"
+    cfg.write_text('model = "m"\nbatch-size = 2\nlr = 1\ntargets = ["q_proj"]\n')
+    c = TrainConfig.from_toml(cfg, lr=0.5)
+    assert (c.model, c.batch_size, c.lr, c.targets, c.rank) == ("m", 2, 0.5, ["q_proj"], 8)
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(rank=0), r"^rank: must be a positive integer"),
+    (dict(rank=2.0), r"^rank: must be a positive integer"),
+    (dict(alpha=-1.0), r"^alpha: must be a positive number"),
+    (dict(targets="q_proj,lm_head"), r"^targets: unknown lm_head"),
+    (dict(optimizer="sgd", momentum=1.5), r"^momentum: must be in \[0, 1\)"),
+    (dict(optimizer="adamw", momentum=0.9), r"^momentum: applies to optimizer sgd only"),
+    (dict(weight_decay=-0.1), r"^weight_decay: must be >= 0"),
+    (dict(method="mezo", weight_decay=-0.1), r"^weight_decay: must be >= 0"),
+    (dict(optimizer="lion"), r"^optimizer: unknown 'lion'"),
+    (dict(schedule="linear"), r"^schedule: unknown 'linear'"),
+    (dict(method="sgd"), r"^method: unknown 'sgd'"),
+    (dict(dtype="int8"), r"^dtype: unknown 'int8'"),
+    (dict(lr=0.0), r"^lr: must be a positive number"),
+    (dict(warmup=-1), r"^warmup: must be a non-negative integer"),
+])
+def test_resolve_names_the_setting(tmp_path, settings, match):
+    """resolve checks by building the LoRA config, the optimizer and the schedule; errors name the setting."""
+    with pytest.raises(MespError, match=match):
+        resolve(TrainConfig(model="m", data="d.jsonl", out=str(tmp_path / "o"), **settings))

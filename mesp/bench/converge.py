@@ -10,7 +10,8 @@ from pathlib import Path
 from ..demo import DemoSettings
 from ..errors import MespError
 from ..settings import setting
-from ..train import DEFAULT_LR, TrainConfig, train
+from ..train import train
+from ..train_config import DEFAULT_LR, TrainConfig
 from .machine import machine_info
 
 CONVERGE_COLUMNS = ("method", "step", "loss", "valid_loss", "lr", "seconds")

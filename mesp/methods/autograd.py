@@ -5,10 +5,10 @@ from __future__ import annotations
 import torch
 
 from ..memory import stage
-from .common import Batch, collect_grads, full_logits_loss
+from .common import LossBatch, collect_grads, full_logits_loss
 
 
-def gradients(model, batch: Batch):
+def gradients(model, batch: LossBatch):
     for p in model.lora_parameters().values():
         p.requires_grad_(True)
         p.grad = None

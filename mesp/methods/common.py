@@ -1,4 +1,4 @@
-"""What every method shares: the batch (shifted targets, counted tokens), the loss, and the gradient dict."""
+"""What every method shares: the loss batch (shifted targets, counted tokens), the loss, and the gradient dict."""
 
 from __future__ import annotations
 
@@ -8,15 +8,16 @@ import torch
 import torch.nn.functional as F
 
 from .. import ops
+from ..data import IGNORE
 from ..errors import MespError
 from ..lora import peft_key
 from ..model import Model
 
-IGNORE = -100
-
 
 @dataclass
-class Batch:
+class LossBatch:
+    """A batch as the loss sees it: the labels shifted into per-position targets, and the loss's divisor.
+    (mesp.data.Batch is the collated token batch it is made from.)"""
     input_ids: torch.Tensor  # [B, T]
     attention_mask: torch.Tensor | None  # [B, T] (1 = real token), None when nothing is padded
     targets: torch.Tensor  # [B, T]: targets[:, t] = labels[:, t+1]; last column IGNORE
@@ -27,7 +28,7 @@ class Batch:
         return None if self.attention_mask is None else self.attention_mask.bool()
 
 
-def prepare_batch(model: Model, input_ids, labels, attention_mask=None, normalizer=None) -> Batch:
+def prepare_batch(model: Model, input_ids, labels, attention_mask=None, normalizer=None) -> LossBatch:
     """Check shapes and shift labels as transformers does (the model predicts labels[t+1] at position t).
 
     `normalizer` overrides the count of labelled tokens, so micro-batches of one accumulated step share the
@@ -53,10 +54,10 @@ def prepare_batch(model: Model, input_ids, labels, attention_mask=None, normaliz
     count = int((targets != IGNORE).sum())
     if count == 0:
         raise MespError("labels: no token is labelled (every label is -100 after the shift)")
-    return Batch(input_ids, attention_mask, targets, float(normalizer or count))
+    return LossBatch(input_ids, attention_mask, targets, float(normalizer or count))
 
 
-def full_logits_loss(hidden: torch.Tensor, model: Model, batch: Batch) -> torch.Tensor:
+def full_logits_loss(hidden: torch.Tensor, model: Model, batch: LossBatch) -> torch.Tensor:
     """Differentiable loss through full-vocabulary logits [B, T, V] (the autograd and MeBP way)."""
     logits = ops.frozen_linear(hidden, model.lm_head_weight)
     logits = logits.to(ops.acc_dtype(logits.dtype))  # bf16 -> fp32; fp64 stays fp64
@@ -65,7 +66,7 @@ def full_logits_loss(hidden: torch.Tensor, model: Model, batch: Batch) -> torch.
     return loss_sum / batch.normalizer
 
 
-def chunked_loss(hidden: torch.Tensor, model: Model, batch: Batch, loss_chunk: int | None = None,
+def chunked_loss(hidden: torch.Tensor, model: Model, batch: LossBatch, loss_chunk: int | None = None,
                  compute_grad: bool = True, loss_chunk_bytes: int = 8 << 20):
     """Loss (and its gradient w.r.t. `hidden`, the final-normed states) with the LM head run only on labelled
     tokens, `loss_chunk` tokens at a time against vocabulary slices whose fp32 logits stay within
@@ -75,6 +76,14 @@ def chunked_loss(hidden: torch.Tensor, model: Model, batch: Batch, loss_chunk: i
                                             batch.targets.reshape(-1), batch.normalizer, loss_chunk or 1024,
                                             compute_grad, loss_chunk_bytes)
     return loss_sum / batch.normalizer, None if g is None else g.view(B, T, d)
+
+
+@torch.no_grad()
+def forward_loss(model: Model, batch: LossBatch, loss_chunk: int | None = None) -> float:
+    """The loss without gradients, at inference memory: one forward pass, then the chunked LM head (no
+    full-vocabulary logits). For evaluation and for MeZO's perturbed losses."""
+    hidden, _ = model(batch.input_ids, batch.attention_mask, return_hidden=True)
+    return float(chunked_loss(hidden, model, batch, loss_chunk, compute_grad=False)[0])
 
 
 def collect_grads(model: Model) -> dict[str, torch.Tensor]:

@@ -10,10 +10,10 @@ import torch
 
 from ..memory import stage
 from ..model import LayerRun, sdpa_visibility
-from .common import Batch, collect_grads, full_logits_loss
+from .common import LossBatch, collect_grads, full_logits_loss
 
 
-def gradients(model, batch: Batch):
+def gradients(model, batch: LossBatch):
     layers = model.model.layers
     T = batch.input_ids.shape[1]
     rope = model.rope(torch.arange(T, device=model.device))

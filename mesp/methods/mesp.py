@@ -22,7 +22,7 @@ from .. import ops
 from ..memory import stage
 from ..lora import peft_key
 from ..model import DecoderLayer, Linear
-from .common import Batch, chunked_loss
+from .common import LossBatch, chunked_loss
 
 
 class LoraGrads:
@@ -183,7 +183,7 @@ def unrotate(g, rope):
     return g if rope is None else ops.rope_backward(g, *rope)
 
 
-def gradients(model, batch: Batch, loss_chunk: int | None = None, attn_block: int = 128,
+def gradients(model, batch: LossBatch, loss_chunk: int | None = None, attn_block: int = 128,
               on_layer_grads: Callable[[int, dict], None] | None = None, store_h: bool = False):
     """Loss and PEFT-keyed LoRA gradients, exactly as autograd computes them, without autograd."""
     layers = model.model.layers

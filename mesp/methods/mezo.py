@@ -11,7 +11,7 @@ import torch
 
 from ..lora import peft_key
 from ..seeds import mix_seed
-from .common import Batch, chunked_loss
+from .common import LossBatch, forward_loss
 
 
 def z_of(params, seed: int):
@@ -30,25 +30,19 @@ def perturb(params, seed: int, step: float) -> None:
 
 
 @torch.no_grad()
-def loss_only(model, batch: Batch, loss_chunk: int | None = None) -> float:
-    hidden, _ = model(batch.input_ids, batch.attention_mask, return_hidden=True)
-    return float(chunked_loss(hidden, model, batch, loss_chunk, compute_grad=False)[0])
-
-
-@torch.no_grad()
-def projected_gradient(model, batch: Batch, seed: int, eps: float, loss_chunk=None):
+def projected_gradient(model, batch: LossBatch, seed: int, eps: float, loss_chunk=None):
     """Two forward passes at theta +- eps z; theta is restored in place. Returns (p, (l+ + l-) / 2)."""
     params = list(model.lora_parameters().values())
     perturb(params, seed, eps)
-    plus = loss_only(model, batch, loss_chunk)
+    plus = forward_loss(model, batch, loss_chunk)
     perturb(params, seed, -2 * eps)
-    minus = loss_only(model, batch, loss_chunk)
+    minus = forward_loss(model, batch, loss_chunk)
     perturb(params, seed, eps)
     return (plus - minus) / (2 * eps), (plus + minus) / 2
 
 
 @torch.no_grad()
-def gradients(model, batch: Batch, eps: float = 1e-3, n_directions: int = 1, seed: int = 0, loss_chunk=None):
+def gradients(model, batch: LossBatch, eps: float = 1e-3, n_directions: int = 1, seed: int = 0, loss_chunk=None):
     """MeZO's gradient estimate, mean over n directions of p_j z_j, PEFT-keyed so it can be compared with
     the true gradient (training never materialises it: see `update`)."""
     named = list(model.lora_parameters().items())
@@ -66,7 +60,7 @@ def gradients(model, batch: Batch, eps: float = 1e-3, n_directions: int = 1, see
 
 
 @torch.no_grad()
-def update(model, batch: Batch, lr: float, seed: int, eps: float = 1e-3, weight_decay: float = 0.0,
+def update(model, batch: LossBatch, lr: float, seed: int, eps: float = 1e-3, weight_decay: float = 0.0,
            loss_chunk=None) -> float:
     """One MeZO-SGD step: theta -= lr (p z + wd theta), z regenerated from `seed`. Returns the loss."""
     params = list(model.lora_parameters().values())

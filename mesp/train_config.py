@@ -1,0 +1,183 @@
+"""The settings of a training run: `TrainConfig`, the one place each setting's default, help and choices live.
+
+`mesp train`'s flags are generated from the fields (mesp.settings), a TOML file of the same keys is read by
+`TrainConfig.from_toml`, and `resolve` fills the defaults that depend on other settings and checks the whole
+run by building what the run will build (the LoRA config, the optimizer, the schedule), so each rule is
+written once, in the module that owns it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+from .errors import MespError
+from .lora import ALL_TARGETS, LoraConfig
+from .methods import METHODS
+from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
+from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP
+from .settings import read_toml, setting
+
+# Peak learning rates for rank-8 LoRA on all projections. adamw and sgd: chosen on the shipped
+# SmolLM2-135M-Instruct with the demo data (40 steps, batch 4, cosine), where a fifth or a tenth of these
+# trained markedly slower; mezo: the MeZO paper's LoRA setting (lr 1e-4, eps 1e-2).
+DEFAULT_LR = {"adamw": 1e-3, "sgd": 1e-1, "mezo": 1e-4}
+DEFAULT_OPTIMIZER = "adamw"  # MeZO always uses its own SGD
+DEFAULT_EPOCHS = 3  # when neither steps nor epochs is given
+
+
+@dataclass
+class TrainConfig:
+    """The settings of a run; field names are the `mesp train` flags (dashes become underscores).
+
+    None means "pick the default for the other settings" (see `resolve`)."""
+    model: str | None = setting(None, "HF model directory, .gguf file or preset name")
+    data: str | None = setting(None, "training data: text, prompt/completion, messages or input_ids lines",
+                               metavar="FILE.jsonl")
+    out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR")
+    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl")
+    method: str = setting("mesp", "gradient method", choices=METHODS)
+    rank: int = setting(8, "LoRA rank")
+    alpha: float = setting(16.0, "LoRA alpha")
+    targets: list[str] | str = setting(factory=lambda: list(ALL_TARGETS), help="comma-separated projections")
+    steps: int | None = setting(None, "optimizer steps (or --epochs)")
+    epochs: int | None = setting(None, "passes over the data",
+                                 default_text=f"default {DEFAULT_EPOCHS} when --steps is not given")
+    batch_size: int = setting(4, "samples per micro-batch")
+    seq_len: int = setting(512, "longest sample in tokens; longer ones are truncated")
+    lr: float | None = setting(None, "peak learning rate",
+                               default_text="default " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()))
+    optimizer: str | None = setting(None, "optimizer", choices=OPTIMIZERS,
+                                    default_text=f"default {DEFAULT_OPTIMIZER}; mezo: its own sgd")
+    momentum: float = setting(0.0, "sgd momentum")
+    weight_decay: float = setting(0.0, "weight decay, decoupled for adamw")
+    schedule: str = setting("cosine", "learning rate after the warmup", choices=SCHEDULES)
+    warmup: int = setting(0, "linear warmup steps")
+    # the loss of an accumulated step is normalised by the step's total label count
+    grad_accum: int = setting(1, "micro-batches per step")
+    seed: int = setting(0, "LoRA init, data order and MeZO directions")
+    resume: bool = setting(False, "continue the run in --out from its last checkpoint")
+    overwrite: bool = setting(False, "replace the run in --out")
+    per_layer_update: bool | None = setting(None, "mesp: update each layer as soon as its gradients exist",
+                                            negatable=True, default_text="default: on where possible")
+    # both also at the end of the run
+    eval_every: int = setting(50, "steps between validation losses")
+    save_every: int = setting(100, "steps between checkpoints")
+    max_grad_norm: float | None = setting(None, "clip the global gradient norm", default_text="default off")
+    train_on_prompt: bool = setting(False, "loss on prompt tokens too")
+    dtype: str = setting("float32", "compute dtype", choices=DTYPE_NAMES)
+    device: str = setting("auto", "cpu, cuda, cuda:N, or auto: cuda if available")
+    # the allocator-level peak runs the profiler on CPU
+    measure_memory: bool = setting(False, "record each step's allocator-level peak memory (slow on CPU)")
+    mezo_eps: float = setting(1e-2, "MeZO perturbation size")
+    quantize: str | None = setting(None, QUANTIZE_HELP, choices=QUANTIZE_CHOICES)  # passed to load_model
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_toml(cls, path, **overrides) -> TrainConfig:
+        """Settings from a TOML file whose keys are the field names (dashes or underscores), each value checked
+        against the field's type; `overrides` win over the file. Raises MespError naming the file and key."""
+        return cls(**{**read_toml(cls, path), **overrides})
+
+
+# Settings that define the run: resuming with any of them changed would not continue the same run.
+SAME_RUN_KEYS = ("model", "data", "method", "rank", "alpha", "targets", "batch_size", "seq_len", "lr", "optimizer",
+                 "momentum", "weight_decay", "schedule", "warmup", "grad_accum", "seed", "max_grad_norm",
+                 "train_on_prompt", "dtype", "mezo_eps", "quantize")
+
+
+def lora_config(c: TrainConfig) -> LoraConfig:
+    return LoraConfig(r=c.rank, alpha=c.alpha, target_modules=c.targets)
+
+
+def optimizer_of(c: TrainConfig) -> Optimizer:
+    """The optimizer of a resolved config (MeZO's resolved optimizer is the plain SGD it follows)."""
+    return make_optimizer(c.optimizer, c.weight_decay, c.momentum)
+
+
+@contextmanager
+def naming_settings(**setting_of: str) -> Iterator[None]:
+    """An object's MespError names its own parameter ("r: must be ..."); say the setting that fed it instead
+    (setting_of maps parameter -> setting, e.g. r="rank")."""
+    try:
+        yield
+    except MespError as e:
+        param, colon, rest = str(e).partition(":")
+        if colon and param in setting_of:
+            raise MespError(f"{setting_of[param]}:{rest}") from e
+        raise
+
+
+def require_int(c: TrainConfig, names, least: int) -> None:
+    for name in names:
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, int) or v < least:
+            kind = "a positive" if least == 1 else "a non-negative"
+            raise MespError(f"{name}: must be {kind} integer, got {v!r}")
+
+
+def resolve(config: TrainConfig) -> TrainConfig:
+    """A copy with defaults filled in and every setting checked (no file is read)."""
+    c = dataclasses.replace(config)
+    for name in ("model", "data", "out"):
+        if not getattr(c, name):
+            raise MespError(f"{name}: required")
+    # absolute paths, so a resumed run finds (and compares) the same files from any working directory
+    c.model, c.out = os.fspath(c.model), os.fspath(c.out)
+    c.data = os.path.abspath(c.data)
+    c.valid = os.path.abspath(c.valid) if c.valid else None
+    if os.path.exists(c.model):
+        c.model = os.path.abspath(c.model)
+    if c.method not in METHODS:
+        raise MespError(f"method: unknown {c.method!r}; choose from {', '.join(METHODS)}")
+    with naming_settings(r="rank", target_modules="targets"):
+        c.targets = list(lora_config(c).target_modules)  # a comma-separated string becomes the list
+    require_int(c, ("batch_size", "seq_len", "grad_accum", "eval_every", "save_every"), least=1)
+    require_int(c, ("warmup", "seed"), least=0)
+    if c.steps is not None and c.epochs is not None:
+        raise MespError("give steps or epochs, not both")
+    require_int(c, [name for name in ("steps", "epochs") if getattr(c, name) is not None], least=1)
+    if c.steps is None and c.epochs is None:
+        c.epochs = DEFAULT_EPOCHS
+    if c.dtype not in DTYPE_NAMES:
+        raise MespError(f"dtype: unknown {c.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
+    if c.method == "mezo":
+        if c.optimizer not in (None, "sgd"):
+            raise MespError(f"optimizer {c.optimizer}: MeZO trains with its own seed-trick SGD; use sgd")
+        c.optimizer = "sgd"
+        for name, bad in (("grad_accum", c.grad_accum != 1), ("per_layer_update", bool(c.per_layer_update)),
+                          ("max_grad_norm", c.max_grad_norm is not None), ("momentum", bool(c.momentum))):
+            if bad:
+                raise MespError(f"{name}: not available with method mezo")
+        c.per_layer_update = False
+    else:
+        c.optimizer = c.optimizer or DEFAULT_OPTIMIZER
+        compatible = c.method == "mesp" and c.grad_accum == 1 and c.max_grad_norm is None
+        if c.per_layer_update is None:
+            c.per_layer_update = compatible
+        elif c.per_layer_update and not compatible:
+            why = ("needs method mesp" if c.method != "mesp" else
+                   "needs grad_accum 1 (accumulation holds every gradient anyway)" if c.grad_accum != 1 else
+                   "cannot clip by the global gradient norm (max_grad_norm)")
+            raise MespError(f"per_layer_update: {why}")
+    optimizer_of(c)  # checks optimizer, momentum and weight_decay (MeZO's decay follows SGD's rule)
+    if c.lr is None:
+        c.lr = DEFAULT_LR["mezo" if c.method == "mezo" else c.optimizer]
+    for name in ("lr", "mezo_eps"):
+        v = getattr(c, name)
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not v > 0 or not math.isfinite(v):
+            raise MespError(f"{name}: must be a positive number, got {v!r}")
+    c.lr, c.alpha = float(c.lr), float(c.alpha)
+    learning_rate(0, c.lr, 1, c.schedule, c.warmup)  # checks the schedule
+    if c.max_grad_norm is not None and not c.max_grad_norm > 0:
+        raise MespError(f"max_grad_norm: must be positive, got {c.max_grad_norm!r}")
+    if c.resume and c.overwrite:
+        raise MespError("give resume or overwrite, not both")
+    return c
+
