@@ -66,8 +66,11 @@ def assert_grads_close(grads: dict, ref: dict, tol: float, what: str):
         a = grads[k]
         assert a.shape == b.shape, f"{what}: {k} shape {tuple(a.shape)} != {tuple(b.shape)}"
         assert torch.isfinite(a).all(), f"{what}: {k} not finite"
-        if b.norm() == 0:  # a true zero (q/k when position 0 is the only target): ours must be zero up to
-            # rounding, measured against the whole gradient's norm
+        if b.double().norm() <= 0.1 * tol * total:
+            # a true zero (q/k when position 0 is the only target), which the reference computes as exactly 0 with
+            # vectorised CPU kernels but as fp32 rounding noise (~1e-7 of the whole gradient) without them: ours
+            # must be zero up to rounding too, measured against the whole gradient's norm (a relative error
+            # against rounding noise means nothing)
             assert a.double().norm() <= tol * total, f"{what}: {k} should be zero, norm {a.norm():.2e}"
             continue
         r = relative_error(a, b)
