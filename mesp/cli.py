@@ -8,10 +8,28 @@ status 2, never a traceback.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
+import torch
+from tqdm import tqdm
+
+from . import bench
+from .checkpoint import load_run_config
+from .demo import DEFAULT_STEPS, DemoSettings, run_demo
 from .errors import MespError
+from .fileio import write_json, write_text
+from .generate import check_sampling, generate_stream
+from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, load_model
+from .lora import load_adapter
+from .memory import format_mib, return_freed_memory_to_os
+from .merge import merge_adapter
+from .presets import PRESETS
+from .settings import add_arguments, given, read_toml
+from .tokenizer import load_tokenizer
+from .train import train
+from .train_config import TrainConfig, resolve
 
 COMMANDS: dict[str, tuple] = {}  # name -> (help, args_fn, run_fn), in registration order
 
@@ -35,7 +53,6 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(message)s")
-    from .memory import return_freed_memory_to_os
 
     return_freed_memory_to_os()  # peak RSS then tracks live tensors, not glibc's heap
     try:
@@ -53,7 +70,6 @@ def main(argv: list[str] | None = None) -> int:
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
     """--quantize and --lazy for a command that loads a base model; see mesp.loaders.load_model. (mesp train's
     --quantize comes from TrainConfig, with the same choices and help.)"""
-    from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP
 
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help=f"{QUANTIZE_HELP} (default none)")
     p.add_argument("--lazy", action="store_true", help="leave a Hugging Face directory's weights on disk, read at "
@@ -77,18 +93,12 @@ def generate_args(p: argparse.ArgumentParser) -> None:
 
 @command("generate", generate_args, "Generate text from a prompt with a model (and optional LoRA adapter).")
 def generate_run(args) -> int:
-    from .generate import check_sampling, generate_stream
-    from .loaders import load_model
-    from .presets import PRESETS
-    from .tokenizer import load_tokenizer
-
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     if args.model in PRESETS:
         load_tokenizer(args.model)  # a random preset has none: fail before building its weights
     model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, lazy=args.lazy)
     tokenizer = load_tokenizer(model)
     if args.adapter:
-        from .lora import load_adapter
         load_adapter(model, args.adapter)
     for piece in generate_stream(model, tokenizer, args.prompt, chat=args.chat, max_new_tokens=args.max_new_tokens,
                                  temperature=args.temperature, seed=args.seed, top_p=args.top_p):
@@ -100,9 +110,6 @@ def generate_run(args) -> int:
 # ---- train ---------------------------------------------------------------------------------------------
 
 def train_args(p: argparse.ArgumentParser) -> None:
-    from .settings import add_arguments
-    from .train_config import TrainConfig
-
     p.add_argument("--config", metavar="FILE.toml", help="settings file: keys are these flags' names (dashes or "
                    "underscores); flags given here override it")
     p.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
@@ -113,9 +120,6 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_train_args(args):
     """TrainConfig from, lowest first: its defaults, the resumed run's saved settings, --config, the flags."""
-    from .checkpoint import load_run_config
-    from .settings import given, read_toml
-    from .train_config import TrainConfig, resolve
 
     settings = {**(read_toml(TrainConfig, args.config) if args.config else {}), **given(TrainConfig, args)}
     if settings.get("resume") and settings.get("out"):
@@ -125,10 +129,6 @@ def resolve_train_args(args):
 
 @command("train", train_args, "Fine-tune a LoRA adapter on a JSONL file.")
 def train_run(args) -> int:
-    import json
-
-    from .train import train
-
     config = resolve_train_args(args)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
@@ -138,13 +138,12 @@ def train_run(args) -> int:
     def progress(event):
         nonlocal bar
         if event["event"] == "start":
-            from tqdm import tqdm
             bar = tqdm(total=event["total_steps"], initial=event["start_step"], desc="train", unit="step",
                        disable=None, dynamic_ncols=True)
         elif event["event"] == "step" and bar is not None:
             memory = event.get("peak_bytes", event["peak_rss_bytes"])
             post = {"loss": f"{event['loss']:.4f}", "tok/s": f"{event['tokens_per_s'] or 0:.0f}",
-                    "mem": f"{memory / 2**20:.0f}MiB" + ("" if "peak_bytes" in event else " rss")}
+                    "mem": f"{format_mib(memory, 0)}MiB" + ("" if "peak_bytes" in event else " rss")}
             if "valid_loss" in event:
                 post["valid"] = f"{event['valid_loss']:.4f}"
             bar.set_postfix(post, refresh=False)
@@ -180,12 +179,10 @@ def merge_args(p: argparse.ArgumentParser) -> None:
 
 @command("merge", merge_args, "Fold a LoRA adapter into the base weights and write a Hugging Face model directory.")
 def merge_run(args) -> int:
-    from .merge import merge_adapter
-
     r = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     files = ", ".join(r.shards) + (" + tokenizer" if r.tokenizer else "")
     print(f"merged {r.merged_modules} LoRA projections into {r.tensors} {r.dtype} tensors "
-          f"({r.total_bytes / 2**20:.1f} MiB: {files})")
+          f"({format_mib(r.total_bytes)} MiB: {files})")
     print(f"model: {r.out_dir}")
     return 0
 
@@ -193,8 +190,6 @@ def merge_run(args) -> int:
 # ---- demo ----------------------------------------------------------------------------------------------
 
 def demo_args(p: argparse.ArgumentParser) -> None:
-    from .demo import DEFAULT_STEPS
-
     p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS})")
     p.add_argument("--out", metavar="DIR", help="keep the trained adapter in DIR (default: a temporary directory)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
@@ -211,9 +206,6 @@ def _print_answers(title: str, answers, phase: str) -> None:
 @command("demo", demo_args, "Teach the shipped SmolLM2-135M-Instruct facts about a fictional person with MeSP "
                             "and show its answers before and after, with the memory of a MeSP and a MeBP step.")
 def demo_run(args) -> int:
-    from .demo import DemoSettings, run_demo
-    from .memory import format_mib
-
     if args.steps is not None and args.steps < 1:
         raise MespError(f"--steps: must be a positive integer, got {args.steps}")
     settings = DemoSettings() if args.steps is None else DemoSettings(steps=args.steps)
@@ -274,23 +266,17 @@ BENCH_COMMANDS = {  # name -> (help, description); each one's flags come from it
 
 
 def _bench_settings_class(name: str):
-    from . import bench
-
     return {"memory": bench.MemorySettings, "grads": bench.GradsSettings, "converge": bench.ConvergeSettings,
             "report": bench.ReportSettings}[name]
 
 
 def bench_args(p: argparse.ArgumentParser) -> None:
-    from .settings import add_arguments
-
     sub = p.add_subparsers(dest="bench_command", required=True)
     for name, (help_text, description) in BENCH_COMMANDS.items():
         add_arguments(sub.add_parser(name, help=help_text, description=description), _bench_settings_class(name))
 
 
 def _write_outputs(settings, result, plot=None, csv_text=None) -> None:
-    from .fileio import write_json, write_text
-
     if getattr(settings, "json", None):
         write_json(settings.json, result)
         print(f"wrote {settings.json}")
@@ -304,16 +290,12 @@ def _write_outputs(settings, result, plot=None, csv_text=None) -> None:
 
 @command("bench", bench_args, "Benchmarks: memory/time per step, gradient fidelity, convergence, the report.")
 def bench_run(args) -> int:
-    from . import bench
-    from .settings import given
-
     cls = _bench_settings_class(args.bench_command)
     s = cls(**given(cls, args))
     if s.threads is not None:
         if s.threads < 1:
             raise MespError(f"--threads: must be a positive integer, got {s.threads}")
         if args.bench_command != "memory":  # memory sets it in each fresh worker process
-            import torch
             torch.set_num_threads(s.threads)
     if args.bench_command == "memory":
         result = bench.bench_memory(s.cases(), progress=True, timeout=s.timeout)

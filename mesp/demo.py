@@ -23,8 +23,17 @@ from pathlib import Path
 
 import torch
 
-from .data import read_jsonl
+from .checkpoint import check_out_dir
+from .data import MicroBatchStream, load_jsonl, read_jsonl
 from .errors import MespError
+from .generate import generate
+from .loaders import load_model
+from .lora import load_adapter
+from .memory import PeakMemory, peak_rss_bytes
+from .methods import compute_gradients
+from .tokenizer import load_tokenizer
+from .train import train
+from .train_config import TrainConfig, resolve
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +125,6 @@ def load_heldout(path) -> list[Answer]:
 
 def ask(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
     """Greedy answers through the chat template, as `mesp generate --chat` gives them."""
-    from .generate import generate
 
     return [generate(model, tokenizer, q, chat=True, max_new_tokens=max_new_tokens).strip() for q in questions]
 
@@ -124,8 +132,6 @@ def ask(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str
 def step_memory(model, batch, device) -> list[StepMemory]:
     """Allocator-level peak of one MeSP and one MeBP gradient step on the same batch (the adapter is unchanged:
     compute_gradients only returns gradients)."""
-    from .memory import PeakMemory
-    from .methods import compute_gradients
 
     out = []
     for method in MEMORY_METHODS:
@@ -142,14 +148,6 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     """Run the demo (see the module docstring). The adapter is kept in `out` when given, else trained in a
     temporary directory that is removed at the end. progress(event) receives {"event": "answers", "phase":
     "before"|"after", "answers": [...]}, mesp.train's own events, and {"event": "memory", ...} as the two measured steps begin."""
-    from .data import MicroBatchStream, load_jsonl
-    from .loaders import load_model
-    from .lora import load_adapter
-    from .memory import peak_rss_bytes
-    from .tokenizer import load_tokenizer
-    from .checkpoint import check_out_dir
-    from .train import train
-    from .train_config import TrainConfig, resolve
 
     s = settings or DemoSettings()
     emit = progress or (lambda event: None)

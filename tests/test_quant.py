@@ -9,6 +9,11 @@ dequantized values (fp32 relative error <= 1e-5 per tensor).
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
+from pathlib import Path
+
 import gguf
 import numpy as np
 import pytest
@@ -299,3 +304,17 @@ def test_cli_quantize_flag():
     assert parser.parse_args(["generate", "--model", "m", "--prompt", "p"]).quantize == "none"
     with pytest.raises(SystemExit):
         parser.parse_args(["generate", "--model", "m", "--prompt", "p", "--quantize", "int3"])
+
+
+@pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
+def test_packed_layouts_hold_under_every_cpu_capability(capability):
+    """PyTorch's packed int4 layout follows the kernels the CPU dispatches to (row blocks of 32 rows with AVX2,
+    64 with AVX-512, pairs without vectorisation), so the layout and product tests rerun under each capability
+    this CPU can emulate: whichever machine CI lands on, every layout is exercised (a capability the CPU lacks
+    falls back to the best it has)."""
+    env = {**os.environ, "ATEN_CPU_CAPABILITY": capability}
+    tests = str(Path(__file__))
+    proc = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "-q", tests, "-k",
+                           "kernel_layout_round_trip or products_match_the_dequantized_matrix"],
+                          env=env, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-2000:]
