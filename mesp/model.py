@@ -195,7 +195,7 @@ class Model(nn.Module):
         self.model = Backbone(cfg)
         self.lm_head = None if cfg.tie_word_embeddings else Embedding()  # holds weight [V, d]
         self.source = None  # where the weights came from (set by the loader)
-        self.tokenizer_source = None  # (kind, path) for mesp.loaders.load_tokenizer
+        self.tokenizer_source = None  # (kind, path) for mesp.tokenizer.load_tokenizer
 
     # ---- weights -------------------------------------------------------------------------
     @property
