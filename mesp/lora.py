@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
-from safetensors import SafetensorError
-from safetensors.torch import load_file
+from safetensors import SafetensorError, safe_open
 from torch import nn
 
 from .errors import MespError
@@ -28,6 +29,20 @@ ALL_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "
 PEFT_PREFIX = "base_model.model."
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
+
+# adapter_config.json fields that change what an adapter computes and that mesp does not implement ->
+# whether a value is PEFT's default (PEFT writes these fields out with their defaults).
+UNSUPPORTED_FIELDS = {
+    "bias": lambda v: v in (None, "none"),
+    "fan_in_fan_out": lambda v: v in (None, False),
+    "layers_to_transform": lambda v: v in (None, []),
+    "layers_pattern": lambda v: v in (None, [], ""),
+    "modules_to_save": lambda v: v in (None, []),
+    "lora_bias": lambda v: v in (None, False),
+    "trainable_token_indices": lambda v: v in (None, [], {}),
+    "target_parameters": lambda v: v in (None, []),
+    "exclude_modules": lambda v: v in (None, [], ""),
+}
 
 
 @dataclass
@@ -69,6 +84,10 @@ class LoraConfig:
 
     @classmethod
     def from_peft(cls, d: dict, where: str) -> "LoraConfig":
+        """The LoraConfig of an adapter_config.json's contents `d`. Every field mesp does not implement must
+        hold PEFT's default (which PEFT writes out), so no adapter loads with part of its meaning dropped."""
+        if not isinstance(d, dict):
+            raise MespError(f"{where}: not a JSON object")
         if d.get("peft_type", "LORA") != "LORA":
             raise MespError(f"{where}: peft_type {d.get('peft_type')!r} is not LORA")
         for key in ("use_dora", "use_rslora"):
@@ -76,16 +95,40 @@ class LoraConfig:
                 raise MespError(f"{where}: {key} adapters are not supported")
         if d.get("rank_pattern") or d.get("alpha_pattern"):
             raise MespError(f"{where}: rank_pattern/alpha_pattern adapters are not supported")
+        for key, value in d.items():
+            if key in UNSUPPORTED_FIELDS and not UNSUPPORTED_FIELDS[key](value):
+                raise MespError(f"{where}: {key} = {json.dumps(value)} is not supported by mesp "
+                                f"(only PEFT's default is)")
+        for key in ("r", "lora_alpha"):
+            if key not in d:
+                raise MespError(f"{where}: missing field {key!r}")
         targets = d.get("target_modules")
         if isinstance(targets, str):  # PEFT also allows a regex; we accept 'all-linear' and exact names
             targets = list(ALL_TARGETS) if targets == "all-linear" else [targets]
+        if targets is not None and not (isinstance(targets, list) and all(isinstance(t, str) for t in targets)):
+            raise MespError(f"{where}: target_modules: must be a list of names, got {json.dumps(targets)}")
+        dropout = d.get("lora_dropout") or 0.0
+        if isinstance(dropout, bool) or not isinstance(dropout, (int, float)):
+            raise MespError(f"{where}: lora_dropout: must be a number, got {json.dumps(dropout)}")
         try:
-            return cls(r=d["r"], alpha=d["lora_alpha"], target_modules=list(targets or []),
-                       dropout=float(d.get("lora_dropout") or 0.0))
-        except KeyError as e:
-            raise MespError(f"{where}: missing field {e.args[0]!r}") from e
+            with naming_fields(alpha="lora_alpha", dropout="lora_dropout"):
+                return cls(r=d["r"], alpha=d["lora_alpha"], target_modules=list(targets or []),
+                           dropout=float(dropout))
         except MespError as e:  # a bad value (unknown target, bad r): say which file holds it
             raise MespError(f"{where}: {e}") from e
+
+
+@contextmanager
+def naming_fields(**field_of: str) -> Iterator[None]:
+    """A LoraConfig MespError names its own parameter ("alpha: must be ..."); name where the value came from
+    instead (field_of maps parameter -> file field or setting, e.g. alpha="lora_alpha", r="rank")."""
+    try:
+        yield
+    except MespError as e:
+        param, colon, rest = str(e).partition(":")
+        if colon and param in field_of:
+            raise MespError(f"{field_of[param]}:{rest}") from e
+        raise
 
 
 def peft_key(lora_param_name: str) -> str:
@@ -98,10 +141,26 @@ def lora_modules(model: Model) -> dict[str, Linear]:
     return {name: m for name, m in model.named_modules() if isinstance(m, Linear) and m.has_lora}
 
 
+def targeted(model: Model, config: LoraConfig) -> dict[str, Linear]:
+    """HF module path -> Linear, for every projection `config` targets (whether or not it carries LoRA yet)."""
+    return {name: m for name, m in model.named_modules()
+            if isinstance(m, Linear) and name.rpartition(".")[2] in config.target_modules}
+
+
+def check_rank(model: Model, config: LoraConfig) -> None:
+    """Refuse a rank above a targeted projection's smaller dimension before any LoRA matrix is allocated: such a
+    rank adds nothing a full-rank update lacks, and a mistyped one would allocate without bound."""
+    for name, proj in targeted(model, config).items():
+        if config.r > min(proj.in_features, proj.out_features):
+            raise MespError(f"r: LoRA rank {config.r} exceeds the dimensions of {name} "
+                            f"({proj.out_features} x {proj.in_features})")
+
+
 def add_lora(model: Model, config: LoraConfig | None = None, seed: int = 0) -> Model:
     """Attach LoRA to every targeted projection, initialised as PEFT does: A ~ kaiming_uniform(a=sqrt(5))
     (uniform in +-1/sqrt(in)), B = 0. Replaces any earlier adapter. Returns the model."""
     config = config or LoraConfig()
+    check_rank(model, config)
     g = torch.Generator().manual_seed(seed)
     dtype, device = model.dtype, model.device
     for layer in model.model.layers:
@@ -147,24 +206,46 @@ def load_adapter(model: Model, adapter_dir: str | Path) -> Model:
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise MespError(f"{cfg_path}: invalid JSON ({e})") from e
     config = LoraConfig.from_peft(raw, str(cfg_path))
-    try:
-        tensors = load_file(str(weights_path))
-    except (SafetensorError, OSError) as e:
-        raise MespError(f"{weights_path}: unreadable ({e})") from e
-    # PEFT's in-memory names carry the adapter name ('.lora_A.default.weight'); files normally do not.
-    tensors = {k.replace(".default.weight", ".weight"): v for k, v in tensors.items()}
-    add_lora(model, config)
-    expected = adapter_state(model)
-    missing = sorted(set(expected) - set(tensors))
-    unknown = sorted(set(tensors) - set(expected))
+    shapes = adapter_shapes(weights_path)
+    expected = {peft_key(f"{name}.lora_{ab}"): (config.r, proj.in_features) if ab == "A"
+                else (proj.out_features, config.r)
+                for name, proj in targeted(model, config).items() for ab in "AB"}
+    missing = sorted(set(expected) - set(shapes))
+    unknown = sorted(set(shapes) - set(expected))
     if missing:
         raise MespError(f"{weights_path}: missing tensor {missing[0]} ({len(missing)} missing)")
     if unknown:
         raise MespError(f"{weights_path}: unexpected tensor {unknown[0]} for this model and adapter_config")
+    ranks = {shapes[k][0] if ".lora_A." in k else shapes[k][1] for k in expected if len(shapes[k]) == 2}
+    if len(ranks) == 1 and ranks != {config.r}:  # every tensor agrees on a rank, the config does not
+        raise MespError(f"{cfg_path}: r = {config.r} disagrees with the rank {ranks.pop()} of the tensors in "
+                        f"{ADAPTER_WEIGHTS}")
+    for key, shape in expected.items():
+        if shapes[key] != shape:
+            raise MespError(f"{weights_path}: {key} has shape {shapes[key]}, expected {shape}")
+    check_rank(model, config)  # every shape checked against the model before anything is allocated
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            tensors = {key: f.get_tensor(stored) for stored, key in stored_keys(f.keys()).items()}
+    except (SafetensorError, OSError) as e:
+        raise MespError(f"{weights_path}: unreadable ({e})") from e
+    add_lora(model, config)
     with torch.no_grad():
-        for key, param in expected.items():
-            t = tensors[key]
-            if tuple(t.shape) != tuple(param.shape):
-                raise MespError(f"{weights_path}: {key} has shape {tuple(t.shape)}, expected {tuple(param.shape)}")
-            param.copy_(t.to(param.dtype))
+        for key, param in adapter_state(model).items():
+            param.copy_(tensors[key].to(param.dtype))
     return model
+
+
+def stored_keys(keys) -> dict[str, str]:
+    """Stored tensor name -> PEFT file key. PEFT's in-memory names carry the adapter name
+    ('.lora_A.default.weight'); files normally do not."""
+    return {k: k.replace(".default.weight", ".weight") for k in keys}
+
+
+def adapter_shapes(weights_path: Path) -> dict[str, tuple[int, ...]]:
+    """PEFT file key -> shape of every tensor in an adapter's safetensors file, from its header alone."""
+    try:
+        with safe_open(str(weights_path), framework="pt") as f:
+            return {key: tuple(f.get_slice(stored).get_shape()) for stored, key in stored_keys(f.keys()).items()}
+    except (SafetensorError, OSError) as e:
+        raise MespError(f"{weights_path}: unreadable ({e})") from e

@@ -11,12 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass
 
 from .errors import MespError
-from .lora import ALL_TARGETS, LoraConfig
+from .lora import ALL_TARGETS, LoraConfig, naming_fields
 from .methods import METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP
@@ -101,19 +99,6 @@ def optimizer_of(c: TrainConfig) -> Optimizer:
     return make_optimizer(c.optimizer, c.weight_decay, c.momentum)
 
 
-@contextmanager
-def naming_settings(**setting_of: str) -> Iterator[None]:
-    """An object's MespError names its own parameter ("r: must be ..."); say the setting that fed it instead
-    (setting_of maps parameter -> setting, e.g. r="rank")."""
-    try:
-        yield
-    except MespError as e:
-        param, colon, rest = str(e).partition(":")
-        if colon and param in setting_of:
-            raise MespError(f"{setting_of[param]}:{rest}") from e
-        raise
-
-
 def require_int(c: TrainConfig, names, least: int) -> None:
     for name in names:
         v = getattr(c, name)
@@ -136,7 +121,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         c.model = os.path.abspath(c.model)
     if c.method not in METHODS:
         raise MespError(f"method: unknown {c.method!r}; choose from {', '.join(METHODS)}")
-    with naming_settings(r="rank", target_modules="targets"):
+    with naming_fields(r="rank", target_modules="targets"):
         c.targets = list(lora_config(c).target_modules)  # a comma-separated string becomes the list
     require_int(c, ("batch_size", "seq_len", "grad_accum", "eval_every", "save_every"), least=1)
     require_int(c, ("warmup", "seed"), least=0)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 
 import pytest
 import torch
@@ -200,6 +201,31 @@ BAD = {
     "not lora": (_edit_config(peft_type="IA3"), "adapter_config.json", "not LORA"),
     "no rank": (_edit_config(r=None), "adapter_config.json", "'r'"),
     "unknown target": (_edit_config(target_modules=["q_proj", "lm_head"]), "adapter_config.json", "lm_head"),
+    # sizes checked against the tensors before anything is allocated
+    "huge rank": (_edit_config(r=10**6), "adapter_config.json", "r = 1000000"),
+    "rank disagrees": (_edit_config(r=3), "adapter_config.json", "r = 3"),
+    # scale factors that would silently give NaN or a wrong model
+    "alpha nan": (_edit_config(lora_alpha=float("nan")), "adapter_config.json", "lora_alpha"),
+    "alpha inf": (_edit_config(lora_alpha=float("inf")), "adapter_config.json", "lora_alpha"),
+    "alpha zero": (_edit_config(lora_alpha=0), "adapter_config.json", "lora_alpha"),
+    "alpha negative": (_edit_config(lora_alpha=-16), "adapter_config.json", "lora_alpha"),
+    "alpha string": (_edit_config(lora_alpha="16"), "adapter_config.json", "lora_alpha"),
+    # wrong types
+    "rank string": (_edit_config(r="8"), "adapter_config.json", "r:"),
+    "targets number": (_edit_config(target_modules=5), "adapter_config.json", "target_modules"),
+    "targets numbers": (_edit_config(target_modules=[1, 2]), "adapter_config.json", "target_modules"),
+    "dropout string": (_edit_config(lora_dropout="0.1"), "adapter_config.json", "lora_dropout"),
+    "not an object": (lambda d: (d / "adapter_config.json").write_text("[2]"), "adapter_config.json",
+                      "not a JSON object"),
+    # fields mesp does not implement, set to something other than PEFT's default
+    "layers_to_transform": (_edit_config(layers_to_transform=[0]), "adapter_config.json", "layers_to_transform"),
+    "layers_pattern": (_edit_config(layers_pattern="layers"), "adapter_config.json", "layers_pattern"),
+    "modules_to_save": (_edit_config(modules_to_save=["lm_head"]), "adapter_config.json", "modules_to_save"),
+    "bias": (_edit_config(bias="lora_only"), "adapter_config.json", "bias"),
+    "fan_in_fan_out": (_edit_config(fan_in_fan_out=True), "adapter_config.json", "fan_in_fan_out"),
+    "rslora": (_edit_config(use_rslora=True), "adapter_config.json", "use_rslora"),
+    "rank_pattern": (_edit_config(rank_pattern={"q_proj": 4}), "adapter_config.json", "rank_pattern"),
+    "alpha_pattern": (_edit_config(alpha_pattern={"q_proj": 4}), "adapter_config.json", "alpha_pattern"),
 }
 
 
@@ -215,6 +241,48 @@ def test_bad_adapter_raises_mesp_error_naming_the_file(make_hf_model, tmp_path, 
         mesp.load_adapter(mesp.load_model(path), tmp_path)
     msg = str(err.value)
     assert str(tmp_path / filename) in msg and words in msg and "\n" not in msg, msg
+
+
+def test_huge_rank_in_adapter_config_fails_fast_without_allocating(make_hf_model, tmp_path):
+    """r = 10**6 would allocate gigabytes of LoRA matrices were it trusted before the tensors are looked at."""
+    path, _ = make_hf_model("qwen2", **ARCHS["qwen2"])
+    model = mesp.add_lora(mesp.load_model(path), mesp.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    mesp.save_adapter(model, tmp_path)
+    _edit_config(r=10**9)(tmp_path)
+    fresh = mesp.load_model(path)
+    start = time.perf_counter()
+    with pytest.raises(mesp.MespError, match=r"adapter_config.json: r = 1000000000"):
+        mesp.load_adapter(fresh, tmp_path)
+    assert time.perf_counter() - start < 2.0
+    assert not fresh.lora_parameters(), "LoRA matrices were allocated before the error"
+
+
+@pytest.mark.parametrize("unset", [{}, dict(bias="none", fan_in_fan_out=False, layers_to_transform=None,
+                                            layers_pattern=[], modules_to_save=[], rank_pattern={},
+                                            alpha_pattern={}, use_dora=False, use_rslora=False, lora_dropout=0.05)])
+def test_adapter_config_defaults_of_unimplemented_fields_load(make_hf_model, tmp_path, unset):
+    """PEFT writes every field out with its default (or omits it, in older versions): those adapters load."""
+    path, _ = make_hf_model("qwen2", **ARCHS["qwen2"])
+    model = mesp.add_lora(mesp.load_model(path), mesp.LoraConfig(r=2, target_modules=["q_proj", "v_proj"]))
+    mesp.save_adapter(model, tmp_path)
+    cfg = json.loads((tmp_path / "adapter_config.json").read_text())
+    cfg = {k: v for k, v in cfg.items() if k in ("peft_type", "r", "lora_alpha", "target_modules")} | unset
+    (tmp_path / "adapter_config.json").write_text(json.dumps(cfg))
+    loaded = mesp.load_adapter(mesp.load_model(path), tmp_path)
+    assert set(adapter_state(loaded)) == set(adapter_state(model))
+
+
+@pytest.mark.parametrize("r", [65, 10**6])
+def test_rank_above_the_model_dimensions_is_refused_before_allocation(make_hf_model, r):
+    path, _ = make_hf_model("qwen2", **ARCHS["qwen2"])
+    model = mesp.load_model(path)
+    smallest = min(min(m.in_features, m.out_features) for m in model.model.layers[0].projections().values())
+    r = max(r, smallest + 1)
+    start = time.perf_counter()
+    with pytest.raises(mesp.MespError, match=rf"^r: LoRA rank {r} exceeds the dimensions of model\.layers"):
+        mesp.add_lora(model, mesp.LoraConfig(r=r))
+    assert time.perf_counter() - start < 2.0 and not model.lora_parameters()
+    mesp.add_lora(model, mesp.LoraConfig(r=smallest, target_modules=["q_proj"]))  # up to full rank is fine
 
 
 def test_missing_adapter_directory(make_hf_model, tmp_path):
