@@ -24,7 +24,7 @@ from .data import Dataset, MicroBatchStream, load_jsonl
 from .errors import MespError
 from .fileio import write_json, write_text
 from .loaders import load_model
-from .lora import adapter_state, add_lora, load_adapter, save_adapter
+from .lora import adapter_state, add_lora, load_adapter, naming_fields, save_adapter
 from .memory import PeakMemory, peak_rss_bytes
 from .methods import compute_gradients, mezo
 from .methods.common import forward_loss, prepare_batch
@@ -96,7 +96,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
 
     stream = MicroBatchStream(len(data), c.batch_size, c.seed)
     total_steps = c.steps if c.steps is not None else math.ceil(c.epochs * stream.per_epoch / c.grad_accum)
-    add_lora(model, lora_config(c), seed=c.seed)
+    with naming_fields(r="rank"):  # a rank the model cannot hold is the --rank setting's error
+        add_lora(model, lora_config(c), seed=c.seed)
     optimizer = None if c.method == "mezo" else optimizer_of(c)
     params = adapter_state(model)
 

@@ -284,6 +284,7 @@ def test_bad_data_exits_2_with_one_line(tiny, tmp_path, capsys, case):
     (["--steps", "2", "--epochs", "1"], "not both"),
     (["--method", "mezo", "--grad-accum", "2"], "grad_accum: not available with method mezo"),
     (["--model", "no-such-model"], "unknown model 'no-such-model'"),
+    (["--rank", "100000"], "rank: LoRA rank 100000 exceeds the dimensions of model.layers.0"),
 ])
 def test_bad_flags_exit_2_with_one_line(tiny, data, tmp_path, capsys, flags, match):
     out = tmp_path / "out"
