@@ -120,7 +120,6 @@ def train_args(p: argparse.ArgumentParser) -> None:
 
 def resolve_train_args(args):
     """TrainConfig from, lowest first: its defaults, the resumed run's saved settings, --config, the flags."""
-
     settings = {**(read_toml(TrainConfig, args.config) if args.config else {}), **given(TrainConfig, args)}
     if settings.get("resume") and settings.get("out"):
         settings = {**(load_run_config(settings["out"]) or {}), **settings}
@@ -249,31 +248,26 @@ def demo_run(args) -> int:
 
 # ---- bench ---------------------------------------------------------------------------------------------
 
-BENCH_COMMANDS = {  # name -> (help, description); each one's flags come from its settings class (mesp.bench)
-    "memory": ("peak memory and time of one training step per method and configuration",
+BENCH_COMMANDS = {  # name -> (settings class, whose fields are the flags; help; description)
+    "memory": (bench.MemorySettings, "peak memory and time of one training step per method and configuration",
                "One training step per method and configuration, each in a fresh process: allocator-level peak "
                "above the step's start (split by stage), resident weights, process peak RSS, median step time "
                "(unprofiled)."),
-    "grads": ("gradient error of mesp/mebp vs autograd; MeZO's cosine with the truth",
+    "grads": (bench.GradsSettings, "gradient error of mesp/mebp vs autograd; MeZO's cosine with the truth",
               "Per-tensor relative error of mesp and mebp against autograd (fp32, random non-zero lora_B), and the "
               "cosine of MeZO's estimate with the true gradient for n directions beside the theory sqrt(2/(pi d))."),
-    "converge": ("loss curves of mesp, mebp and mezo on the demo data (CSV + PNG)",
+    "converge": (bench.ConvergeSettings, "loss curves of mesp, mebp and mezo on the demo data (CSV + PNG)",
                  "Train mesp and mebp for --steps steps and mezo for --mezo-factor times as many, with mesp.train "
                  "on the bundled demo data and the shipped model (demo settings)."),
-    "report": ("measure everything and write docs/results.md (under an hour on 2 cores)",
+    "report": (bench.ReportSettings, "measure everything and write docs/results.md (under an hour on 2 cores)",
                "Run every benchmark of the report and write results.md, its figures and raw JSON/CSV into --out."),
 }
 
 
-def _bench_settings_class(name: str):
-    return {"memory": bench.MemorySettings, "grads": bench.GradsSettings, "converge": bench.ConvergeSettings,
-            "report": bench.ReportSettings}[name]
-
-
 def bench_args(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench_command", required=True)
-    for name, (help_text, description) in BENCH_COMMANDS.items():
-        add_arguments(sub.add_parser(name, help=help_text, description=description), _bench_settings_class(name))
+    for name, (settings_class, help_text, description) in BENCH_COMMANDS.items():
+        add_arguments(sub.add_parser(name, help=help_text, description=description), settings_class)
 
 
 def _write_outputs(settings, result, plot=None, csv_text=None) -> None:
@@ -290,7 +284,7 @@ def _write_outputs(settings, result, plot=None, csv_text=None) -> None:
 
 @command("bench", bench_args, "Benchmarks: memory/time per step, gradient fidelity, convergence, the report.")
 def bench_run(args) -> int:
-    cls = _bench_settings_class(args.bench_command)
+    cls = BENCH_COMMANDS[args.bench_command][0]
     s = cls(**given(cls, args))
     if s.threads is not None:
         if s.threads < 1:

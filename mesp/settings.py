@@ -69,10 +69,15 @@ def _item_type(cls, name: str) -> type:
     return str
 
 
+def _default(f: dataclasses.Field):
+    """The field's default value (a fresh one from its factory)."""
+    return f.default_factory() if f.default is _MISSING and f.default_factory is not _MISSING else f.default
+
+
 def _default_text(f: dataclasses.Field) -> str:
     if f.metadata.get("default_text") is not None:
         return f.metadata["default_text"]
-    value = f.default_factory() if f.default is _MISSING and f.default_factory is not _MISSING else f.default
+    value = _default(f)
     if value is None or value is _MISSING or value is False:
         return ""
     if isinstance(value, list):
@@ -108,8 +113,7 @@ def add_arguments(parser: argparse.ArgumentParser, cls, *, defaults_to_none: boo
             if meta["metavar"]:
                 kw["metavar"] = meta["metavar"]
             if not defaults_to_none:
-                kw["default"] = f.default_factory() if f.default is _MISSING and f.default_factory is not _MISSING \
-                    else f.default
+                kw["default"] = _default(f)
         parser.add_argument(*names, **kw)
 
 
