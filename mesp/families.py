@@ -27,6 +27,7 @@ Adding a family (e.g. Qwen3, Gemma 3) touches:
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import NamedTuple
@@ -163,6 +164,41 @@ HF_CLASSES = {f.hf_class: f for f in FAMILIES.values()}
 
 # ---- configuration --------------------------------------------------------------------------------------
 
+# Upper bounds on the sizes a config may give: far above every published model of the supported families
+# (and any mesp targets), low enough that the module tree, RoPE tables and shape checks built from a config
+# stay small. A config is read before any tensor is, so a hostile or mistyped size must stop here rather than
+# allocate until the machine is full.
+MAX_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
+             "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
+             "head_dim": 4096, "max_position_embeddings": 1 << 26}
+
+
+def config_size(hf: dict, key: str, where: str, default: int | None = None) -> int:
+    """hf[key] as a size in 1..MAX_SIZES[key] (an integer; an integral float is accepted, as some exporters
+    write them); a one-line MespError naming `where` and the field otherwise."""
+    value = hf.get(key)
+    if value is None:
+        if default is None:
+            raise MespError(f"{where}: missing field {key!r}")
+        value = default
+    if isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise MespError(f"{where}: {key} must be an integer, got {value!r}")
+    if not 1 <= value <= MAX_SIZES[key]:
+        raise MespError(f"{where}: {key} {value} is out of range (1..{MAX_SIZES[key]})")
+    return value
+
+
+def config_float(hf: dict, key: str, where: str, default: float) -> float:
+    """hf[key] (or `default`) as a finite positive float; a one-line MespError naming the field otherwise."""
+    value = hf.get(key)
+    value = default if value is None else value
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+        raise MespError(f"{where}: {key} must be a finite positive number, got {value!r}")
+    return float(value)
+
+
 @dataclass
 class ModelConfig:
     arch: str  # a key of FAMILIES
@@ -200,37 +236,38 @@ class ModelConfig:
             raise MespError(f"{where}: unsupported architecture {hf_class!r} "
                             f"(supported: {', '.join(sorted(HF_CLASSES))})")
         family = HF_CLASSES[hf_class]
-        try:
-            heads = int(hf["num_attention_heads"])
-            hidden = int(hf["hidden_size"])
-            rope_params = hf.get("rope_parameters") or {}
-            scaling = hf.get("rope_scaling") or None
-            if scaling is None and rope_params.get("rope_type", "default") not in ("default", None):
-                scaling = dict(rope_params)
-            if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
-                scaling = None
-            cfg = cls(
-                arch=family.arch,
-                vocab_size=int(hf["vocab_size"]),
-                hidden_size=hidden,
-                intermediate_size=int(hf["intermediate_size"]),
-                num_hidden_layers=int(hf["num_hidden_layers"]),
-                num_attention_heads=heads,
-                num_key_value_heads=int(hf.get("num_key_value_heads") or heads),
-                head_dim=int(hf.get("head_dim") or hidden // heads),
-                rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-                rope_theta=float(hf.get("rope_theta", rope_params.get("rope_theta", 10000.0))),
-                rope_scaling=scaling,
-                tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-                attention_bias=family.qkv_bias_always or bool(hf.get("attention_bias", False)),
-                max_position_embeddings=int(hf.get("max_position_embeddings", 2048)),
-                bos_token_id=hf.get("bos_token_id"),
-                eos_token_id=hf.get("eos_token_id"),
-            )
-        except KeyError as e:
-            raise MespError(f"{where}: missing field {e.args[0]!r}") from e
-        except (TypeError, ValueError) as e:
-            raise MespError(f"{where}: bad value ({e})") from e
+        rope_params = hf.get("rope_parameters") or {}
+        if not isinstance(rope_params, dict):
+            raise MespError(f"{where}: rope_parameters must be an object, got {type(rope_params).__name__}")
+        scaling = hf.get("rope_scaling") or None
+        if scaling is not None and not isinstance(scaling, dict):
+            raise MespError(f"{where}: rope_scaling must be an object, got {type(scaling).__name__}")
+        if scaling is None and rope_params.get("rope_type", "default") not in ("default", None):
+            scaling = dict(rope_params)
+        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+            scaling = None
+        heads = config_size(hf, "num_attention_heads", where)
+        hidden = config_size(hf, "hidden_size", where)
+        if hf.get("head_dim") is None and hidden // heads == 0:
+            raise MespError(f"{where}: hidden_size {hidden} is smaller than num_attention_heads {heads}")
+        cfg = cls(
+            arch=family.arch,
+            vocab_size=config_size(hf, "vocab_size", where),
+            hidden_size=hidden,
+            intermediate_size=config_size(hf, "intermediate_size", where),
+            num_hidden_layers=config_size(hf, "num_hidden_layers", where),
+            num_attention_heads=heads,
+            num_key_value_heads=config_size(hf, "num_key_value_heads", where, default=heads),
+            head_dim=config_size(hf, "head_dim", where, default=hidden // heads),
+            rms_norm_eps=config_float(hf, "rms_norm_eps", where, 1e-6),
+            rope_theta=config_float(hf, "rope_theta", where, rope_params.get("rope_theta", 10000.0)),
+            rope_scaling=scaling,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            attention_bias=family.qkv_bias_always or bool(hf.get("attention_bias", False)),
+            max_position_embeddings=config_size(hf, "max_position_embeddings", where, default=2048),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=hf.get("eos_token_id"),
+        )
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise MespError(f"{where}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads {cfg.num_key_value_heads}")

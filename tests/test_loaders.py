@@ -314,3 +314,60 @@ def test_bad_generation_args(capsys, make_hf_model):
     assert "temperature" in run_cli_error(capsys, path, "--temperature", "-0.5")
     assert "top_p" in run_cli_error(capsys, path, "--top-p", "0")
     assert "tokenizer" in run_cli_error(capsys, path)  # a tiny checkpoint without tokenizer files
+
+
+@pytest.mark.parametrize("field, value, expected", [
+    ("num_hidden_layers", 10 ** 9, "num_hidden_layers 1000000000 is out of range"),
+    ("hidden_size", 0, "hidden_size 0 is out of range"),
+    ("num_attention_heads", 0, "num_attention_heads 0 is out of range"),
+    ("num_key_value_heads", -2, "num_key_value_heads -2 is out of range"),
+    ("vocab_size", "32000", "vocab_size must be an integer"),
+    ("intermediate_size", 1.5, "intermediate_size must be an integer"),
+    ("head_dim", 10 ** 12, "head_dim 1000000000000 is out of range"),
+    ("rms_norm_eps", float("nan"), "rms_norm_eps must be a finite positive number"),
+    ("rope_theta", -1.0, "rope_theta must be a finite positive number"),
+    ("rope_scaling", "linear", "rope_scaling must be an object"),
+])
+def test_config_sizes_checked_before_anything_is_built(capsys, tmp_path, make_hf_model, field, value, expected):
+    def edit(sd, cfg):
+        cfg[field] = value
+    d = _write_hf(tmp_path, make_hf_model, field, edit)
+    msg = run_cli_error(capsys, d)
+    assert "config.json" in msg and expected in msg
+
+
+def test_absurd_config_is_rejected_under_a_tight_memory_limit(tmp_path, make_hf_model):
+    """Rejecting a config that asks for 10^9 layers allocates nothing: under a 1 GiB address-space limit (far
+    below what building such a model would take) the child ends with the one-line error, not MemoryError."""
+    import subprocess
+    import sys
+
+    def edit(sd, cfg):
+        cfg["num_hidden_layers"] = 10 ** 9
+        cfg["hidden_size"] = 1 << 20
+    d = _write_hf(tmp_path, make_hf_model, "absurd", edit)
+    child = ("import resource, sys; from mesp.cli import main; "
+             "resource.setrlimit(resource.RLIMIT_AS, (3 << 30, resource.RLIM_INFINITY)); "
+             f"sys.exit(main(['generate', '--model', {str(d)!r}, '--prompt', 'x']))")
+    r = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "out of range" in lines[0] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("key,value,expected", [
+    ("head_count", 0, "num_attention_heads 0 is out of range"),
+    ("block_count", 10 ** 9, "num_hidden_layers 1000000000 is out of range"),
+    ("embedding_length", 1 << 30, "hidden_size 1073741824 is out of range"),
+])
+def test_gguf_sizes_checked_before_anything_is_built(capsys, tmp_path, key, value, expected):
+    import gguf
+
+    w = gguf.GGUFWriter(str(tmp_path / "sizes.gguf"), "qwen2")
+    sizes = dict(block_count=1, embedding_length=8, feed_forward_length=8, head_count=2, context_length=64)
+    for k, v in {**sizes, key: value}.items():
+        getattr(w, f"add_{k}")(v)
+    w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+    w.write_header_to_file(); w.write_kv_data_to_file(); w.write_tensors_to_file(); w.close()
+    msg = run_cli_error(capsys, tmp_path / "sizes.gguf")
+    assert "sizes.gguf" in msg and expected in msg

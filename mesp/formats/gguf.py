@@ -123,8 +123,9 @@ def gguf_config(reader, where: str) -> dict:
             raise MespError(f"{where}: missing metadata {arch}.{key}")
         return v
 
-    hidden = int(need("embedding_length"))
-    heads = int(need("attention.head_count"))
+    # Sizes pass through unconverted: ModelConfig.from_hf checks each (type and range) before anything is built.
+    hidden = need("embedding_length")
+    heads = need("attention.head_count")
     kv = metadata_value(reader, f"{arch}.attention.head_count_kv", heads)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
     vocab = len(tokens.data) if tokens is not None else metadata_value(reader, f"{arch}.vocab_size")
@@ -137,34 +138,35 @@ def gguf_config(reader, where: str) -> dict:
     hf = {
         "architectures": [FAMILIES[arch].hf_class],
         "model_type": arch,
-        "vocab_size": int(vocab),
+        "vocab_size": vocab,
         "hidden_size": hidden,
-        "intermediate_size": int(need("feed_forward_length")),
-        "num_hidden_layers": int(need("block_count")),
+        "intermediate_size": need("feed_forward_length"),
+        "num_hidden_layers": need("block_count"),
         "num_attention_heads": heads,
-        "num_key_value_heads": int(kv),
-        "head_dim": int(metadata_value(reader, f"{arch}.attention.key_length", hidden // heads)),
+        "num_key_value_heads": kv,
+        "head_dim": metadata_value(reader, f"{arch}.attention.key_length"),
         "rms_norm_eps": float(str(np.float32(eps))),  # metadata holds float32: 1e-5 reads 9.99999974e-06
         "rope_theta": float(str(np.float32(metadata_value(reader, f"{arch}.rope.freq_base", 10000.0)))),
-        "max_position_embeddings": int(metadata_value(reader, f"{arch}.context_length", 2048)),
+        "max_position_embeddings": metadata_value(reader, f"{arch}.context_length", 2048),
         "tie_word_embeddings": "output.weight" not in names,
         "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
         "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
     }
     if arch == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in names
-    if hf["max_position_embeddings"] <= 0:
+    if isinstance(hf["max_position_embeddings"], int) and hf["max_position_embeddings"] <= 0:
         hf["max_position_embeddings"] = 2048
     scaling_type = metadata_value(reader, f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):
         if scaling_type != "linear":
             raise MespError(f"{where}: unsupported rope scaling {scaling_type!r}")
         hf["rope_scaling"] = {"rope_type": "linear", "factor": float(need("rope.scaling.factor"))}
-    if ROPE_FREQS in names:
+    head_dim = hf["head_dim"] or (hidden // heads if isinstance(hidden, int) and isinstance(heads, int) and heads > 0 else 0)
+    if ROPE_FREQS in names and isinstance(head_dim, int) and head_dim > 0:  # bad sizes: from_hf names the field
         t = next(t for t in reader.tensors if t.name == ROPE_FREQS)
         freqs = np.asarray(t.data, dtype=np.float64).reshape(-1)
         try:
-            hf["rope_scaling"] = llama3_rope_scaling(freqs, hf["head_dim"], hf["rope_theta"])
+            hf["rope_scaling"] = llama3_rope_scaling(freqs, head_dim, hf["rope_theta"])
         except MespError as e:
             raise MespError(f"{where}: {e}") from e
     return hf
