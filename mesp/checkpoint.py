@@ -23,7 +23,7 @@ import shutil
 from pathlib import Path
 
 from .errors import MespError
-from .fileio import write_json
+from .fileio import fsync_dir, write_json
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from .train_config import SAME_RUN_KEYS, TrainConfig
 
@@ -134,6 +134,7 @@ def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
         optimizer.save(tmp / OPTIMIZER_STATE)
     write_json(tmp / TRAINER_STATE, state)
     os.replace(tmp, final)
+    fsync_dir(out)  # the checkpoint's name is durable before LATEST points at it
     write_json(out / LATEST, {"checkpoint": name, "step": state["step"]})
     for p in out.iterdir():
         if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name != name:
