@@ -1,8 +1,9 @@
 """`mesp` command line: a thin layer over the library. Only this module prints.
 
 Each subcommand is a pair: `<name>_args(parser)` declares its flags, and `<name>_run(args)`, registered with
-@command, runs it. Bad input raises MespError deeper down; main() turns it into one line on stderr and exit
-status 2, never a traceback.
+@command, runs it. Bad input raises MespError deeper down; main() turns it, an OS refusal (a path that cannot be
+written, a full disk) and running out of memory into one line on stderr and exit status 2, never a traceback.
+Anything else is a bug: one line saying so, exit 2, and `mesp -v` shows the traceback.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import argparse
 import json
 import logging
 import sys
+import traceback
 
 import torch
 from tqdm import tqdm
@@ -18,7 +20,7 @@ from tqdm import tqdm
 from . import bench
 from .checkpoint import load_run_config
 from .demo import DEFAULT_STEPS, DemoSettings, run_demo
-from .errors import MespError
+from .errors import MespError, one_line
 from .fileio import write_json, write_text
 from .generate import check_sampling, generate_stream
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, load_model
@@ -63,6 +65,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mesp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused: a path that cannot be written, a full disk. The user's to fix.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mesp {args.command}: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 2
+    except MemoryError:
+        print(f"mesp {args.command}: error: out of memory (a shorter --seq-len, a smaller --batch-size or --rank, or "
+              f"a quantized model needs less)", file=sys.stderr)
+        return 2
+    except Exception as e:  # the last resort: anything else is a bug in mesp, never a traceback the user must read
+        print(f"mesp {args.command}: internal error: {type(e).__name__}: {one_line(e)}. This is a bug in mesp; "
+              f"please report it with the command and the output of `mesp -v {args.command} ...` (-v shows the "
+              f"traceback)", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 2
 
 
 # ---- subcommands (each: NAME_args, then @command NAME_run) --------------------------------------------
