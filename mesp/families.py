@@ -230,7 +230,11 @@ class ModelConfig:
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         """Read a transformers config.json dict; `where` names the source in error messages."""
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise MespError(f"{where}: architectures must be a list of class names, got {archs!r}")
         model_type = hf.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise MespError(f"{where}: model_type must be a string, got {model_type!r}")
         hf_class = archs[0] if archs else FAMILIES[model_type].hf_class if model_type in FAMILIES else model_type
         if hf_class not in HF_CLASSES:
             raise MespError(f"{where}: unsupported architecture {hf_class!r} "
