@@ -92,6 +92,7 @@ def check_out_dir(c: TrainConfig) -> Path | None:
     out = Path(c.out)
     if out.exists() and not out.is_dir():
         raise MespError(f"out {out}: exists and is not a directory")
+    check_can_create(out)
     existing = run_files(out)
     if c.resume:
         ckpt = latest_checkpoint(out) if out.is_dir() else None
@@ -116,6 +117,18 @@ def _remove(paths) -> None:
             shutil.rmtree(p)
         else:
             p.unlink()
+
+
+def check_can_create(out: Path) -> None:
+    """Refuse, before anything is loaded, an out directory that cannot be written or created: a file where a
+    parent directory should be, or a directory without write permission."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise MespError(f"out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MespError(f"out {out}: {existing} is not writable")
 
 
 def clear_run(out: Path) -> None:

@@ -20,7 +20,7 @@ import torch
 
 from .checkpoint import METRICS, OPTIMIZER_STATE, RUN_CONFIG, TRAINER_STATE, check_out_dir, clear_run, \
     file_sha256, read_metrics, remove_stray_temporaries, run_files, save_checkpoint
-from .data import Dataset, MicroBatchStream, load_jsonl
+from .data import Dataset, MicroBatchStream, check_jsonl, load_jsonl
 from .errors import MespError
 from .fileio import write_json, write_text
 from .interrupt import StopRequest
@@ -34,8 +34,9 @@ from .seeds import mix_seed
 from .tokenizer import load_tokenizer
 from .train_config import DEFAULT_LR, TrainConfig, lora_config, optimizer_of, resolve
 
+# TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
 __all__ = ["DEFAULT_LR", "NonFiniteGradient", "TrainConfig", "TrainResult", "TrainingInterrupted", "evaluate",
-           "one_step", "resolve", "train"]  # TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
+           "one_step", "resolve", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -91,6 +92,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     c = resolve(config)
     out = Path(c.out)
     ckpt = check_out_dir(c)
+    for path in (c.data, c.valid) if c.valid else (c.data,):
+        check_jsonl(path)  # bad data is reported before the model loads
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
     model = load_model(c.model, dtype=c.dtype, device=device, quantize=c.quantize)
@@ -107,7 +110,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     data_sha = file_sha256(c.data)
 
     stream = MicroBatchStream(len(data), c.batch_size, c.seed)
-    total_steps = c.steps if c.steps is not None else math.ceil(c.epochs * stream.per_epoch / c.grad_accum)
+    total_steps = c.steps if c.steps is not None else c.epochs * stream.steps_per_epoch(c.grad_accum)
     with naming_fields(r="rank"):  # a rank the model cannot hold is the --rank setting's error
         add_lora(model, lora_config(c), seed=c.seed)
     optimizer = None if c.method == "mezo" else optimizer_of(c)
@@ -148,7 +151,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     with open(out / METRICS, "a") as metrics_file, StopRequest() as stop:
         while step < total_steps:
             lr = learning_rate(step, c.lr, total_steps, c.schedule, c.warmup)
-            batches = [data.collate(stream.indices(micro_batches + k)) for k in range(c.grad_accum)]
+            batches = [data.collate(stream.indices(m)) for m in stream.step(micro_batches, c.grad_accum)]
             t0 = time.perf_counter()
             tracker = PeakMemory(device) if measure else None
             bad = None
@@ -169,7 +172,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
                          else "no checkpoint had been written yet")
                 raise MespError(f"step {step + 1}: {bad}; training stopped, {where}")
             step += 1
-            micro_batches += c.grad_accum
+            micro_batches += len(batches)
             tokens = sum(b.n_tokens for b in batches)
             tokens_run += tokens
             record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens,

@@ -37,11 +37,12 @@ class TrainConfig:
     """The settings of a run; field names are the `mesp train` flags (dashes become underscores).
 
     None means "pick the default for the other settings" (see `resolve`)."""
-    model: str | None = setting(None, MODEL_HELP)
+    model: str | None = setting(None, MODEL_HELP, path="file_or_name")
     data: str | None = setting(None, "training data: text, prompt/completion, messages or input_ids lines",
-                               metavar="FILE.jsonl")
-    out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR")
-    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl")
+                               metavar="FILE.jsonl", path="file")
+    out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR", path="file")
+    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl",
+                                path="file")
     method: str = setting("mesp", "gradient method", choices=METHODS)
     rank: int = setting(8, "LoRA rank")
     alpha: float = setting(16.0, "LoRA alpha")
