@@ -9,15 +9,19 @@ Anything else is a bug: one line saying so, exit 2, and `mesp -v` shows the trac
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
+import os
+import shlex
+import signal
 import sys
 import traceback
 
 import torch
 from tqdm import tqdm
 
-from . import bench
+from . import __version__, bench
 from .checkpoint import load_run_config
 from .demo import DEFAULT_STEPS, DemoSettings, run_demo
 from .errors import MespError, one_line
@@ -30,8 +34,9 @@ from .merge import merge_adapter
 from .presets import PRESETS
 from .settings import add_arguments, given, read_toml
 from .tokenizer import load_tokenizer
-from .train import train
-from .train_config import TrainConfig, resolve
+from .interrupt import exit_status
+from .train import TrainingInterrupted, train
+from .train_config import MODEL_HELP, TrainConfig, resolve
 
 COMMANDS: dict[str, tuple] = {}  # name -> (help, args_fn, run_fn), in registration order
 
@@ -43,9 +48,18 @@ def command(name: str, args_fn, help: str):
     return register
 
 
+def package_version() -> str:
+    """The installed distribution's version; the package's own when it runs from a source tree."""
+    try:
+        return importlib.metadata.version("mesp")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesp", description="Exact-gradient LoRA fine-tuning under tight memory.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"mesp {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, args_fn, _) in COMMANDS.items():
         args_fn(sub.add_parser(name, help=help_text, description=help_text))
@@ -98,7 +112,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 # ---- generate ------------------------------------------------------------------------------------------
 
 def generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory, .gguf file or preset name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format) to apply")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
@@ -137,6 +151,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p, TrainConfig, defaults_to_none=True)
 
 
+PROGRESS_EVERY = 10  # steps between plain progress lines when the output is not a terminal
+
+
 def resolve_train_args(args):
     """TrainConfig from, lowest first: its defaults, the resumed run's saved settings, --config, the flags."""
     settings = {**(read_toml(TrainConfig, args.config) if args.config else {}), **given(TrainConfig, args)}
@@ -164,11 +181,23 @@ def train_run(args) -> int:
                     "mem": f"{format_mib(memory, 0)}MiB" + ("" if "peak_bytes" in event else " rss")}
             if "valid_loss" in event:
                 post["valid"] = f"{event['valid_loss']:.4f}"
+            if bar.disable:  # not a terminal (a log file, a pipe): a plain line now and then instead of the bar
+                step, total = event["step"], event["total_steps"]
+                if step == 1 or step % PROGRESS_EVERY == 0 or step == total:
+                    print(f"step {step}/{total}: " + ", ".join(f"{k} {v}" for k, v in post.items()), flush=True)
             bar.set_postfix(post, refresh=False)
             bar.update(1)
 
     try:
         result = train(config, progress=progress)
+    except TrainingInterrupted as e:
+        if bar is not None:
+            bar.close()
+            bar = None
+        resume = shlex.join(["mesp", "train", "--out", os.path.abspath(e.out), "--resume"])
+        print(f"mesp train: {signal.Signals(e.signum).name} at step {e.step}/{e.total_steps}; "
+              f"checkpoint {e.checkpoint}\nresume with: {resume}", file=sys.stderr)
+        return exit_status(e.signum)
     finally:
         if bar is not None:
             bar.close()
@@ -181,13 +210,16 @@ def train_run(args) -> int:
     if result.n_truncated:
         print(f"{result.n_truncated} of {result.n_samples} samples were truncated to {config.seq_len} tokens")
     print(f"adapter: {result.out}")
+    use = shlex.join(["mesp", "generate", "--model", result.config["model"], "--adapter",
+                      os.path.abspath(result.out), "--prompt"])
+    print(f"try it: {use} 'your prompt'")
     return 0
 
 
 # ---- merge ---------------------------------------------------------------------------------------------
 
 def merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="the base model: HF directory, .gguf file or preset name")
+    p.add_argument("--model", required=True, help=f"the base model: {MODEL_HELP}")
     p.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT format), e.g. a mesp train --out")
     p.add_argument("--out", required=True, help="directory for the merged Hugging Face model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",

@@ -19,10 +19,11 @@ from pathlib import Path
 import torch
 
 from .checkpoint import METRICS, OPTIMIZER_STATE, RUN_CONFIG, TRAINER_STATE, check_out_dir, clear_run, \
-    file_sha256, read_metrics, remove_partial_checkpoints, run_files, save_checkpoint
-from .data import Dataset, MicroBatchStream, load_jsonl
+    file_sha256, read_metrics, remove_stray_temporaries, run_files, save_checkpoint
+from .data import Dataset, MicroBatchStream, check_jsonl, load_jsonl
 from .errors import MespError
 from .fileio import write_json, write_text
+from .interrupt import StopRequest
 from .loaders import load_model
 from .lora import adapter_state, add_lora, load_adapter, naming_fields, save_adapter
 from .memory import PeakMemory, peak_rss_bytes
@@ -33,8 +34,9 @@ from .seeds import mix_seed
 from .tokenizer import load_tokenizer
 from .train_config import DEFAULT_LR, TrainConfig, lora_config, optimizer_of, resolve
 
-__all__ = ["DEFAULT_LR", "NonFiniteGradient", "TrainConfig", "TrainResult", "evaluate", "one_step", "resolve",
-           "train"]  # TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
+# TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
+__all__ = ["DEFAULT_LR", "NonFiniteGradient", "TrainConfig", "TrainResult", "TrainingInterrupted", "evaluate",
+           "one_step", "resolve", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -71,14 +73,27 @@ class NonFiniteGradient(Exception):
     pass
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training at a step boundary, after a checkpoint of that step was written: the run
+    in `out` continues with `resume` (no final adapter is written)."""
+
+    def __init__(self, signum: int, step: int, total_steps: int, checkpoint: Path, out: Path):
+        super().__init__(f"interrupted at step {step}/{total_steps}; checkpoint {checkpoint}")
+        self.signum, self.step, self.total_steps, self.checkpoint, self.out = signum, step, total_steps, checkpoint, out
+
+
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune LoRA on config.data and write the run into config.out (see the module docstring).
 
     progress(event) is called with {"event": "start", ...} once, {"event": "step", **metrics} after every step
-    and {"event": "checkpoint", ...} after each checkpoint."""
+    and {"event": "checkpoint", ...} after each checkpoint. A SIGINT or SIGTERM during the steps (in the main
+    thread) stops at the next step boundary with a checkpoint of it and raises TrainingInterrupted; a second
+    one raises KeyboardInterrupt at once (see mesp.interrupt)."""
     c = resolve(config)
     out = Path(c.out)
     ckpt = check_out_dir(c)
+    for path in (c.data, c.valid) if c.valid else (c.data,):
+        check_jsonl(path)  # bad data is reported before the model loads
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
     model = load_model(c.model, dtype=c.dtype, device=device, quantize=c.quantize)
@@ -95,7 +110,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     data_sha = file_sha256(c.data)
 
     stream = MicroBatchStream(len(data), c.batch_size, c.seed)
-    total_steps = c.steps if c.steps is not None else math.ceil(c.epochs * stream.per_epoch / c.grad_accum)
+    total_steps = c.steps if c.steps is not None else c.epochs * stream.steps_per_epoch(c.grad_accum)
     with naming_fields(r="rank"):  # a rank the model cannot hold is the --rank setting's error
         add_lora(model, lora_config(c), seed=c.seed)
     optimizer = None if c.method == "mezo" else optimizer_of(c)
@@ -111,7 +126,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
         if optimizer is not None and (ckpt / OPTIMIZER_STATE).is_file():
             optimizer.load(ckpt / OPTIMIZER_STATE, params)
         step, micro_batches = state["step"], state["micro_batches"]
-        remove_partial_checkpoints(out)
+        remove_stray_temporaries(out)
         metrics_lines = read_metrics(out / METRICS, step)
         log.info("resuming %s from step %d", out, step)
     elif run_files(out):
@@ -133,10 +148,10 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     loss = valid_loss = None
     tokens_run, started = 0, time.perf_counter()
     measure = c.measure_memory or torch.device(device).type == "cuda"
-    with open(out / METRICS, "a") as metrics_file:
+    with open(out / METRICS, "a") as metrics_file, StopRequest() as stop:
         while step < total_steps:
             lr = learning_rate(step, c.lr, total_steps, c.schedule, c.warmup)
-            batches = [data.collate(stream.indices(micro_batches + k)) for k in range(c.grad_accum)]
+            batches = [data.collate(stream.indices(m)) for m in stream.step(micro_batches, c.grad_accum)]
             t0 = time.perf_counter()
             tracker = PeakMemory(device) if measure else None
             bad = None
@@ -157,7 +172,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
                          else "no checkpoint had been written yet")
                 raise MespError(f"step {step + 1}: {bad}; training stopped, {where}")
             step += 1
-            micro_batches += c.grad_accum
+            micro_batches += len(batches)
             tokens = sum(b.n_tokens for b in batches)
             tokens_run += tokens
             record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens,
@@ -172,10 +187,13 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
             metrics_file.flush()
             if progress:
                 progress({"event": "step", "total_steps": total_steps, **record})
-            if step % c.save_every == 0 or step == total_steps:
+            stopping = stop.signum is not None and step < total_steps  # a finished run just finishes
+            if step % c.save_every == 0 or step == total_steps or stopping:
                 last_good = save_checkpoint(out, model, optimizer, trainer_state())
                 if progress:
                     progress({"event": "checkpoint", "step": step, "path": str(last_good)})
+            if stopping:
+                raise TrainingInterrupted(stop.signum, step, total_steps, last_good, out)
     if step == resumed_from and ckpt is not None and valid is not None:
         valid_loss = evaluate(model, valid, c.batch_size)
     save_adapter(model, out)

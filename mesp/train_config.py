@@ -20,6 +20,7 @@ from .lora import ALL_TARGETS, LoraConfig, naming_fields
 from .methods import METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP
+from .presets import PRESETS
 from .settings import read_toml, setting
 
 # Peak learning rates for rank-8 LoRA on all projections. adamw and sgd: chosen on the shipped
@@ -30,16 +31,20 @@ DEFAULT_OPTIMIZER = "adamw"  # MeZO always uses its own SGD
 DEFAULT_EPOCHS = 3  # when neither steps nor epochs is given
 
 
+MODEL_HELP = f"HF model directory, .gguf file or preset name ({', '.join(PRESETS)})"
+
+
 @dataclass
 class TrainConfig:
     """The settings of a run; field names are the `mesp train` flags (dashes become underscores).
 
     None means "pick the default for the other settings" (see `resolve`)."""
-    model: str | None = setting(None, "HF model directory, .gguf file or preset name")
+    model: str | None = setting(None, MODEL_HELP, path="file_or_name")
     data: str | None = setting(None, "training data: text, prompt/completion, messages or input_ids lines",
-                               metavar="FILE.jsonl")
-    out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR")
-    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl")
+                               metavar="FILE.jsonl", path="file")
+    out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR", path="file")
+    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl",
+                                path="file")
     method: str = setting("mesp", "gradient method", choices=METHODS)
     rank: int = setting(8, "LoRA rank")
     alpha: float = setting(16.0, "LoRA alpha")
