@@ -53,8 +53,21 @@ def test_output_path_the_system_refuses(capsys, tiny, data, tmp_path):
     blocker.write_text("not a directory")
     line = one_error_line(capsys, ["train", "--model", tiny, "--data", data, "--steps", "1", "--seq-len", "16",
                                    "--out", str(blocker / "run")])
-    assert str(blocker) in line and "Not a directory" in line
+    assert str(blocker) in line and "not a directory" in line.lower()
     assert blocker.read_text() == "not a directory"
+
+
+def test_an_os_refusal_is_one_line_naming_the_path(capsys, monkeypatch):
+    """Whatever the system refuses deep inside a command (a read-only mount, a full disk) reaches the user as the
+    path and the reason, not a traceback."""
+    import errno
+
+    def refused(args):
+        raise OSError(errno.ENOSPC, "No space left on device", "/mnt/full/adapter_model.safetensors")
+    help_text, args_fn, _ = mesp.cli.COMMANDS["generate"]
+    monkeypatch.setitem(mesp.cli.COMMANDS, "generate", (help_text, args_fn, refused))
+    line = one_error_line(capsys, ["generate", "--model", "x", "--prompt", "hi"])
+    assert line == "mesp generate: error: /mnt/full/adapter_model.safetensors: No space left on device"
 
 
 def test_an_unexpected_failure_is_one_line_that_says_bug(capsys, monkeypatch):
