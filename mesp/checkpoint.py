@@ -4,6 +4,7 @@ The run directory OUT holds, once training ends:
     adapter_config.json, adapter_model.safetensors    the final adapter (PEFT format)
     train_config.json                                 the resolved settings of the run
     metrics.jsonl                                     one JSON object per step
+    memory.json                                       the run's memory peaks (private footprint, RSS, ...)
     checkpoint-NNNNNN/                                the latest checkpoint: adapter, optimizer.safetensors,
                                                       trainer_state.json (step, data position, seeds)
     checkpoint.json                                   which checkpoint is the latest (written last)
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
+MEMORY_SUMMARY = "memory.json"  # the run's memory peaks (mesp.train), written at its end
 LATEST = "checkpoint.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
@@ -41,7 +43,7 @@ def run_files(out: Path) -> list[Path]:
     """The files and checkpoints a run writes that exist in `out`."""
     if not out.is_dir():
         return []
-    names = {RUN_CONFIG, METRICS, LATEST, ADAPTER_CONFIG, ADAPTER_WEIGHTS}
+    names = {RUN_CONFIG, METRICS, MEMORY_SUMMARY, LATEST, ADAPTER_CONFIG, ADAPTER_WEIGHTS}
     return sorted(p for p in out.iterdir() if p.name in names or p.name.startswith(CHECKPOINT_PREFIX)
                   or p.name.startswith("." + CHECKPOINT_PREFIX))
 

@@ -161,8 +161,23 @@ def train_run(args) -> int:
     print("; ".join(parts))
     if result.n_truncated:
         print(f"{result.n_truncated} of {result.n_samples} samples were truncated to {config.seq_len} tokens")
+    print(memory_line(result.memory))
     print(f"adapter: {result.out}")
     return 0
+
+
+def memory_line(m: dict) -> str:
+    """One labelled line of a run's memory summary (mesp.train's TrainResult.memory)."""
+    floor = m.get("runtime_floor_bytes")
+    floor_text = "" if floor is None else f" ({m['runtime_floor_label']}: {format_mib(floor)} MiB)"
+    step = m.get("step_allocator_peak_bytes")
+    step_text = ("step allocator peak not measured (--measure-memory)" if step is None else
+                 f"step allocator peak {format_mib(step)} MiB above the step's start")
+    stages = m.get("stage_private_peaks") or {}
+    by_stage = ", ".join(f"{k} {format_mib(v)}" for k, v in stages.items())
+    return (f"memory: private footprint peak {format_mib(m.get('private_peak_bytes'))} MiB{floor_text}, "
+            f"RSS peak {format_mib(m.get('rss_peak_bytes'))} MiB, {step_text}"
+            + (f"\nprivate footprint peak by stage (MiB): {by_stage}" if by_stage else ""))
 
 
 # ---- merge ---------------------------------------------------------------------------------------------
