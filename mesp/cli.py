@@ -268,6 +268,11 @@ BENCH_COMMANDS = {  # name -> (settings class, whose fields are the flags; help;
                "One training step per method and configuration, each in a fresh process: allocator-level peak "
                "above the step's start (split by stage), resident weights, process peak RSS, median step time "
                "(unprofiled)."),
+    "process": (bench.ProcessSettings, "whole-process private-footprint peak of mesp train on a quantized base",
+                "Quantize each model once (mesp quantize, kept in --work), then train each (T, method) for a few SGD "
+                "steps at batch 1 in a fresh mesp train process, the base streamed from the file, and report the "
+                "private-footprint peak that process measured (RssAnon + VmSwap + RssShmem, sampled), beside the "
+                "runtime floor of Python + torch."),
     "grads": (bench.GradsSettings, "gradient error of mesp/mebp vs autograd; MeZO's cosine with the truth",
               "Per-tensor relative error of mesp and mebp against autograd (fp32, random non-zero lora_B), and the "
               "cosine of MeZO's estimate with the true gradient for n directions beside the theory sqrt(2/(pi d))."),
@@ -304,12 +309,16 @@ def bench_run(args) -> int:
     if s.threads is not None:
         if s.threads < 1:
             raise MespError(f"--threads: must be a positive integer, got {s.threads}")
-        if args.bench_command != "memory":  # memory sets it in each fresh worker process
+        if args.bench_command not in ("memory", "process"):  # these set it in each fresh process
             torch.set_num_threads(s.threads)
     if args.bench_command == "memory":
         result = bench.bench_memory(s.cases(), progress=True, timeout=s.timeout)
         print(bench.memory_table(result))
         _write_outputs(s, result, plot=bench.plot_memory)
+    elif args.bench_command == "process":
+        result = bench.bench_process(s)
+        print(bench.process_table(result))
+        _write_outputs(s, result)
     elif args.bench_command == "grads":
         result = bench.bench_grads(s)
         print(bench.grads_table(result))

@@ -268,9 +268,12 @@ class FootprintMeter:
         return self
 
     def __exit__(self, *exc):
+        """Stop and join the thread and take a last sample; a second call does nothing."""
+        if self._thread is None:
+            return False
         self._stop.set()
-        if self._thread is not None:
-            self._thread.join()
+        self._thread.join()
+        self._thread = None
         self.sample()
         return False
 
