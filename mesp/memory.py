@@ -35,6 +35,7 @@ NO_STAGE = "other"  # what the footprint meter calls time outside every stage
 MiB = 1 << 20
 
 current_stage = NO_STAGE  # the innermost stage() in force, read by FootprintMeter's sampling thread
+_running_meters: set = set()  # FootprintMeters between enter and exit: each stage's end is sampled for them
 
 
 def format_mib(n_bytes: int | None, digits: int = 1) -> str:
@@ -53,6 +54,8 @@ def stage(name: str):
         with torch.profiler.record_function(STAGE_PREFIX + name):
             yield
     finally:
+        for meter in list(_running_meters):  # a stage shorter than the sampling interval still gets a sample
+            meter.sample()
         current_stage = outer
 
 
@@ -223,8 +226,8 @@ class FootprintMeter:
 
     The kernel keeps no peak of the private footprint, so a daemon thread samples it (and the RSS) every
     `interval` seconds and keeps the peak overall and per stage (the stage() in force at the sample; NO_STAGE
-    outside every stage). A peak shorter than the interval can be missed; the samples at entry and exit are
-    always taken. Peaks are None off Linux. The thread is stopped and joined on exit, exception or not."""
+    outside every stage). A peak shorter than the interval can be missed; samples at entry, at exit and at the
+    end of every stage are always taken. Peaks are None off Linux. The thread is stopped and joined on exit, exception or not."""
 
     def __init__(self, interval: float = 0.002):
         self.interval = interval
@@ -265,12 +268,14 @@ class FootprintMeter:
         self._stop.clear()
         self._thread = threading.Thread(target=self._run, name="mesp-footprint-meter", daemon=True)
         self._thread.start()
+        _running_meters.add(self)
         return self
 
     def __exit__(self, *exc):
         """Stop and join the thread and take a last sample; a second call does nothing."""
         if self._thread is None:
             return False
+        _running_meters.discard(self)
         self._stop.set()
         self._thread.join()
         self._thread = None

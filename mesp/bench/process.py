@@ -122,9 +122,14 @@ def _shown(cmd: list[str]) -> str:
     return "mesp " + shlex.join(cmd[3:])
 
 
+def quantized_path(source: str, to: str, work) -> Path:
+    """Where the quantized copy of `source` is kept: WORK/models/SOURCE-TO.gguf."""
+    return Path(work) / "models" / f"{_slug(source)}-{to}.gguf"
+
+
 def quantized_model(source: str, to: str, work: Path, env: dict, timeout: float | None) -> Path:
-    """WORK/models/SOURCE-TO.gguf, made by `mesp quantize` in its own process unless it is there already."""
-    path = work / "models" / f"{_slug(source)}-{to}.gguf"
+    """quantized_path(...), made by `mesp quantize` in its own process unless it is there already."""
+    path = quantized_path(source, to, work)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
         cmd = _mesp("quantize", source, "--to", to, "--out", str(path))
