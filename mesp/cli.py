@@ -243,6 +243,9 @@ def demo_run(args) -> int:
             samples, tokens = event["batch"]
             print(f"\nmeasuring one {' and one '.join(event['methods'])} step on the same batch "
                   f"({samples} samples x {tokens} tokens) ...", flush=True)
+        elif kind == "process_memory":
+            print(f"measuring the whole process: {event['steps']} training steps of "
+                  f"{' and of '.join(event['methods'])}, each in a fresh `mesp train` process ...", flush=True)
 
     r = run_demo(settings, out=args.out, overwrite=args.overwrite, progress=progress)
     s = r.score
@@ -256,6 +259,13 @@ def demo_run(args) -> int:
     if peaks.get("mebp"):
         print(f"  MeSP needs {100 * (1 - peaks['mesp'] / peaks['mebp']):.0f}% less than MeBP")
     print(f"process peak RSS: {format_mib(r.peak_rss_bytes)} MiB (weights, tokenizer, data and both steps included)")
+    if r.process_memory:
+        print(f"whole-process peak of a fresh `mesp train` process ({r.settings['process_steps']} steps; private "
+              "footprint = RssAnon + VmSwap + RssShmem, what a device counts):")
+        for p in r.process_memory:
+            print(f"  {p.method:5s} {format_mib(p.private_peak_bytes) + ' MiB':>12} private   "
+                  f"(RSS peak {format_mib(p.rss_peak_bytes)} MiB)")
+        print(f"  each includes the {r.runtime_floor_label}: {format_mib(r.runtime_floor_bytes)} MiB")
     print(f"adapter: {r.adapter_dir}" if r.adapter_dir else "(pass --out DIR to keep the trained adapter)")
     print(f"done in {r.seconds:.0f} s")
     return 0

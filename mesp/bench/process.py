@@ -12,9 +12,6 @@ from __future__ import annotations
 
 import json
 import logging
-import os
-import shlex
-import subprocess
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -24,8 +21,9 @@ import torch
 
 from ..errors import MespError
 from ..fileio import write_text
-from ..memory import RUNTIME_FLOOR_ENV, RUNTIME_FLOOR_LABEL, format_mib, runtime_floor_bytes
+from ..memory import RUNTIME_FLOOR_LABEL, format_mib, runtime_floor_bytes
 from ..settings import setting
+from ..wholeprocess import child_env, run_mesp, shown, train_process_memory
 from .machine import machine_info
 from .sweep import check_model_source, model_hf_config
 
@@ -99,29 +97,6 @@ def _slug(source: str) -> str:
     return "".join(c if c.isalnum() or c in "._-" else "_" for c in Path(source).name or source)
 
 
-def _run(cmd: list[str], env: dict, timeout: float | None, what: str) -> str | None:
-    """Run `cmd`; None when it succeeded, else why it did not (one line)."""
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-    except subprocess.TimeoutExpired:
-        return f"{what} timed out after {timeout:.0f} s"
-    if proc.returncode == 0:
-        return None
-    if proc.returncode < 0:
-        return f"{what} killed by signal {-proc.returncode} (out of memory?)"
-    tail = (proc.stderr.strip().splitlines() or [""])[-1][:300]
-    return f"{what} exit status {proc.returncode}: {tail}"
-
-
-def _mesp(*args: str) -> list[str]:
-    return [sys.executable, "-m", "mesp.cli", *args]
-
-
-def _shown(cmd: list[str]) -> str:
-    """A command as a user would type it (`mesp ...`)."""
-    return "mesp " + shlex.join(cmd[3:])
-
-
 def quantized_path(source: str, to: str, work) -> Path:
     """Where the quantized copy of `source` is kept: WORK/models/SOURCE-TO.gguf."""
     return Path(work) / "models" / f"{_slug(source)}-{to}.gguf"
@@ -132,11 +107,12 @@ def quantized_model(source: str, to: str, work: Path, env: dict, timeout: float 
     path = quantized_path(source, to, work)
     if not path.is_file():
         path.parent.mkdir(parents=True, exist_ok=True)
-        cmd = _mesp("quantize", source, "--to", to, "--out", str(path))
-        log.info("%s", _shown(cmd))
-        why = _run(cmd, env, timeout, "mesp quantize")
-        if why:
-            raise MespError(f"{source}: {why}")
+        args = ["quantize", source, "--to", to, "--out", str(path)]
+        log.info("mesp %s", " ".join(args))
+        try:
+            run_mesp(args, env, timeout)
+        except MespError as e:
+            raise MespError(f"{source}: {e}") from e
     return path
 
 
@@ -152,11 +128,12 @@ def token_data(source: str, seq_len: int, work: Path) -> Path:
     return path
 
 
-def train_command(case: ProcessCase, model_file: Path, data: Path, run: Path) -> list[str]:
-    cmd = _mesp("train", "--model", str(model_file), "--data", str(data), "--seq-len", str(case.seq_len),
-                "--rank", str(case.rank), "--batch-size", "1", "--optimizer", "sgd", "--steps", str(case.steps),
-                "--method", case.method, "--out", str(run), "--overwrite")
-    return cmd + (["--offload-checkpoints"] if case.offload_checkpoints else [])
+def train_args(case: ProcessCase, model_file: Path, data: Path) -> list[str]:
+    """The `mesp train` arguments of a case (--out aside)."""
+    args = ["--model", str(model_file), "--data", str(data), "--seq-len", str(case.seq_len), "--rank",
+            str(case.rank), "--batch-size", "1", "--optimizer", "sgd", "--steps", str(case.steps), "--method",
+            case.method, "--overwrite"]
+    return args + (["--offload-checkpoints"] if case.offload_checkpoints else [])
 
 
 def measure_process(case: ProcessCase, model_file: Path, data: Path, work: Path, env: dict,
@@ -164,15 +141,15 @@ def measure_process(case: ProcessCase, model_file: Path, data: Path, work: Path,
     """One fresh `mesp train` process; its row holds the run's memory.json (or `error`)."""
     run = work / "runs" / f"{_slug(case.model)}-{case.to}-T{case.seq_len}-r{case.rank}-{case.method}" \
                           f"{'-offload' if case.offload_checkpoints else ''}"
-    cmd = train_command(case, model_file, data, run)
-    row = {**asdict(case), "command": _shown(cmd)}
+    args = train_args(case, model_file, data)
+    row = {**asdict(case), "command": shown(args + ["--out", str(run)])}
     started = time.perf_counter()
-    why = _run(cmd, env, timeout, "mesp train")
-    row["seconds"] = time.perf_counter() - started
-    if why:
-        log.warning("%s: %s", case, why)
-        return {**row, "error": why}
-    return {**row, **json.loads((run / "memory.json").read_text())}
+    try:
+        summary = train_process_memory(args, run, env, timeout)
+    except MespError as e:
+        log.warning("%s: %s", case, e)
+        return {**row, "seconds": time.perf_counter() - started, "error": str(e)}
+    return {**row, "seconds": time.perf_counter() - started, **summary}
 
 
 def bench_process(settings: ProcessSettings, progress: bool = True) -> dict:
@@ -183,11 +160,7 @@ def bench_process(settings: ProcessSettings, progress: bool = True) -> dict:
     cases = settings.cases()
     work = Path(settings.work)
     floor = runtime_floor_bytes()
-    env = dict(os.environ)
-    if floor is not None:
-        env[RUNTIME_FLOOR_ENV] = str(floor)
-    if settings.threads:
-        env["OMP_NUM_THREADS"] = str(settings.threads)
+    env = child_env(settings.threads)
     machine = machine_info()
     if settings.threads:
         machine["torch_threads"] = settings.threads
