@@ -4,6 +4,7 @@ The run directory OUT holds, once training ends:
     adapter_config.json, adapter_model.safetensors    the final adapter (PEFT format)
     train_config.json                                 the resolved settings of the run
     metrics.jsonl                                     one JSON object per step
+    memory.json                                       the run's memory peaks (private footprint, RSS, ...)
     checkpoint-NNNNNN/                                the latest checkpoint: adapter, optimizer.safetensors,
                                                       trainer_state.json (step, data position, seeds)
     checkpoint.json                                   which checkpoint is the latest (written last)
@@ -35,11 +36,12 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
+MEMORY_SUMMARY = "memory.json"  # the run's memory peaks (mesp.train), written at its end
 LATEST = "checkpoint.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
-RUN_FILE_NAMES = (RUN_CONFIG, METRICS, LATEST, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+RUN_FILE_NAMES = (RUN_CONFIG, METRICS, MEMORY_SUMMARY, LATEST, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
 CHECKPOINT_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"[0-9]+")
 # a checkpoint directory being written, and atomic_write's temporary for each file the run writes
 TEMPORARY_NAME = re.compile(r"\.(?:" + re.escape(CHECKPOINT_PREFIX) + r"[0-9]+|(?:"

@@ -209,11 +209,26 @@ def train_run(args) -> int:
     print("; ".join(parts))
     if result.n_truncated:
         print(f"{result.n_truncated} of {result.n_samples} samples were truncated to {config.seq_len} tokens")
+    print(memory_line(result.memory))
     print(f"adapter: {result.out}")
     use = shlex.join(["mesp", "generate", "--model", result.config["model"], "--adapter",
                       os.path.abspath(result.out), "--prompt"])
     print(f"try it: {use} 'your prompt'")
     return 0
+
+
+def memory_line(m: dict) -> str:
+    """One labelled line of a run's memory summary (mesp.train's TrainResult.memory)."""
+    floor = m.get("runtime_floor_bytes")
+    floor_text = "" if floor is None else f" ({m['runtime_floor_label']}: {format_mib(floor)} MiB)"
+    step = m.get("step_allocator_peak_bytes")
+    step_text = ("step allocator peak not measured (--measure-memory)" if step is None else
+                 f"step allocator peak {format_mib(step)} MiB above the step's start")
+    stages = m.get("stage_private_peaks") or {}
+    by_stage = ", ".join(f"{k} {format_mib(v)}" for k, v in stages.items())
+    return (f"memory: private footprint peak {format_mib(m.get('private_peak_bytes'))} MiB{floor_text}, "
+            f"RSS peak {format_mib(m.get('rss_peak_bytes'))} MiB, {step_text}"
+            + (f"\nprivate footprint peak by stage (MiB): {by_stage}" if by_stage else ""))
 
 
 # ---- merge ---------------------------------------------------------------------------------------------
@@ -279,6 +294,9 @@ def demo_run(args) -> int:
             samples, tokens = event["batch"]
             print(f"\nmeasuring one {' and one '.join(event['methods'])} step on the same batch "
                   f"({samples} samples x {tokens} tokens) ...", flush=True)
+        elif kind == "process_memory":
+            print(f"measuring the whole process: {event['steps']} training steps of "
+                  f"{' and of '.join(event['methods'])}, each in a fresh `mesp train` process ...", flush=True)
 
     r = run_demo(settings, out=args.out, overwrite=args.overwrite, progress=progress)
     s = r.score
@@ -292,6 +310,13 @@ def demo_run(args) -> int:
     if peaks.get("mebp"):
         print(f"  MeSP needs {100 * (1 - peaks['mesp'] / peaks['mebp']):.0f}% less than MeBP")
     print(f"process peak RSS: {format_mib(r.peak_rss_bytes)} MiB (weights, tokenizer, data and both steps included)")
+    if r.process_memory:
+        print(f"whole-process peak of a fresh `mesp train` process ({r.settings['process_steps']} steps; private "
+              "footprint = RssAnon + VmSwap + RssShmem, what a device counts):")
+        for p in r.process_memory:
+            print(f"  {p.method:5s} {format_mib(p.private_peak_bytes) + ' MiB':>12} private   "
+                  f"(RSS peak {format_mib(p.rss_peak_bytes)} MiB)")
+        print(f"  each includes the {r.runtime_floor_label}: {format_mib(r.runtime_floor_bytes)} MiB")
     print(f"adapter: {r.adapter_dir}" if r.adapter_dir else "(pass --out DIR to keep the trained adapter)")
     print(f"done in {r.seconds:.0f} s")
     return 0
@@ -304,6 +329,11 @@ BENCH_COMMANDS = {  # name -> (settings class, whose fields are the flags; help;
                "One training step per method and configuration, each in a fresh process: allocator-level peak "
                "above the step's start (split by stage), resident weights, process peak RSS, median step time "
                "(unprofiled)."),
+    "process": (bench.ProcessSettings, "whole-process private-footprint peak of mesp train on a quantized base",
+                "Quantize each model once (mesp quantize, kept in --work), then train each (T, method) for a few SGD "
+                "steps at batch 1 in a fresh mesp train process, the base streamed from the file, and report the "
+                "private-footprint peak that process measured (RssAnon + VmSwap + RssShmem, sampled), beside the "
+                "runtime floor of Python + torch."),
     "grads": (bench.GradsSettings, "gradient error of mesp/mebp vs autograd; MeZO's cosine with the truth",
               "Per-tensor relative error of mesp and mebp against autograd (fp32, random non-zero lora_B), and the "
               "cosine of MeZO's estimate with the true gradient for n directions beside the theory sqrt(2/(pi d))."),
@@ -340,12 +370,16 @@ def bench_run(args) -> int:
     if s.threads is not None:
         if s.threads < 1:
             raise MespError(f"--threads: must be a positive integer, got {s.threads}")
-        if args.bench_command != "memory":  # memory sets it in each fresh worker process
+        if args.bench_command not in ("memory", "process"):  # these set it in each fresh process
             torch.set_num_threads(s.threads)
     if args.bench_command == "memory":
         result = bench.bench_memory(s.cases(), progress=True, timeout=s.timeout)
         print(bench.memory_table(result))
         _write_outputs(s, result, plot=bench.plot_memory)
+    elif args.bench_command == "process":
+        result = bench.bench_process(s)
+        print(bench.process_table(result))
+        _write_outputs(s, result)
     elif args.bench_command == "grads":
         result = bench.bench_grads(s)
         print(bench.grads_table(result))
