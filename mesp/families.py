@@ -53,8 +53,10 @@ class ActivationKind:
     hf_name: str
 
 
-NORMS = {"rms": NormKind(ops.rmsnorm_forward, ops.rmsnorm_backward, init=1.0)}
-ACTIVATIONS = {"swiglu": ActivationKind(ops.swiglu_forward, ops.swiglu_backward, hf_name="silu")}
+NORMS = {"rms": NormKind(ops.rmsnorm_forward, ops.rmsnorm_backward, init=1.0),
+         "rms_offset": NormKind(ops.rmsnorm_offset_forward, ops.rmsnorm_offset_backward, init=0.0)}  # Gemma: 1 + w
+ACTIVATIONS = {"swiglu": ActivationKind(ops.swiglu_forward, ops.swiglu_backward, hf_name="silu"),
+               "geglu": ActivationKind(ops.geglu_forward, ops.geglu_backward, hf_name="gelu_pytorch_tanh")}
 
 
 # ---- one layer's description ----------------------------------------------------------------------------
@@ -62,11 +64,13 @@ ACTIVATIONS = {"swiglu": ActivationKind(ops.swiglu_forward, ops.swiglu_backward,
 @dataclass(frozen=True)
 class AttentionKind:
     """How one layer attends: causal over every earlier position (window None) or the last `window` ones, with
-    rotary embeddings of base `rope_theta` (and HF `rope_scaling`) or none."""
+    rotary embeddings of base `rope_theta` (and HF `rope_scaling`) or none, scores scaled by `scale` (None:
+    1/sqrt(head_dim))."""
     rope: bool = True
     rope_theta: float = 10000.0
     rope_scaling: dict | None = None
     window: int | None = None
+    scale: float | None = None
 
 
 @dataclass(frozen=True)
@@ -80,10 +84,6 @@ class LayerSpec:
     qk_norm: bool = False  # a norm on q and k per head, before RoPE (Qwen3, Gemma 3)
     sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
 
-    def __post_init__(self):
-        missing = [name for name, on in (("sandwich_norms", self.sandwich_norms),) if on]
-        if missing:
-            raise NotImplementedError(f"layer features without ops yet: {', '.join(missing)}")
 
 
 class Projection(NamedTuple):
@@ -108,7 +108,10 @@ def layer_shapes(cfg: "ModelConfig", spec: LayerSpec) -> dict[str, tuple[int, ..
     """Every tensor of one layer (name relative to the layer) -> shape: norms, projection weights in forward
     order, then biases."""
     proj = projections(cfg, spec)
-    shapes = {"input_layernorm.weight": (cfg.hidden_size,), "post_attention_layernorm.weight": (cfg.hidden_size,)}
+    d = cfg.hidden_size
+    shapes = {"input_layernorm.weight": (d,), "post_attention_layernorm.weight": (d,)}
+    if spec.sandwich_norms:
+        shapes.update({"pre_feedforward_layernorm.weight": (d,), "post_feedforward_layernorm.weight": (d,)})
     if spec.qk_norm:
         shapes.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
     shapes.update({f"{name}.weight": (p.out_features, p.in_features) for name, p in proj.items()})
@@ -156,6 +159,24 @@ def smollm3_layer_types(hf: dict, layers: int, window: int | None) -> list[str]:
             for i in range(layers)]
 
 
+def gemma_layer_types(hf: dict, layers: int, window: int | None) -> list[str]:
+    """Gemma 3's default layer_types: every `sliding_window_pattern`-th layer (default 6th) attends fully, the
+    others through the sliding window."""
+    pattern = hf.get("sliding_window_pattern", 6)
+    if isinstance(pattern, bool) or not isinstance(pattern, int) or pattern < 1:
+        raise MespError(f"sliding_window_pattern must be a positive integer, got {pattern!r}")
+    return ["sliding_attention" if (i + 1) % pattern else "full_attention" for i in range(layers)]
+
+
+def gemma_attention(cfg: "ModelConfig", index: int) -> AttentionKind:
+    """Gemma 3: sliding layers use the local RoPE base (no scaling), full layers the global one (and its scaling);
+    every layer scales scores by query_pre_attn_scalar^-1/2."""
+    scale = cfg.query_pre_attn_scalar ** -0.5
+    if cfg.layer_types is not None and cfg.layer_types[index] == "sliding_attention":
+        return AttentionKind(rope_theta=cfg.rope_local_base_freq, window=cfg.sliding_window, scale=scale)
+    return AttentionKind(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling, scale=scale)
+
+
 def default_no_rope_layers(hf: dict, layers: int) -> list[int]:
     """SmolLM3: every `no_rope_layer_interval`-th layer (default 4th) has no RoPE (0), the others have it (1)."""
     interval = hf.get("no_rope_layer_interval", 4)
@@ -179,6 +200,9 @@ class Family:
     # (config.json dict, layers, window in force) -> layer_types when config.json has none; None: no sliding window
     default_layer_types: Callable[[dict, int, int | None], list[str]] | None = None
     has_no_rope_layers: bool = False  # config.json's no_rope_layers turns RoPE off per layer (SmolLM3)
+    window_always: bool = False  # sliding_window is in force without use_sliding_window (Gemma 3)
+    embed_scale: bool = False  # embeddings multiplied by sqrt(hidden_size), cast to the weight dtype (Gemma 3)
+    activation_field: str = "hidden_act"  # config.json's name for the activation (Gemma 3: hidden_activation)
 
     def layer_spec(self, cfg: "ModelConfig", index: int) -> LayerSpec:
         return LayerSpec(norm=self.norm, activation=self.activation,
@@ -196,8 +220,44 @@ FAMILIES = {f.arch: f for f in (
            layer_attention=layer_types_attention, default_layer_types=qwen_layer_types),
     Family("smollm3", "SmolLM3ForCausalLM", o_bias_follows_attention_bias=True,
            layer_attention=layer_types_attention, default_layer_types=smollm3_layer_types, has_no_rope_layers=True),
+    Family("gemma3_text", "Gemma3ForCausalLM", norm=NORMS["rms_offset"], activation=ACTIVATIONS["geglu"],
+           o_bias_follows_attention_bias=True, qk_norm=True, sandwich_norms=True, layer_attention=gemma_attention,
+           default_layer_types=gemma_layer_types, window_always=True, embed_scale=True,
+           activation_field="hidden_activation"),
 )}
 HF_CLASSES = {f.hf_class: f for f in FAMILIES.values()}
+
+
+def rope_settings(hf: dict, family: Family, where: str) -> tuple[float, dict | None, float | None]:
+    """(rope_theta, rope_scaling or None, RoPE base of sliding layers or None) of a config.json dict: the flat
+    rope_theta / rope_scaling (or transformers 5's rope_parameters), and for Gemma 3 its per-layer-type
+    rope_parameters or the older rope_theta / rope_scaling / rope_local_base_freq."""
+    params = hf.get("rope_parameters") or {}
+    scaling = hf.get("rope_scaling") or None
+    for key, value in (("rope_parameters", params), ("rope_scaling", scaling)):
+        if value is not None and not isinstance(value, dict):
+            raise MespError(f"{where}: {key} must be an object, got {type(value).__name__}")
+    local_theta = None
+    if family.arch == "gemma3_text":
+        if "full_attention" in params or "sliding_attention" in params:
+            full, local = params.get("full_attention") or {}, params.get("sliding_attention") or {}
+            if not isinstance(full, dict) or not isinstance(local, dict):
+                raise MespError(f"{where}: rope_parameters per layer type must be objects")
+            if local.get("rope_type", "default") != "default":
+                raise MespError(f"{where}: rope_parameters.sliding_attention: only the default RoPE is supported")
+            local_theta = config_float(local, "rope_theta", where, 10000.0)
+            params = full
+        else:
+            local_theta = config_float(hf, "rope_local_base_freq", where, 10000.0)
+        default_theta = 1_000_000.0
+    else:
+        default_theta = 10000.0
+    if scaling is None and params.get("rope_type", "default") not in ("default", None):
+        scaling = {k: v for k, v in params.items() if k != "rope_theta"}
+    if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
+        scaling = None
+    theta = hf.get("rope_theta", params.get("rope_theta", default_theta))
+    return config_float({"rope_theta": theta}, "rope_theta", where, default_theta), scaling, local_theta
 
 
 def layer_kinds(hf: dict, family: Family, layers: int, where: str):
@@ -208,7 +268,9 @@ def layer_kinds(hf: dict, family: Family, layers: int, where: str):
     if family.default_layer_types is None:
         return None, None, None
     window = None
-    if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+    if family.window_always:
+        window = config_size(hf, "sliding_window", where, default=4096)
+    elif hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
         window = config_size(hf, "sliding_window", where)
     no_rope = None
     if family.has_no_rope_layers:
@@ -291,6 +353,9 @@ class ModelConfig:
     sliding_window: int | None = None  # in force on "sliding_attention" layers (None: no layer slides)
     layer_types: list[str] | None = None  # per layer: "full_attention" or "sliding_attention"
     no_rope_layers: list[int] | None = None  # per layer: 1 = RoPE, 0 = none (SmolLM3)
+    rope_local_base_freq: float | None = None  # RoPE base of sliding layers (Gemma 3; rope_theta is the global one)
+    query_pre_attn_scalar: float | None = None  # scores scaled by its -1/2 power (Gemma 3)
+    final_logit_softcapping: float | None = None  # logits -> c tanh(logits / c) (Gemma)
     extra: dict = field(default_factory=dict)  # untouched HF fields, written back on export
 
     @property
@@ -314,16 +379,14 @@ class ModelConfig:
             raise MespError(f"{where}: unsupported architecture {hf_class!r} "
                             f"(supported: {', '.join(sorted(HF_CLASSES))})")
         family = HF_CLASSES[hf_class]
-        rope_params = hf.get("rope_parameters") or {}
-        if not isinstance(rope_params, dict):
-            raise MespError(f"{where}: rope_parameters must be an object, got {type(rope_params).__name__}")
-        scaling = hf.get("rope_scaling") or None
-        if scaling is not None and not isinstance(scaling, dict):
-            raise MespError(f"{where}: rope_scaling must be an object, got {type(scaling).__name__}")
-        if scaling is None and rope_params.get("rope_type", "default") not in ("default", None):
-            scaling = dict(rope_params)
-        if scaling is not None and scaling.get("rope_type", scaling.get("type")) == "default":
-            scaling = None
+        activation = hf.get(family.activation_field, family.activation.hf_name)
+        if activation != family.activation.hf_name:
+            raise MespError(f"{where}: {family.activation_field} {activation!r} is not supported for {family.arch} "
+                            f"(only {family.activation.hf_name!r})")
+        for key in ("attn_logit_softcapping", "use_bidirectional_attention"):
+            if hf.get(key):
+                raise MespError(f"{where}: {key} = {hf[key]!r} is not supported")
+        rope_theta, scaling, local_theta = rope_settings(hf, family, where)
         heads = config_size(hf, "num_attention_heads", where)
         hidden = config_size(hf, "hidden_size", where)
         if hf.get("head_dim") is None and hidden // heads == 0:
@@ -338,19 +401,25 @@ class ModelConfig:
             num_key_value_heads=config_size(hf, "num_key_value_heads", where, default=heads),
             head_dim=config_size(hf, "head_dim", where, default=hidden // heads),
             rms_norm_eps=config_float(hf, "rms_norm_eps", where, 1e-6),
-            rope_theta=config_float(hf, "rope_theta", where, rope_params.get("rope_theta", 10000.0)),
+            rope_theta=rope_theta,
             rope_scaling=scaling,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             attention_bias=family.qkv_bias_always or bool(hf.get("attention_bias", False)),
             max_position_embeddings=config_size(hf, "max_position_embeddings", where, default=2048),
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
+            rope_local_base_freq=local_theta,
         )
+        if family.arch == "gemma3_text":
+            cfg.query_pre_attn_scalar = config_float(hf, "query_pre_attn_scalar", where, 256.0)
+        if hf.get("final_logit_softcapping") is not None:
+            cfg.final_logit_softcapping = config_float(hf, "final_logit_softcapping", where, 1.0)
         cfg.sliding_window, cfg.layer_types, cfg.no_rope_layers = layer_kinds(hf, family, cfg.num_hidden_layers, where)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise MespError(f"{where}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads {cfg.num_key_value_heads}")
-        known = set(asdict(cfg)) | {"architectures", "model_type", "rope_parameters", "head_dim"}
+        known = set(asdict(cfg)) | {"architectures", "model_type", "rope_parameters", "head_dim",
+                                    family.activation_field}
         cfg.extra = {k: v for k, v in hf.items() if k not in known}
         return cfg
 
@@ -358,7 +427,8 @@ class ModelConfig:
         """A transformers config.json dict for this architecture."""
         family = self.family
         d = {k: v for k, v in asdict(self).items() if k not in ("arch", "extra")}
-        for key in ("sliding_window", "layer_types", "no_rope_layers"):
+        for key in ("sliding_window", "layer_types", "no_rope_layers", "rope_local_base_freq", "query_pre_attn_scalar",
+                    "final_logit_softcapping"):
             if d[key] is None:
                 del d[key]
         d.update(self.extra)
@@ -366,5 +436,5 @@ class ModelConfig:
         d["model_type"] = family.arch
         if family.qkv_bias_always:
             d.pop("attention_bias")
-        d["hidden_act"] = family.activation.hf_name
+        d[family.activation_field] = family.activation.hf_name
         return d

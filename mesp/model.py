@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from . import ops
-from .families import LayerSpec, ModelConfig, NormKind, Projection, projections
+from .families import AttentionKind, LayerSpec, ModelConfig, NormKind, Projection, projections
 
 
 class Linear(nn.Module):
@@ -103,8 +103,17 @@ class DecoderLayer(nn.Module):
         proj = projections(cfg, spec)
         self.input_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
         self.self_attn = Attention(cfg, spec, proj)
+        # without sandwich norms this is the MLP's input norm; with them it normalizes the attention output
         self.post_attention_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
+        if spec.sandwich_norms:
+            self.pre_feedforward_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
+            self.post_feedforward_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
         self.mlp = MLP(proj)
+
+    @property
+    def mlp_norm(self) -> Norm:
+        """The norm of the MLP's input."""
+        return self.pre_feedforward_layernorm if self.spec.sandwich_norms else self.post_attention_layernorm
 
     def projections(self) -> dict[str, Linear]:
         """The seven projections by their PEFT target name."""
@@ -130,16 +139,21 @@ class DecoderLayer(nn.Module):
         v = attn.split_heads(run.project("v_proj", attn.v_proj, n1), attn.num_kv_heads)
         run.keep(n1=n1)
         del n1
-        o = run.attend(q, k, v, spec.attention.window)
+        o = run.attend(q, k, v, spec.attention)
         run.keep(q=q, k=k, v=v, o=o)
         del q, k, v
         B, _, T, _ = o.shape
         o_flat = o.transpose(1, 2).reshape(B, T, -1)
         del o
-        h1 = run.residual(run.project("o_proj", attn.o_proj, o_flat), x)
+        a = run.project("o_proj", attn.o_proj, o_flat)
+        if spec.sandwich_norms:  # the attention output is normalized before the residual
+            run.keep(a=a)
+            a = self.post_attention_layernorm(a)
+        h1 = run.residual(a, x)
+        del a
         run.keep(o_flat=o_flat, h1=h1)
         del o_flat
-        n2 = self.post_attention_layernorm(h1)
+        n2 = self.mlp_norm(h1)
         G = run.project("gate_proj", mlp.gate_proj, n2)
         U = run.project("up_proj", mlp.up_proj, n2)
         run.keep(n2=n2, G=G, U=U)
@@ -147,7 +161,8 @@ class DecoderLayer(nn.Module):
         M = self.spec.activation.forward(G, U)
         del G, U
         run.keep(M=M)
-        return run.output("down_proj", mlp.down_proj, M, h1)
+        return run.output("down_proj", mlp.down_proj, M, h1,
+                          self.post_feedforward_layernorm if spec.sandwich_norms else None)
 
 
 def rotate(t, rope):
@@ -168,12 +183,12 @@ class LayerRun:
     def project(self, name: str, proj: Linear, x):
         return proj(x)
 
-    def attend(self, q, k, v, window=None):
+    def attend(self, q, k, v, kind: AttentionKind):
         if self.cache is not None:
             k = torch.cat([self.cache[0], k], dim=2)
             v = torch.cat([self.cache[1], v], dim=2)
         self.cache = (k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks(window),
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks(kind.window), scale=kind.scale,
                                               enable_gqa=q.shape[1] != k.shape[1])
 
     def residual(self, y, x):
@@ -182,9 +197,10 @@ class LayerRun:
     def keep(self, **tensors):
         pass
 
-    def output(self, name: str, proj: Linear, m, residual):
-        """The last step: the output projection plus the residual."""
-        return residual + proj(m)
+    def output(self, name: str, proj: Linear, m, residual, norm=None):
+        """The last step: the output projection (normalized by `norm`, with sandwich norms) plus the residual."""
+        y = proj(m)
+        return residual + (y if norm is None else norm(y))
 
 
 class Backbone(nn.Module):
@@ -256,7 +272,10 @@ class Model(nn.Module):
         return per_layer
 
     def embed(self, input_ids: torch.Tensor) -> torch.Tensor:
-        return self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids)
+        if self.config.family.embed_scale:  # sqrt(hidden) as fp32, cast to the weights' dtype, as transformers does
+            x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32).to(x.dtype)
+        return x
 
     def forward(self, input_ids, attention_mask=None, cache=None, return_hidden=False):
         """input_ids [B, T]; attention_mask [B, S] (1 = real token; S = cached + T) or None.
@@ -278,7 +297,8 @@ class Model(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x, new_cache
-        return ops.frozen_linear(x, self.lm_head_weight), new_cache
+        logits = ops.frozen_linear(x, self.lm_head_weight)
+        return ops.softcap_logits(logits, self.config.final_logit_softcapping), new_cache
 
 
 class SdpaMasks:

@@ -143,6 +143,25 @@ def rmsnorm_backward(gy, x, weight, eps):
     return gx.to(x.dtype)
 
 
+def rmsnorm_offset_forward(x, weight, eps):
+    """Gemma's RMSNorm: y = cast_back((x / sqrt(mean(x^2) + eps)) * (1 + weight)), all in fp32.
+    x [..., d], weight [d] (stored as an offset from 1) -> [..., d].
+
+    Mirrors HF Gemma3RMSNorm bit for bit: unlike Llama's, the weight multiplies before the cast back."""
+    acc = acc_dtype(x.dtype)
+    xf = x.to(acc)
+    xn = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+    del xf
+    return (xn * (1.0 + weight.to(acc))).to(x.dtype)
+
+
+@torch.no_grad()
+def rmsnorm_offset_backward(gy, x, weight, eps):
+    """gx for y = rmsnorm_offset(x; weight), weight frozen: rmsnorm_backward with the effective weight 1 + weight
+    (where the casts fall changes no gradient)."""
+    return rmsnorm_backward(gy, x, 1.0 + weight.to(acc_dtype(x.dtype)), eps)
+
+
 # ----------------------------------------------------------------------------
 # RoPE (HF "rotate_half" convention: the two halves of head_dim form the pairs)
 
@@ -264,6 +283,33 @@ def swiglu_backward(g, gate, up):
     ds = torch.sub(1, s).mul_(gf).add_(1).mul_(s)  # d silu / d gate
     del s, gf
     g_gate = ds.mul_(g).mul_(up).to(dtype)
+    return g_gate, g_up
+
+
+def geglu_forward(gate, up):
+    """m = gelu_tanh(gate) * up (Gemma's MLP; HF's gelu_pytorch_tanh).  gate, up [..., F] -> [..., F]."""
+    return F.gelu(gate, approximate="tanh") * up
+
+
+@torch.no_grad()
+def geglu_backward(g, gate, up):
+    """(g_gate, g_up) for m = gelu_tanh(gate) * up.   g, gate, up [..., F].
+
+    With c = sqrt(2/pi), u = c (x + 0.044715 x^3), t = tanh(u):
+        gelu_tanh(x) = 0.5 x (1 + t)
+        d/dx         = 0.5 (1 + t) + 0.5 x (1 - t^2) c (1 + 3 * 0.044715 x^2)
+    g_up = g * gelu_tanh(gate); g_gate = g * up * d/dx. Computed in fp32 (or fp64), returned in the input dtype.
+    """
+    dtype = gate.dtype
+    acc = acc_dtype(dtype)
+    x = gate.to(acc)
+    c = math.sqrt(2.0 / math.pi)
+    t = torch.tanh(x.pow(3).mul_(0.044715).add_(x).mul_(c))
+    g_up = torch.add(t, 1).mul_(x).mul_(0.5).mul_(g).to(dtype)
+    slope = x.pow(2).mul_(3 * 0.044715 * c).add_(c)  # c (1 + 3 * 0.044715 x^2)
+    slope.mul_(x).mul_(torch.mul(t, t).neg_().add_(1)).add_(t).add_(1).mul_(0.5)
+    del x, t
+    g_gate = slope.mul_(g).mul_(up).to(dtype)
     return g_gate, g_up
 
 
@@ -480,7 +526,7 @@ def attention_reference(q, k, v, key_mask=None, scale=None, window=None):
 
 @torch.no_grad()
 def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, compute_grad=True,
-                          chunk_bytes=8 << 20):
+                          chunk_bytes=8 << 20, softcap=None):
     """Summed cross-entropy of (hidden W^T) against targets, plus dL/dhidden for L = sum/normalizer.
 
     hidden [N, d] (final-normed, already shifted); weight [V, d] (tensor or quantized object);
@@ -497,6 +543,8 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
               lse = m + log s; loss += sum(lse - logit[target])
       pass 2: per slice, g_logits = (exp(logit - lse) - onehot) / normalizer, built in place;
               g_hidden += g_logits W_slice
+    softcap (Gemma's final_logit_softcapping): logits become softcap * tanh(logits / softcap), and g_logits is
+    multiplied by that map's derivative 1 - tanh^2.
     """
     acc = acc_dtype(hidden.dtype)
     loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
@@ -513,7 +561,7 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
         s = torch.zeros(n, dtype=acc, device=h.device)
         target_logit = torch.zeros(n, dtype=acc, device=h.device)
         for v0, v1 in slices:
-            logits = _logits_slice(h, weight, v0, v1, acc)  # [n, v1-v0]
+            logits, _ = _logits_slice(h, weight, v0, v1, acc, softcap)  # [n, v1-v0]
             inside = (t >= v0) & (t < v1)
             target_logit[inside] = logits[inside, t[inside] - v0]
             m_new = torch.maximum(m, logits.amax(dim=-1))
@@ -526,10 +574,13 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
             continue
         gh = torch.zeros(n, h.shape[-1], dtype=acc, device=h.device)
         for v0, v1 in slices:
-            g = _logits_slice(h, weight, v0, v1, acc).sub_(lse[:, None]).exp_()  # softmax slice, in place
+            g, slope = _logits_slice(h, weight, v0, v1, acc, softcap)
+            g.sub_(lse[:, None]).exp_()  # softmax slice, in place
             inside = (t >= v0) & (t < v1)
             g[inside.nonzero().squeeze(1), t[inside] - v0] -= 1.0
             g.div_(normalizer)
+            if slope is not None:
+                g.mul_(slope)
             gh.add_(torch.matmul(g.to(h.dtype), weight_rows(weight, v0, v1).to(h.dtype)).to(acc))
             del g
         g_hidden[idx] = gh.to(hidden.dtype)
@@ -543,7 +594,18 @@ def weight_rows(weight, v0, v1):
     return weight.rows(torch.arange(v0, v1, device=weight.device))
 
 
-def _logits_slice(h, weight, v0, v1, acc):
-    """h [n, d] against vocabulary rows [v0, v1) -> logits [n, v1-v0] in the accumulation dtype."""
+def _logits_slice(h, weight, v0, v1, acc, softcap=None):
+    """h [n, d] against vocabulary rows [v0, v1) -> (logits [n, v1-v0] in the accumulation dtype, None); with
+    softcap, the capped logits and d(capped)/d(logits)."""
     w = weight_rows(weight, v0, v1)
-    return torch.matmul(h, w.to(h.dtype).t()).to(acc)
+    logits = torch.matmul(h, w.to(h.dtype).t()).to(acc)
+    if softcap is None:
+        return logits, None
+    t = logits.div_(softcap).tanh_()
+    return t * softcap, torch.mul(t, t).neg_().add_(1)
+
+
+def softcap_logits(logits, softcap):
+    """softcap * tanh(logits / softcap) (identity for softcap None): the map the chunked loss applies, for the
+    differentiable paths (full logits, generation)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap

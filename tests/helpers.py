@@ -22,14 +22,15 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 def hf_config(arch: str, **overrides):
     """A transformers config for a tiny `arch` (a mesp.families key) model. Qwen3's head_dim is its own field
     (published default 128): tiny models take hidden / heads unless overridden."""
-    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, SmolLM3Config
+    from transformers import Gemma3TextConfig, LlamaConfig, Qwen2Config, Qwen3Config, SmolLM3Config
 
     kw = {**TINY, **overrides}
-    if arch == "qwen3":
+    if arch in ("qwen3", "gemma3_text"):
         kw.setdefault("head_dim", kw["hidden_size"] // kw["num_attention_heads"])
     if arch == "smollm3":
         kw.setdefault("pad_token_id", None)  # the published default lies outside a tiny vocabulary
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "smollm3": SmolLM3Config}[arch]
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "smollm3": SmolLM3Config,
+           "gemma3_text": Gemma3TextConfig}[arch]
     return cls(**kw)
 
 

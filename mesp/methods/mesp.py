@@ -53,17 +53,21 @@ class Saved:
     lse     row log-sum-exp of the masked scores: P is rebuilt    [B, Hq, T]
             block by block from q, k and lse, never kept
     o_flat  o with heads merged, o_proj's input                   [B, T, Hq*D]
-    h1      x + o_proj(o), the residual stream after attention    [B, T, d]
-    n2      rmsnorm(h1; γ2), input of gate/up                     [B, T, d]
+    a       o_proj(o_flat) before its norm (sandwich norms only)  [B, T, d]
+    h1      x + o_proj(o) (normed with sandwich norms), the       [B, T, d]
+            residual stream after attention
+    n2      norm(h1), input of gate/up                            [B, T, d]
     G, U    gate(n2), up(n2)                                      [B, T, F]
-    M       silu(G) ⊙ U (the activation's output), down's input   [B, T, F]
+    M       act(G) ⊙ U (the activation's output), down's input    [B, T, F]
+    d       down(M) before its norm (sandwich norms only)         [B, T, d]
     h       LoRA h = x Aᵀ per projection name (store-h ablation   {name: [B, T, r]} or None
             only; otherwise the backward recomputes it)
     """
-    __slots__ = ("n1", "q_pre", "k_pre", "q", "k", "v", "o", "lse", "o_flat", "h1", "n2", "G", "U", "M", "h")
+    __slots__ = ("n1", "q_pre", "k_pre", "q", "k", "v", "o", "lse", "o_flat", "a", "h1", "n2", "G", "U", "M", "d",
+                 "h")
 
     def __init__(self):
-        self.q_pre = self.k_pre = None
+        self.q_pre = self.k_pre = self.a = self.d = None
 
 
 class StructuredRun:
@@ -83,8 +87,9 @@ class StructuredRun:
                                                     return_h=True)
         return y
 
-    def attend(self, q, k, v, window=None):
-        o, lse = ops.attention_forward(q, k, v, self.key_mask, block_size=self.attn_block, window=window)
+    def attend(self, q, k, v, kind):
+        o, lse = ops.attention_forward(q, k, v, self.key_mask, scale=kind.scale, block_size=self.attn_block,
+                                       window=kind.window)
         if self.saved is not None:
             self.saved.lse = lse
         return o
@@ -97,10 +102,13 @@ class StructuredRun:
             for name, t in tensors.items():
                 setattr(self.saved, name, t)
 
-    def output(self, name: str, proj: Linear, m, residual):
+    def output(self, name: str, proj: Linear, m, residual, norm=None):
         if self.saved is None:
-            return self.project(name, proj, m).add_(residual)
-        if self.saved.h is not None and proj.has_lora:  # store-h: down's output is not needed, only its h
+            y = self.project(name, proj, m)
+            return (y if norm is None else norm(y)).add_(residual)
+        if norm is not None:  # the post-MLP norm's backward reads down's output d
+            self.saved.d = self.project(name, proj, m)
+        elif self.saved.h is not None and proj.has_lora:  # store-h: down's output is not needed, only its h
             A = proj.lora_A
             self.saved.h[name] = torch.matmul(m.to(A.dtype), A.t())
         return None
@@ -129,17 +137,23 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     Returns dL/dx (or None). Peak working set: x and the Saved intermediates of this layer only, each freed
     after its last use."""
     attn, mlp, spec = layer.self_attn, layer.mlp, layer.spec
-    ln1, ln2 = layer.input_layernorm, layer.post_attention_layernorm
+    ln1, ln2 = layer.input_layernorm, layer.mlp_norm
     B, T, _ = x.shape
     Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     s = layer_recompute(layer, x, rope, key_mask, attn_block, store_h)
-    n1, q_pre, k_pre, q, k, v, o, lse, o_flat, h1, n2, G, U, M = (
-        s.n1, s.q_pre, s.k_pre, s.q, s.k, s.v, s.o, s.lse, s.o_flat, s.h1, s.n2, s.G, s.U, s.M)
+    n1, q_pre, k_pre, q, k, v, o, lse, o_flat, a, h1, n2, G, U, M, d = (
+        s.n1, s.q_pre, s.k_pre, s.q, s.k, s.v, s.o, s.lse, s.o_flat, s.a, s.h1, s.n2, s.G, s.U, s.M, s.d)
     hs = s.h or {}
     del s
 
     # ---- MLP --------------------------------------------------------------------------------------------
-    gM, gA, gB = lora_backward(g, M, mlp.down_proj, h=hs.pop("down_proj", None))
+    gd = g
+    if spec.sandwich_norms:  # y = h1 + norm(d)
+        post = layer.post_feedforward_layernorm
+        gd = spec.norm.backward(g, d, post.weight, post.eps)
+        del d
+    gM, gA, gB = lora_backward(gd, M, mlp.down_proj, h=hs.pop("down_proj", None))
+    del gd
     grads.add("mlp.down_proj", mlp.down_proj, gA, gB)
     del M
     gG, gU = spec.activation.backward(gM, G, U)
@@ -156,12 +170,18 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     del gn2, h1
 
     # ---- attention --------------------------------------------------------------------------------------
-    go_flat, gA, gB = lora_backward(gh1, o_flat, attn.o_proj, h=hs.pop("o_proj", None))
+    ga = gh1
+    if spec.sandwich_norms:  # h1 = x + norm(a)
+        post = layer.post_attention_layernorm
+        ga = spec.norm.backward(gh1, a, post.weight, post.eps)
+        del a
+    go_flat, gA, gB = lora_backward(ga, o_flat, attn.o_proj, h=hs.pop("o_proj", None))
+    del ga
     grads.add("self_attn.o_proj", attn.o_proj, gA, gB)
     del o_flat
     go = go_flat.view(B, T, Hq, D).transpose(1, 2)
-    gq, gk, gv = ops.attention_backward(go, q, k, v, o, lse, key_mask, block_size=attn_block,
-                                        window=spec.attention.window)
+    gq, gk, gv = ops.attention_backward(go, q, k, v, o, lse, key_mask, scale=spec.attention.scale,
+                                        block_size=attn_block, window=spec.attention.window)
     del go, go_flat, q, k, v, o, lse
     gq, gk = unrotate(gq, rope), unrotate(gk, rope)
     if spec.qk_norm:  # the norms' weights are frozen: their input gradients only
@@ -211,7 +231,7 @@ def gradients(model, batch: LossBatch, loss_chunk: int | None = None, attn_block
     with torch.no_grad(), stage("loss"):
         norm = model.model.norm
         loss, g_norm = chunked_loss(norm(x), model, batch, loss_chunk)
-        g = ops.rmsnorm_backward(g_norm, x, norm.weight, norm.eps)
+        g = norm.kind.backward(g_norm, x, norm.weight, norm.eps)
         del g_norm, x
 
     all_grads = {}
