@@ -76,6 +76,31 @@ def test_rmsnorm_matches_hf(dtype):
     assert torch.equal(y, ref)
 
 
+@pytest.mark.parametrize("shape", [(2, 3, 16), (2, 4, 5, 8)])  # a hidden state; q/k per head (a norm over head_dim)
+def test_rmsnorm_offset_backward(shape):
+    """Gemma's (1 + w) norm, fp64 against autograd; over [B, H, T, head_dim] it is the q/k norm (weights frozen:
+    input gradient only)."""
+    g = gen(3)
+    x = randn(*shape, g=g).requires_grad_()
+    w = 0.3 * randn(shape[-1], g=g)
+    gy = randn(*shape, g=g)
+    (gx_ref,) = torch.autograd.grad(ops.rmsnorm_offset_forward(x, w, 1e-6), x, gy)
+    assert_close(ops.rmsnorm_offset_backward(gy, x.detach(), w, 1e-6), gx_ref, 1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rmsnorm_offset_matches_hf(dtype):
+    from transformers.models.gemma3.modeling_gemma3 import Gemma3RMSNorm
+
+    g = gen(4)
+    x = randn(3, 32, dtype=dtype, g=g, scale=3.0)
+    m = Gemma3RMSNorm(32, eps=1e-6).to(dtype)
+    with torch.no_grad():
+        m.weight.copy_(randn(32, dtype=dtype, g=g))
+        ref = m(x)
+    assert torch.equal(ops.rmsnorm_offset_forward(x, m.weight.detach(), 1e-6), ref)
+
+
 # ----------------------------------------------------------------------------- rope
 
 
@@ -180,6 +205,19 @@ def test_swiglu_backward():
     gg, gu = ops.swiglu_backward(gm, gate.detach(), up.detach())
     assert_close(gg, gg_ref)
     assert_close(gu, gu_ref)
+
+
+def test_geglu_backward():
+    g = gen(6)
+    gate = randn(2, 3, 24, g=g, scale=3.0).requires_grad_()
+    up = randn(2, 3, 24, g=g).requires_grad_()
+    gm = randn(2, 3, 24, g=g)
+    m = ops.geglu_forward(gate, up)
+    assert_close(m.detach(), F.gelu(gate.detach(), approximate="tanh") * up.detach(), 1e-15)
+    gg_ref, gu_ref = torch.autograd.grad(m, (gate, up), gm)
+    gg, gu = ops.geglu_backward(gm, gate.detach(), up.detach())
+    assert_close(gg, gg_ref, 1e-10)
+    assert_close(gu, gu_ref, 1e-10)
 
 
 # ----------------------------------------------------------------------------- lora linear
@@ -389,6 +427,27 @@ def test_lm_head_cross_entropy(chunk, quant, chunk_bytes):
     loss2, none = ops.lm_head_cross_entropy(h.detach(), W, t, norm, chunk_size=chunk, compute_grad=False,
                                             chunk_bytes=chunk_bytes)
     assert none is None and torch.equal(loss2, loss_sum)
+
+
+@pytest.mark.parametrize("chunk_bytes", [4 * 3 * 10, 8 << 20])
+def test_lm_head_cross_entropy_with_softcapping(chunk_bytes):
+    """Gemma's final logit softcapping c tanh(z / c) inside the chunked loss, fp64 against autograd; a cap that
+    binds (logits several times c) so the result differs from the uncapped loss."""
+    g = gen(13)
+    N, d, V, cap = 9, 8, 13, 2.0
+    h = randn(N, d, g=g, scale=2.0).requires_grad_()
+    W = randn(V, d, g=g)
+    t = torch.randint(0, V, (N,), generator=g)
+    t[[1, 6]] = -100
+    ref = F.cross_entropy(torch.tanh(h @ W.t() / cap) * cap, t, ignore_index=-100, reduction="sum")
+    (gh_ref,) = torch.autograd.grad(ref / 7.0, h)
+    loss_sum, gh = ops.lm_head_cross_entropy(h.detach(), W, t, 7.0, chunk_size=4, chunk_bytes=chunk_bytes,
+                                             softcap=cap)
+    assert_close(loss_sum, ref.detach(), 1e-12)
+    assert_close(gh, gh_ref, 1e-10)
+    plain, _ = ops.lm_head_cross_entropy(h.detach(), W, t, 7.0, compute_grad=False)
+    assert relative_error(plain, loss_sum) > 1e-2
+    assert_close(ops.softcap_logits(h.detach() @ W.t(), cap), torch.tanh(h.detach() @ W.t() / cap) * cap, 1e-15)
 
 
 def test_lm_head_ignored_rows_never_reach_head():
