@@ -110,6 +110,7 @@ def resolve_weights(src: str, weights: str | None, lazy: bool, quantize: str | N
     contradiction (a random preset has no file; int8/int4 are resident forms)."""
     if weights not in (None, *WEIGHTS):
         raise MespError(f"weights: unknown {weights!r}; choose from {', '.join(WEIGHTS)}")
+    asked = "lazy=True" if lazy else "weights='stream'"
     if lazy:
         if weights == "resident":
             raise MespError("lazy=True and weights='resident': choose one (lazy is weights='stream')")
@@ -119,10 +120,10 @@ def resolve_weights(src: str, weights: str | None, lazy: bool, quantize: str | N
     if weights == "resident":
         return False
     if kind == "random":
-        raise MespError(f"{src} has seeded random weights and no file to stream from; write one with "
+        raise MespError(f"{asked}: {src} has seeded random weights and no file to stream from; write one with "
                         f"`mesp quantize {src} --to q4_0 --out FILE.gguf` and stream that (or use --weights resident)")
     if quantize in ("int8", "int4"):
-        raise MespError(f"weights='stream' and quantize={quantize!r}: choose one (streamed weights are computed "
+        raise MespError(f"{asked} and quantize={quantize!r}: choose one (streamed weights are computed "
                         f"as the file stores them; quantize a file with `mesp quantize`)")
     return True
 

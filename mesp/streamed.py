@@ -30,6 +30,12 @@ from .errors import MespError
 from .quant import FrozenWeight, contiguous_range
 
 
+# A fault on a file map maps more than the page asked for: the fault-around window, and on recent Linux the whole
+# page-cache folio holding the page (large folios, up to a PMD). Releases therefore cover the aligned PMD-sized
+# spans around a range, so no page mapped along with it stays.
+RELEASE_ALIGN = 2 << 20
+
+
 class MappedFile:
     """A file memory-mapped read-only, shared by the weights that live in it."""
 
@@ -50,11 +56,12 @@ class MappedFile:
         return np.frombuffer(self.map, dtype=np.uint8, count=nbytes, offset=start)
 
     def release(self, start: int, end: int) -> None:
-        """Drop this process's pages of bytes [start, end) (whole pages covering them; the data stay on disk)."""
+        """Drop this process's pages of bytes [start, end) and of the aligned RELEASE_ALIGN spans around them (pages
+        the kernel mapped in with them, which would otherwise stay); the data stay on disk."""
         if not hasattr(mmap, "MADV_DONTNEED") or end <= start:
             return  # no madvise here: pages stay until the kernel reclaims them (still file-backed, not private)
-        lo = start // mmap.PAGESIZE * mmap.PAGESIZE
-        hi = min(self.size, -(-end // mmap.PAGESIZE) * mmap.PAGESIZE)
+        lo = start // RELEASE_ALIGN * RELEASE_ALIGN
+        hi = min(self.size, -(-end // RELEASE_ALIGN) * RELEASE_ALIGN)
         self.map.madvise(mmap.MADV_DONTNEED, lo, hi - lo)
 
 
