@@ -65,6 +65,7 @@ class DemoSettings:
     train_file: str = str(TRAIN_FILE)
     valid_file: str | None = str(VALID_FILE)
     heldout_file: str = str(HELDOUT_FILE)
+    weights: str | None = None  # load_model's weights= (None: its default, stream for the shipped GGUF)
 
 
 @dataclass
@@ -159,11 +160,12 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     config = TrainConfig(model=s.model, data=s.train_file, valid=s.valid_file, out=str(run_dir), method="mesp",
                          rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
                          lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,
-                         overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps)
+                         overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps,
+                         weights=s.weights)
     try:
         check_out_dir(resolve(config))  # a bad setting or an occupied --out fails now, not after the first answers
 
-        model = load_model(s.model, device=device)
+        model = load_model(s.model, device=device, weights=s.weights)
         tokenizer = load_tokenizer(model)
         for a, text in zip(answers, ask(model, tokenizer, questions, s.max_new_tokens)):
             a.before = text
@@ -171,7 +173,7 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
         del model  # train() loads its own copy; holding this one too would only add to the process's peak
 
         result = train(config, progress=emit)
-        model = load_model(s.model, device=device)
+        model = load_model(s.model, device=device, weights=s.weights)
         load_adapter(model, run_dir)
     finally:
         if out is None:
