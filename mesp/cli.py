@@ -27,7 +27,7 @@ from .demo import DEFAULT_STEPS, DemoSettings, run_demo
 from .errors import MespError, one_line
 from .fileio import write_json, write_text
 from .generate import check_sampling, generate_stream
-from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, load_model
+from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, load_model
 from .lora import load_adapter
 from .memory import format_mib, return_freed_memory_to_os
 from .merge import merge_adapter
@@ -101,12 +101,17 @@ def main(argv: list[str] | None = None) -> int:
 # ---- subcommands (each: NAME_args, then @command NAME_run) --------------------------------------------
 
 def add_quantize_args(p: argparse.ArgumentParser) -> None:
-    """--quantize and --lazy for a command that loads a base model; see mesp.loaders.load_model. (mesp train's
-    --quantize comes from TrainConfig, with the same choices and help.)"""
+    """--quantize, --weights and --lazy for a command that loads a base model; see mesp.loaders.load_model.
+    (mesp train's --quantize and --weights come from TrainConfig, with the same choices and help.)"""
 
     p.add_argument("--quantize", choices=QUANTIZE_CHOICES, default="none", help=f"{QUANTIZE_HELP} (default none)")
+    add_weights_arg(p)
     p.add_argument("--lazy", action="store_true", help="leave a Hugging Face directory's weights on disk, read at "
                                                        "each use")
+
+
+def add_weights_arg(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--weights", choices=WEIGHTS, default=None, help=WEIGHTS_HELP)
 
 
 # ---- generate ------------------------------------------------------------------------------------------
@@ -129,7 +134,7 @@ def generate_run(args) -> int:
     check_sampling(args.max_new_tokens, args.temperature, args.top_p)
     if args.model in PRESETS:
         load_tokenizer(args.model)  # a random preset has none: fail before building its weights
-    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, lazy=args.lazy)
+    model = load_model(args.model, dtype=args.dtype, quantize=args.quantize, weights=args.weights, lazy=args.lazy)
     tokenizer = load_tokenizer(model)
     if args.adapter:
         load_adapter(model, args.adapter)
@@ -258,6 +263,7 @@ def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS})")
     p.add_argument("--out", metavar="DIR", help="keep the trained adapter in DIR (default: a temporary directory)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
+    add_weights_arg(p)
 
 
 def _print_answers(title: str, answers, phase: str) -> None:
@@ -273,7 +279,7 @@ def _print_answers(title: str, answers, phase: str) -> None:
 def demo_run(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise MespError(f"--steps: must be a positive integer, got {args.steps}")
-    settings = DemoSettings() if args.steps is None else DemoSettings(steps=args.steps)
+    settings = DemoSettings(weights=args.weights, **({} if args.steps is None else {"steps": args.steps}))
     every = max(1, settings.steps // 10)
     print(f"mesp demo: LoRA r={settings.rank} on {settings.model}, {settings.steps} MeSP steps of "
           f"{settings.batch_size} samples; answering the held-out questions first...")

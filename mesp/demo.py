@@ -69,6 +69,7 @@ class DemoSettings:
     valid_file: str | None = str(VALID_FILE)
     heldout_file: str = str(HELDOUT_FILE)
     process_steps: int = 2  # training steps of each whole-process measurement (0: leave it out)
+    weights: str | None = None  # load_model's weights= (None: its default, stream for the shipped GGUF)
 
 
 @dataclass
@@ -168,7 +169,7 @@ def process_memory(s: DemoSettings, device: str) -> list[ProcessMemory]:
             args = ["--model", s.model, "--data", s.train_file, "--method", method, "--rank", str(s.rank),
                     "--alpha", f"{s.alpha:g}", "--steps", str(s.process_steps), "--batch-size", str(s.batch_size),
                     "--seq-len", str(s.seq_len), "--lr", f"{s.lr:g}", "--optimizer", "adamw", "--seed", str(s.seed),
-                    "--device", device]
+                    "--device", device] + (["--weights", s.weights] if s.weights else [])
             m = train_process_memory(args, Path(tmp) / method)
             out.append(ProcessMemory(method, m["private_peak_bytes"], m["rss_peak_bytes"],
                                      m["stage_private_peaks"], shown(args)))
@@ -192,11 +193,12 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     config = TrainConfig(model=s.model, data=s.train_file, valid=s.valid_file, out=str(run_dir), method="mesp",
                          rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
                          lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,
-                         overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps)
+                         overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps,
+                         weights=s.weights)
     try:
         check_out_dir(resolve(config))  # a bad setting or an occupied --out fails now, not after the first answers
 
-        model = load_model(s.model, device=device)
+        model = load_model(s.model, device=device, weights=s.weights)
         tokenizer = load_tokenizer(model)
         for a, text in zip(answers, ask(model, tokenizer, questions, s.max_new_tokens)):
             a.before = text
@@ -204,7 +206,7 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
         del model  # train() loads its own copy; holding this one too would only add to the process's peak
 
         result = train(config, progress=emit)
-        model = load_model(s.model, device=device)
+        model = load_model(s.model, device=device, weights=s.weights)
         load_adapter(model, run_dir)
     finally:
         if out is None:

@@ -11,7 +11,12 @@ Base weights are dense in `dtype` unless asked otherwise (see mesp.quant):
                                its full-precision weights never exist); any source
     quantize="gguf"            a GGUF file's Q4_0 / Q4_1 / Q8_0 matrices keep their own quantization (other
                                tensor types load dense); GGUF sources only
-    lazy=True                  matrices stay in the .safetensors files and are read at each use; HF dirs only
+
+and resident or streamed (weights=):
+    weights="stream"           matrices stay in their file and each use decodes the rows it needs: a GGUF file
+                               memory-mapped (mesp.streamed, the default for GGUF sources), a HF directory's
+                               safetensors read by rows (LazyWeight); lazy=True is an alias. File sources only.
+    weights="resident"         the forms above, in memory (the default for HF directories and random presets)
 
 Every weight goes through `_assign_weights`, which checks names and shapes against `expected_shapes` and
 gives it its form (`place_weight`). Problems raise MespError with a one-line message naming the file and tensor.
@@ -41,6 +46,9 @@ from .random_init import random_weights
 log = logging.getLogger(__name__)
 
 MODES = ("int8", "int4", "gguf")  # load_model's quantize= besides None
+WEIGHTS = ("stream", "resident")  # load_model's weights= besides None (auto)
+WEIGHTS_HELP = ("base weights: stream (left in the file, memory-mapped, decoded rows at a time at each use) or "
+                "resident (in memory); default: stream a GGUF file, resident otherwise")
 QUANTIZE_CHOICES = ("none", *MODES)  # the --quantize flag's values
 QUANTIZE_HELP = ("base weights: none (dense), int8 (per channel), int4 (group 64), gguf (keep a GGUF file's "
                  "Q4_0/Q4_1/Q8_0)")
@@ -59,10 +67,12 @@ def _dtype(dtype) -> torch.dtype:
     return DTYPES[dtype]
 
 
-def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None = None, lazy: bool = False) -> Model:
+def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None = None, weights: str | None = None,
+               lazy: bool = False) -> Model:
     """A Model from a HF directory, a .gguf file or a preset name (see the module docstring).
 
-    quantize: None / "none", "int8", "int4" or "gguf"; lazy: leave a HF directory's matrices on disk."""
+    quantize: None / "none", "int8", "int4" or "gguf"; weights: "stream", "resident" or None (auto: stream a
+    GGUF source unless quantize asks for a resident form); lazy=True: an alias of weights="stream"."""
     dtype = _dtype(dtype)
     device = torch.device(device)
     quantize = check_mode(quantize)
@@ -71,14 +81,11 @@ def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None =
     is_gguf = kind == "gguf" or src.lower().endswith(".gguf")
     if quantize == "gguf" and not is_gguf:
         raise MespError(f"quantize='gguf' keeps a GGUF file's own quantization; {src} is not a GGUF file")
-    if lazy and kind is not None:
-        raise MespError(f"lazy=True leaves a Hugging Face directory's safetensors on disk; {src} is not one")
-    if lazy and quantize:
-        raise MespError("lazy=True and quantize: choose one (lazy weights are read from disk as stored)")
+    stream = resolve_weights(src, weights, lazy, quantize, is_gguf, kind)
     if src in PRESETS:
         preset = PRESETS[src]
         if preset["kind"] == "gguf":
-            model = _load_gguf(preset_gguf_path(src), dtype, device, quantize)
+            model = _load_gguf(preset_gguf_path(src), dtype, device, quantize, stream)
             model.source = src
             return model
         return load_random(src, preset["config"], dtype, device, quantize=quantize)
@@ -89,14 +96,36 @@ def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None =
                             f"(presets: {', '.join(PRESETS)})")
         raise MespError(f"{src}: no such file or directory")
     if path.is_dir():
-        return _load_hf_dir(path, dtype, device, quantize, lazy)
-    if lazy:
-        raise MespError(f"lazy=True leaves a Hugging Face directory's safetensors on disk; {src} is not one")
+        return _load_hf_dir(path, dtype, device, quantize, stream)
     if path.suffix.lower() == ".gguf":
-        return _load_gguf(path, dtype, device, quantize)
+        return _load_gguf(path, dtype, device, quantize, stream)
     if path.suffix.lower() == ".safetensors":
         raise MespError(f"{path}: pass the model directory (with config.json), not a .safetensors file")
     raise MespError(f"{path}: not a model directory, .gguf file or preset name")
+
+
+def resolve_weights(src: str, weights: str | None, lazy: bool, quantize: str | None, is_gguf: bool,
+                    kind: str | None) -> bool:
+    """Whether load_model streams the base weights from their file (see load_model); MespError on a
+    contradiction (a random preset has no file; int8/int4 are resident forms)."""
+    if weights not in (None, *WEIGHTS):
+        raise MespError(f"weights: unknown {weights!r}; choose from {', '.join(WEIGHTS)}")
+    asked = "lazy=True" if lazy else "weights='stream'"
+    if lazy:
+        if weights == "resident":
+            raise MespError("lazy=True and weights='resident': choose one (lazy is weights='stream')")
+        weights = "stream"
+    if weights is None:
+        weights = "stream" if is_gguf and quantize is None else "resident"
+    if weights == "resident":
+        return False
+    if kind == "random":
+        raise MespError(f"{asked}: {src} has seeded random weights and no file to stream from; write one with "
+                        f"`mesp quantize {src} --to q4_0 --out FILE.gguf` and stream that (or use --weights resident)")
+    if quantize in ("int8", "int4"):
+        raise MespError(f"{asked} and quantize={quantize!r}: choose one (streamed weights are computed "
+                        f"as the file stores them; quantize a file with `mesp quantize`)")
+    return True
 
 
 def _assign_weights(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
@@ -189,14 +218,14 @@ def read_hf_config(directory: Path) -> ModelConfig:
     return ModelConfig.from_hf(hf, where=str(cfg_path))
 
 
-def _load_hf_dir(directory: Path, dtype, device, quantize=None, lazy=False) -> Model:
+def _load_hf_dir(directory: Path, dtype, device, quantize=None, stream=False) -> Model:
     cfg = read_hf_config(directory)
     files = safetensors_files(directory)
     model = Model(cfg)
     current = [str(directory)]
 
     def tensors():
-        if lazy or quantize:  # headers only: a matrix is read at each use (lazy) or block by block to quantize
+        if stream or quantize:  # headers only: a matrix is read at each use (stream) or block by block to quantize
             for f in files:
                 current[0] = str(f)
                 yield from lazy_safetensors(f, dtype, device)
@@ -214,12 +243,13 @@ def _load_hf_dir(directory: Path, dtype, device, quantize=None, lazy=False) -> M
 
 # ---- GGUF -----------------------------------------------------------------------------------------------
 
-def _load_gguf(path: Path, dtype, device, quantize=None) -> Model:
+def _load_gguf(path: Path, dtype, device, quantize=None, stream=False) -> Model:
     where = str(path)
     reader = open_gguf(path)
     cfg = ModelConfig.from_hf(gguf_config(reader, where), where=where)
     model = Model(cfg)
-    _assign_weights(model, gguf_tensors(reader, cfg, where, keep_quantized=quantize == "gguf", dtype=dtype),
+    _assign_weights(model, gguf_tensors(reader, cfg, where, keep_quantized=quantize == "gguf", dtype=dtype,
+                                             stream=stream),
                     dtype, device, where, quantize=quantize)
     model.source = where
     model.tokenizer_source = ("gguf", where)

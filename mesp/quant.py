@@ -176,11 +176,31 @@ def _read_rows(source, n0: int, n1: int) -> torch.Tensor:
     return source.read_rows(n0, n1)
 
 
-def _quant_blocks(N: int, K: int, align: int) -> list[tuple[int, int]]:
-    """Row blocks for quantizing. Multiples of 16 rows also keep a seeded random source's numbers the same as
+def quant_blocks(N: int, K: int, align: int) -> list[tuple[int, int]]:
+    """Row blocks for quantizing or copying a row source. Multiples of 16 rows also keep a seeded random source's numbers the same as
     one draw of the whole matrix (see mesp.random_init.RandomMatrix)."""
     step = max(align, QUANT_BLOCK_ELEMENTS // max(K, 1) // align * align)
     return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
+
+
+# ---- the dequantization formulas (one place: resident and streamed weights both call these) ---------------
+
+def int8_dense(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = q * scale: q int8 [r, K], scale [r, K / block] -> [r, K] in dtype (computed in acc_dtype(dtype))."""
+    acc = acc_dtype(dtype)
+    r = q.shape[0]
+    block = q.shape[1] // scale.shape[1]
+    w = q.to(acc).view(r, -1, block).mul_(scale.to(acc)[:, :, None]).view(r, -1)
+    return w.to(dtype)
+
+
+def int4_dense(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """W = (q - 8) * scale + zero: codes [r, K] in 0..15, scale and zero [r, K / group] -> [r, K] in dtype."""
+    acc = acc_dtype(dtype)
+    r = codes.shape[0]
+    w = codes.to(acc).sub_(8.0).view(r, scale.shape[1], -1)
+    w.mul_(scale.to(acc)[..., None]).add_(zero.to(acc)[..., None])
+    return w.view(r, -1).to(dtype)
 
 
 # ---- int8 -----------------------------------------------------------------------------------------------
@@ -201,7 +221,7 @@ class Int8Weight(FrozenWeight):
         N, K = shape
         q = torch.empty(N, K, dtype=torch.int8)
         scale = torch.empty(N, 1, dtype=torch.float32)
-        for n0, n1 in _quant_blocks(N, K, 16):
+        for n0, n1 in quant_blocks(N, K, 16):
             w = _read_rows(source, n0, n1).to(torch.float32, copy=True)
             s = w.abs().amax(dim=1, keepdim=True).div_(127.0)
             q[n0:n1] = w.div_(torch.where(s > 0, s, 1.0)).round_().clamp_(-127, 127).to(torch.int8)
@@ -209,21 +229,15 @@ class Int8Weight(FrozenWeight):
             del w
         return cls(q, scale, dtype)
 
-    def _dense(self, q: torch.Tensor, scale: torch.Tensor, dtype) -> torch.Tensor:
-        acc = acc_dtype(dtype)
-        r = q.shape[0]
-        w = q.to(acc).view(r, -1, self.block).mul_(scale.to(acc)[:, :, None]).view(r, -1)
-        return w.to(dtype)
-
     def dense_rows(self, n0, n1, dtype):
-        return self._dense(self.q[n0:n1], self.scale[n0:n1], dtype)
+        return int8_dense(self.q[n0:n1], self.scale[n0:n1], dtype)
 
     def rows(self, ids):
         r = contiguous_range(ids)
         if r is not None:
             return self.dense_rows(r[0], r[1], self.dtype)
         flat = ids.reshape(-1)
-        return self._dense(self.q[flat], self.scale[flat], self.dtype).view(*ids.shape, self.shape[1])
+        return int8_dense(self.q[flat], self.scale[flat], self.dtype).view(*ids.shape, self.shape[1])
 
     def linear(self, x):
         if self.block == self.shape[1] and _use_kernel(x):
@@ -333,7 +347,7 @@ class Int4Weight(FrozenWeight):
         packed = torch.empty(N, K // 2, dtype=torch.uint8)
         flat = packed.view(-1)
         scale_zero = torch.empty(K // group, N, 2, dtype=torch.float32)
-        for n0, n1 in _quant_blocks(N, K, int4_layout()[0]):
+        for n0, n1 in quant_blocks(N, K, int4_layout()[0]):
             codes, scale, zero = block_codes(n0, n1)
             flat[n0 * K // 2: n1 * K // 2] = torch._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1)
             scale_zero[:, n0:n1, 0] = scale.t()
@@ -362,13 +376,8 @@ class Int4Weight(FrozenWeight):
         return cls.pack(block_codes, shape, group, dtype)
 
     def dense_rows(self, n0, n1, dtype):
-        acc = acc_dtype(dtype)
-        r, G = n1 - n0, self.group
-        codes = unpack_int4(self.packed, self.shape, n0, n1)
-        sz = self.scale_zero[:, n0:n1].to(acc)  # [K/G, r, 2]
-        w = codes.to(acc).sub_(8.0).view(r, -1, G)
-        w.mul_(sz[..., 0].t()[..., None]).add_(sz[..., 1].t()[..., None])
-        return w.view(r, -1).to(dtype)
+        sz = self.scale_zero[:, n0:n1]  # [K/G, r, 2]
+        return int4_dense(unpack_int4(self.packed, self.shape, n0, n1), sz[..., 0].t(), sz[..., 1].t(), dtype)
 
     def rows(self, ids):
         r = contiguous_range(ids)

@@ -117,7 +117,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
 def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, progress) -> TrainResult:
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
     with stage("load"):
-        model = load_model(c.model, dtype=c.dtype, device=device, quantize=c.quantize)
+        model = load_model(c.model, dtype=c.dtype, device=device, quantize=c.quantize, weights=c.weights)
     max_pos = model.config.max_position_embeddings
     if c.seq_len > max_pos:
         raise MespError(f"seq_len {c.seq_len} exceeds the model's max_position_embeddings {max_pos}")

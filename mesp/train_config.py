@@ -19,7 +19,7 @@ from .errors import MespError
 from .lora import ALL_TARGETS, LoraConfig, naming_fields
 from .methods import METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
-from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP
+from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
 from .presets import PRESETS
 from .settings import read_toml, setting
 
@@ -80,6 +80,7 @@ class TrainConfig:
     measure_memory: bool = setting(False, "record each step's allocator-level peak memory (slow on CPU)")
     mezo_eps: float = setting(1e-2, "MeZO perturbation size")
     quantize: str | None = setting(None, QUANTIZE_HELP, choices=QUANTIZE_CHOICES)  # passed to load_model
+    weights: str | None = setting(None, WEIGHTS_HELP, choices=WEIGHTS)  # passed to load_model
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

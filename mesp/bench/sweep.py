@@ -29,7 +29,7 @@ import torch
 
 from ..errors import MespError
 from ..lora import ALL_TARGETS, LoraConfig, add_lora
-from ..loaders import load_model, read_hf_config
+from ..loaders import WEIGHTS, WEIGHTS_HELP, load_model, read_hf_config
 from ..presets import PRESETS
 from ..memory import (FootprintMeter, PeakMemory, current_rss_bytes, format_mib, peak_rss_since_reset,
                       reset_peak_rss, stage, tensor_bytes)
@@ -56,6 +56,7 @@ class MemoryCase:
     batch_size: int = 1
     repeats: int = 1
     quantize: str = "none"
+    weights: str | None = None  # load_model's weights= (None: its default)
     store_h: bool = False
     device: str = "cpu"
     seed: int = 0
@@ -81,7 +82,8 @@ def model_hf_config(source: str) -> dict:
 
 def _engine_step(case: MemoryCase):
     """(step function, facts) for one of mesp's own engines."""
-    model = load_model(case.model, dtype=DTYPES[case.dtype], device=case.device, quantize=case.quantize)
+    model = load_model(case.model, dtype=DTYPES[case.dtype], device=case.device, quantize=case.quantize,
+                       weights=case.weights)
     add_lora(model, LoraConfig(r=case.rank), seed=case.seed)
     ids = _token_batch(model.config.vocab_size, case, model.device)
     options = {"store_h": True} if case.store_h else {}
@@ -240,7 +242,7 @@ def check_model_source(source: str) -> None:
 
 
 def memory_cases(models, seq_lens, ranks, methods, dtype="fp32", batch_size=1, repeats=1, quantize="none",
-                 store_h=False, device="cpu", peer=None, threads=None) -> list[MemoryCase]:
+                 store_h=False, device="cpu", peer=None, threads=None, weights=None) -> list[MemoryCase]:
     """Every configuration of the sweep, checked before anything runs. peer=None adds the transformers+PEFT
     row when transformers and peft are importable (and the weights are not quantized)."""
     methods = [METHOD_ALIASES.get(m, m) for m in methods]
@@ -277,7 +279,7 @@ def memory_cases(models, seq_lens, ranks, methods, dtype="fp32", batch_size=1, r
                 for method in methods:
                     cases.append(MemoryCase(model=model, seq_len=T, rank=r, method=method, dtype=dtype,
                                             batch_size=batch_size, repeats=repeats, quantize=quantize,
-                                            store_h=bool(store_h and method == "mesp"), device=device,
+                                            weights=weights, store_h=bool(store_h and method == "mesp"), device=device,
                                             threads=threads))
     return cases
 
@@ -299,6 +301,7 @@ class MemorySettings:
     repeats: int = setting(3, "unprofiled steps timed, the median reported; 0: no timing, RSS read in the "
                               "profiled step")
     quantize: str = setting("none", "quantized base weights (passed to load_model)", choices=("none", "int8", "int4"))
+    weights: str | None = setting(None, WEIGHTS_HELP, choices=WEIGHTS)
     store_h: bool = setting(False, "mesp keeps every LoRA h = xA (the paper's ablation)")
     no_peer: bool = setting(False, "leave out the transformers+PEFT row")
     device: str = setting("cpu", "where the step runs", choices=("cpu", "cuda"))
@@ -310,7 +313,7 @@ class MemorySettings:
     def cases(self) -> list[MemoryCase]:
         return memory_cases(self.models, self.seq_lens, self.ranks, self.methods, dtype=self.dtype,
                             batch_size=self.batch_size, repeats=self.repeats, quantize=self.quantize,
-                            store_h=self.store_h, device=self.device, peer=False if self.no_peer else None,
+                            weights=self.weights, store_h=self.store_h, device=self.device, peer=False if self.no_peer else None,
                             threads=self.threads)
 
     def command(self) -> str:
@@ -319,7 +322,7 @@ class MemorySettings:
                  "--seq-lens " + ",".join(map(str, self.seq_lens)), "--ranks " + ",".join(map(str, self.ranks)),
                  "--methods " + ",".join(self.methods), f"--dtype {self.dtype}", f"--repeats {self.repeats}"]
         defaults = MemorySettings()
-        for name in ("batch_size", "quantize", "device"):
+        for name in ("batch_size", "quantize", "weights", "device"):
             if getattr(self, name) != getattr(defaults, name):
                 parts.append(f"--{name.replace('_', '-')} {getattr(self, name)}")
         if self.store_h:

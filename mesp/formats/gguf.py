@@ -9,8 +9,9 @@ What differs from a Hugging Face checkpoint, and where it is undone here:
 - q/k rows: convert_hf_to_gguf permutes llama's q and k projections for llama.cpp's rope (unpermute);
 - metadata: sizes under "<arch>.*" keys, float32 values, llama3 rope scaling stored as a rope_freqs tensor of
   per-frequency divisors (llama3_rope_scaling recovers the parameters);
-- blocks: Q8_0 / Q4_0 / Q4_1 blocks decode straight into mesp.quant's Int8Weight / Int4Weight (gguf_weight),
-  everything else is dequantized by the gguf package (dequantize).
+- blocks: Q8_0 / Q4_0 / Q4_1 blocks decode into mesp.quant's Int8Weight / Int4Weight form (q8_0_codes,
+  q4_codes): kept resident (gguf_weight), left in the memory-mapped file and decoded rows at a time
+  (mapped_weight, mesp.streamed), or decoded dense; other types are dequantized by the gguf package.
 
 A writer belongs here too: it would invert the same name tables and the permutation, so each fact about the
 format stays written once.
@@ -18,6 +19,7 @@ format stays written once.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
 
@@ -27,7 +29,10 @@ import torch
 
 from ..errors import MespError, one_line
 from ..families import FAMILIES, ModelConfig, expected_shapes
-from ..quant import Int4Weight, Int8Weight
+from ..quant import Int4Weight, Int8Weight, int4_dense, int4_layout, int8_dense
+from ..streamed import MappedFile, MappedWeight
+
+log = logging.getLogger(__name__)
 
 
 # ---- names ----------------------------------------------------------------------------------------------
@@ -191,46 +196,54 @@ def dequantize(t, where: str) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(shape))
 
 
-def _fp16_column(blocks: np.ndarray, at: int) -> torch.Tensor:
-    """The fp16 field at byte `at` of every block, [rows, blocks] fp32."""
-    return torch.from_numpy(blocks[:, :, at:at + 2].copy().view(np.float16)[..., 0].astype(np.float32))
+def _fp16_field(blocks: torch.Tensor, at: int) -> torch.Tensor:
+    """The fp16 field at byte `at` of every block of uint8 blocks [rows, n, bytes], as fp32 [rows, n]."""
+    return blocks[:, :, at:at + 2].contiguous().view(torch.float16)[..., 0].to(torch.float32)
+
+
+def q8_0_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks uint8 [rows, in / 32, 34] (fp16 d, then 32 int8 codes; w = d q) -> (q int8 [rows, in],
+    d fp32 [rows, in / 32]): Int8Weight's form (mesp.quant.int8_dense)."""
+    rows = blocks.shape[0]
+    return blocks[:, :, 2:].contiguous().view(torch.int8).reshape(rows, -1), _fp16_field(blocks, 0)
+
+
+def q4_codes(blocks: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 (fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m, 16 bytes; w = d q + m) blocks, uint8
+    [rows, in / 32, 18 or 20] -> (codes int32 [rows, in] in 0..15, scale, zero fp32 [rows, in / 32]):
+    Int4Weight's form (mesp.quant.int4_dense), zero = m + 8 d for Q4_1, 0 for Q4_0. Byte j of a block holds
+    code j (low nibble) and code j + 16 (high nibble)."""
+    rows = blocks.shape[0]
+    head = 4 if with_min else 2
+    q = blocks[:, :, head:]
+    codes = torch.cat([q & 15, q >> 4], dim=-1).to(torch.int32).view(rows, -1)
+    d = _fp16_field(blocks, 0)
+    zero = _fp16_field(blocks, 2) + 8.0 * d if with_min else torch.zeros_like(d)
+    return codes, d, zero
+
+
+def _blocks(raw, perm: torch.Tensor | None, block_bytes: int) -> torch.Tensor:
+    """Raw rows (numpy uint8 [out, in / 32 * block_bytes]) as torch blocks [out, in / 32, block_bytes], rows
+    reordered by `perm` (llama q/k un-permutation)."""
+    raw = np.asarray(raw)
+    if perm is not None:
+        raw = raw[perm.numpy()]
+    return torch.from_numpy(np.array(raw, dtype=np.uint8)).view(raw.shape[0], -1, block_bytes)
 
 
 def q8_0_weight(raw: np.ndarray, perm: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Int8Weight:
-    """GGUF Q8_0 rows: raw uint8 [out, in / 32 * 34], each block an fp16 d then 32 int8 codes (w = d q).
-    `perm` reorders rows (llama q/k un-permutation)."""
-    N = raw.shape[0]
-    blocks = np.ascontiguousarray(raw).reshape(N, -1, 34)
-    if perm is not None:
-        blocks = blocks[perm.numpy()]
-    d = _fp16_column(blocks, 0)
-    q = torch.from_numpy(blocks[:, :, 2:].copy().view(np.int8).reshape(N, -1))
+    """GGUF Q8_0 rows (raw uint8 [out, in / 32 * 34]) as a resident Int8Weight; `perm` reorders rows."""
+    q, d = q8_0_codes(_blocks(raw, perm, 34))
     return Int8Weight(q, d, dtype)
 
 
 def q4_weight(raw: np.ndarray, with_min: bool, perm: torch.Tensor | None = None,
               dtype: torch.dtype = torch.float32) -> Int4Weight:
-    """GGUF Q4_0 (with_min False: block = fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m, 16 bytes;
-    w = d q + m, so Int4Weight's zero = m + 8 d) rows, raw uint8 [out, in / 32 * block bytes], out a multiple
-    of 16; byte j of a block holds code j (low nibble) and code j + 16 (high nibble). `perm` reorders rows
-    (llama q/k un-permutation)."""
-    N = raw.shape[0]
-    head = 4 if with_min else 2
-    blocks = np.ascontiguousarray(raw).reshape(N, -1, head + 16)
-    if perm is not None:
-        blocks = blocks[perm.numpy()]
-    d = _fp16_column(blocks, 0)
-    m = _fp16_column(blocks, 2) if with_min else torch.zeros_like(d)
-    qs = torch.from_numpy(blocks[:, :, head:].copy())  # [N, blocks, 16]
-    K = blocks.shape[1] * 32
-
-    def block_codes(n0, n1):
-        q = qs[n0:n1]
-        codes = torch.cat([q & 15, q >> 4], dim=-1).to(torch.int32).view(n1 - n0, K)
-        zero = m[n0:n1] + 8.0 * d[n0:n1] if with_min else torch.zeros_like(d[n0:n1])
-        return codes, d[n0:n1], zero
-
-    return Int4Weight.pack(block_codes, (N, K), 32, dtype)
+    """GGUF Q4_0 / Q4_1 rows (raw uint8 [out, in / 32 * block bytes], out a multiple of 16) as a resident
+    Int4Weight (see q4_codes); `perm` reorders rows."""
+    blocks = _blocks(raw, perm, 20 if with_min else 18)
+    N, K = blocks.shape[0], blocks.shape[1] * 32
+    return Int4Weight.pack(lambda n0, n1: q4_codes(blocks[n0:n1], with_min), (N, K), 32, dtype)
 
 
 def gguf_weight(tensor, perm: torch.Tensor | None, dtype: torch.dtype):
@@ -248,11 +261,51 @@ def gguf_weight(tensor, perm: torch.Tensor | None, dtype: torch.dtype):
     return q4_weight(raw, kind == Q.Q4_1, perm, dtype)
 
 
-def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dtype: torch.dtype):
-    """Yield (Hugging Face name, tensor) for every model tensor of the file, q/k rows un-permuted.
+# ---- streamed rows --------------------------------------------------------------------------------------
 
-    keep_quantized: Q4_0 / Q4_1 / Q8_0 matrices come as Int4Weight / Int8Weight in their own quantization
-    (when their shape allows); everything else, and every tensor without it, comes dequantized to fp32."""
+def _row_decoder(qtype):
+    """decode(raw uint8 [rows, row bytes], dtype) -> dense rows, for the tensor types a streamed weight reads;
+    None for any other. The block types decode through Int8Weight's / Int4Weight's formulas."""
+    Q = gguf.GGMLQuantizationType
+    floats = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    if qtype in floats:
+        stored = floats[qtype]
+        return lambda raw, dtype: raw.view(stored).to(dtype)
+    if qtype == Q.Q8_0:
+        return lambda raw, dtype: int8_dense(*q8_0_codes(raw.view(raw.shape[0], -1, 34)), dtype)
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        with_min, size = qtype == Q.Q4_1, 20 if qtype == Q.Q4_1 else 18
+        return lambda raw, dtype: int4_dense(*q4_codes(raw.view(raw.shape[0], -1, size), with_min), dtype)
+    return None
+
+
+def mapped_weight(mapped: MappedFile, tensor, perm: torch.Tensor | None, dtype: torch.dtype):
+    """A 2-D F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 tensor left in the mapped file (mesp.streamed.MappedWeight,
+    rows reordered by `perm`), or None for any other tensor."""
+    decode = _row_decoder(tensor.tensor_type)
+    if decode is None or len(tensor.shape) != 2:
+        return None
+    N, K = int(tensor.shape[1]), int(tensor.shape[0])  # GGUF lists dims fastest-first
+    block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    if K % block:
+        return None
+    Q = gguf.GGMLQuantizationType
+    align = int4_layout()[0] if tensor.tensor_type in (Q.Q4_0, Q.Q4_1) and N % 16 == 0 else 1  # as Int4Weight
+    return MappedWeight(mapped, int(tensor.data_offset), (N, K), K // block * size, decode, perm, dtype,
+                        row_align=align)
+
+
+def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dtype: torch.dtype,
+                 stream: bool = False):
+    """Yield (Hugging Face name, tensor or weight object) for every model tensor of the file, q/k rows
+    un-permuted.
+
+    stream: 2-D F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 matrices stay in the memory-mapped file
+    (mesp.streamed.MappedWeight, decoded rows at a time at each use); keep_quantized (when not streaming):
+    Q4_0 / Q4_1 / Q8_0 matrices come as Int4Weight / Int8Weight in their own quantization (when their shape
+    allows). Everything else comes as fp32 tensors, matrices decoded a block of rows at a time through the
+    same formulas as the streamed and quantized forms (so every form of a file computes the same weights)."""
+    mapped = None
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue  # folded into config.rope_scaling
@@ -260,21 +313,29 @@ def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dty
         if name is None:
             raise MespError(f"{where}: unknown tensor {t.name!r}")
         heads = permuted_heads(cfg, name)
-        if keep_quantized and (not heads or int(t.shape[-1]) % (2 * heads) == 0):
-            perm = unpermute(torch.arange(int(t.shape[-1])), heads) if heads else None
+        rows = int(t.shape[-1])
+        if heads and rows % (2 * heads):
+            shape = tuple(int(n) for n in reversed(t.shape.tolist()))
+            raise MespError(f"{where}: tensor {t.name!r} has shape {shape}, expected {expected_shapes(cfg).get(name)}")
+        perm = unpermute(torch.arange(rows), heads) if heads else None
+        if keep_quantized and not stream:
             w = gguf_weight(t, perm, dtype)  # None: not Q4_0/Q4_1/Q8_0, so it loads dense below
             if w is not None:
                 yield name, w
                 continue
+        if len(t.shape) == 2:
+            if mapped is None:
+                mapped = MappedFile(reader.data.filename)
+            w = mapped_weight(mapped, t, perm, dtype)
+            if w is not None:
+                yield name, (w if stream else w.dequantize(torch.float32))
+                continue
+            if stream:
+                log.warning("%s: tensor %s (%s) cannot be streamed; it loads dense", where, t.name, t.tensor_type.name)
         try:
             w = dequantize(t, where)
         except MespError:
             raise
         except Exception as e:
             raise MespError(f"{where}: tensor {t.name!r} is unreadable ({one_line(e)})") from e
-        if heads:
-            if w.shape[0] % (2 * heads):
-                raise MespError(f"{where}: tensor {t.name!r} has shape {tuple(w.shape)}, "
-                                f"expected {expected_shapes(cfg).get(name)}")
-            w = unpermute(w, heads)
-        yield name, w
+        yield name, unpermute(w, heads) if heads else w
