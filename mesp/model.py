@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from . import ops
+from . import blockwise, ops
 from .families import AttentionKind, LayerSpec, ModelConfig, NormKind, Projection, projections
 
 
@@ -298,7 +298,7 @@ class Model(nn.Module):
         if return_hidden:
             return x, new_cache
         logits = ops.frozen_linear(x, self.lm_head_weight)
-        return ops.softcap_logits(logits, self.config.final_logit_softcapping), new_cache
+        return blockwise.softcap_logits(logits, self.config.final_logit_softcapping), new_cache
 
 
 class SdpaMasks:
@@ -313,7 +313,7 @@ class SdpaMasks:
     def __call__(self, window: int | None = None) -> torch.Tensor:
         if window not in self.built:
             end = self.past + self.T
-            visible = ops.causal_visibility(self.past, end, end, self.key_mask, device=self.device, window=window)
+            visible = blockwise.causal_visibility(self.past, end, end, self.key_mask, device=self.device, window=window)
             self.built[window] = visible[None, None] if self.key_mask is None else visible[:, None]
         return self.built[window]
 

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mesp import ops
+from mesp import blockwise, ops
 from mesp.testing import relative_error
 
 TOL = 1e-5
@@ -299,9 +299,9 @@ def brute_visibility(T, key_mask, window=None):
 def test_causal_visibility_rule():
     T = 6
     km = make_mask(2, T, "both")
-    assert torch.equal(ops.causal_visibility(0, T, T, km), brute_visibility(T, km))
-    assert torch.equal(ops.causal_visibility(2, 5, 5, km), brute_visibility(T, km)[:, 2:5, :5])
-    assert torch.equal(ops.causal_visibility(0, T, T), torch.ones(T, T, dtype=torch.bool).tril())
+    assert torch.equal(blockwise.causal_visibility(0, T, T, km), brute_visibility(T, km))
+    assert torch.equal(blockwise.causal_visibility(2, 5, 5, km), brute_visibility(T, km)[:, 2:5, :5])
+    assert torch.equal(blockwise.causal_visibility(0, T, T), torch.ones(T, T, dtype=torch.bool).tril())
 
 
 def attn_inputs(B, Hq, Hkv, T, D, dtype=torch.float64, seed=8):
@@ -334,10 +334,10 @@ def test_attention_forward_backward(Hq, Hkv, T, bs, kind):
     q, k, v, go = attn_inputs(B, Hq, Hkv, T, D)
     km = None if kind == "none" else make_mask(B, T, kind)
     q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
-    o_ref = ops.attention_reference(q, k, v, km)
+    o_ref = blockwise.attention_reference(q, k, v, km)
     gq_ref, gk_ref, gv_ref = torch.autograd.grad(o_ref, (q, k, v), go)
     with torch.no_grad():
-        o, lse = ops.attention_forward(q, k, v, km, block_size=bs)
+        o, lse = blockwise.attention_forward(q, k, v, km, block_size=bs)
         assert o.shape == q.shape and lse.shape == (B, Hq, T)
         assert torch.isfinite(o).all() and torch.isfinite(lse).all()
         assert_close(o, o_ref.detach(), 1e-12)
@@ -347,7 +347,7 @@ def test_attention_forward_backward(Hq, Hkv, T, bs, kind):
         vis = brute_visibility(T, km if km is not None else torch.ones(B, T, dtype=torch.bool))[:, None]
         lse_ref = torch.logsumexp(S.masked_fill(~vis, float("-inf")), -1)
         assert_close(lse, lse_ref, 1e-12)
-        gq, gk, gv = ops.attention_backward(go, q, k, v, o, lse, km, block_size=bs)
+        gq, gk, gv = blockwise.attention_backward(go, q, k, v, o, lse, km, block_size=bs)
     if T == 1:  # one visible key: softmax is constant, so gq and gk are exactly zero
         for a, b in ((gq, gq_ref), (gk, gk_ref)):
             assert a.shape == b.shape and a.abs().max() < 1e-12 and b.abs().max() < 1e-12
@@ -360,13 +360,13 @@ def test_attention_forward_backward(Hq, Hkv, T, bs, kind):
 def test_attention_padding_changes_result():
     """Masking must actually hide padded keys (guards against an ignored key_mask)."""
     q, k, v, _ = attn_inputs(2, 4, 2, 8, 4)
-    o_all, _ = ops.attention_forward(q, k, v, None, block_size=3)
-    o_pad, _ = ops.attention_forward(q, k, v, make_mask(2, 8, "left"), block_size=3)
+    o_all, _ = blockwise.attention_forward(q, k, v, None, block_size=3)
+    o_pad, _ = blockwise.attention_forward(q, k, v, make_mask(2, 8, "left"), block_size=3)
     assert relative_error(o_pad[0, :, 4:], o_all[0, :, 4:]) > 1e-3
     # row 0 of a left-padded sequence only sees itself: o = v of that position
     assert_close(o_pad[0, :, 0], v.repeat_interleave(2, 1)[0, :, 0], 1e-14)
     # right padding leaves real rows untouched (causality)
-    o_r, _ = ops.attention_forward(q, k, v, make_mask(2, 8, "right"), block_size=3)
+    o_r, _ = blockwise.attention_forward(q, k, v, make_mask(2, 8, "right"), block_size=3)
     assert_close(o_r[0, :, :6], o_all[0, :, :6], 1e-14)
 
 
@@ -377,9 +377,9 @@ def test_attention_matches_sdpa(Hq, Hkv):
     G = Hq // Hkv
     ref = F.scaled_dot_product_attention(q, k.repeat_interleave(G, 1), v.repeat_interleave(G, 1), is_causal=True)
     for km in (None, torch.ones(B, T, dtype=torch.bool)):
-        o, _ = ops.attention_forward(q, k, v, km, block_size=4)
+        o, _ = blockwise.attention_forward(q, k, v, km, block_size=4)
         assert_close(o, ref, 1e-5)
-        assert_close(ops.attention_reference(q, k, v, km), ref, 1e-5)
+        assert_close(blockwise.attention_reference(q, k, v, km), ref, 1e-5)
 
 
 def test_attention_fp32_backward_and_non_contiguous():
@@ -391,11 +391,11 @@ def test_attention_fp32_backward_and_non_contiguous():
     v = randn(B, T, Hkv, D, dtype=torch.float32, g=g).transpose(1, 2).requires_grad_()
     go = randn(B, Hq, T, D, dtype=torch.float32, g=g)
     km = make_mask(B, T, "left")
-    o_ref = ops.attention_reference(q, k, v, km)
+    o_ref = blockwise.attention_reference(q, k, v, km)
     refs = torch.autograd.grad(o_ref, (q, k, v), go)
     with torch.no_grad():
-        o, lse = ops.attention_forward(q, k, v, km, block_size=3)
-        grads = ops.attention_backward(go, q, k, v, o, lse, km, block_size=3)
+        o, lse = blockwise.attention_forward(q, k, v, km, block_size=3)
+        grads = blockwise.attention_backward(go, q, k, v, o, lse, km, block_size=3)
     assert_close(o, o_ref.detach(), 1e-5)
     for a, b in zip(grads, refs):
         assert a.dtype == torch.float32
@@ -416,7 +416,7 @@ def test_lm_head_cross_entropy(chunk, quant, chunk_bytes):
     t = torch.randint(0, V, (N,), generator=g)
     t[[0, 4, 5]] = -100
     norm = float((t != -100).sum())
-    loss_sum, gh = ops.lm_head_cross_entropy(h.detach(), FakeQuant(W) if quant else W, t, norm, chunk_size=chunk,
+    loss_sum, gh = blockwise.lm_head_cross_entropy(h.detach(), FakeQuant(W) if quant else W, t, norm, chunk_size=chunk,
                                              chunk_bytes=chunk_bytes)
     ref = F.cross_entropy(h @ W.t(), t, ignore_index=-100, reduction="sum")
     (gh_ref,) = torch.autograd.grad(ref / norm, h)
@@ -424,7 +424,7 @@ def test_lm_head_cross_entropy(chunk, quant, chunk_bytes):
     assert_close(loss_sum, ref.detach(), 1e-12)
     assert_close(gh, gh_ref)
     assert torch.all(gh[[0, 4, 5]] == 0)
-    loss2, none = ops.lm_head_cross_entropy(h.detach(), W, t, norm, chunk_size=chunk, compute_grad=False,
+    loss2, none = blockwise.lm_head_cross_entropy(h.detach(), W, t, norm, chunk_size=chunk, compute_grad=False,
                                             chunk_bytes=chunk_bytes)
     assert none is None and torch.equal(loss2, loss_sum)
 
@@ -441,13 +441,13 @@ def test_lm_head_cross_entropy_with_softcapping(chunk_bytes):
     t[[1, 6]] = -100
     ref = F.cross_entropy(torch.tanh(h @ W.t() / cap) * cap, t, ignore_index=-100, reduction="sum")
     (gh_ref,) = torch.autograd.grad(ref / 7.0, h)
-    loss_sum, gh = ops.lm_head_cross_entropy(h.detach(), W, t, 7.0, chunk_size=4, chunk_bytes=chunk_bytes,
+    loss_sum, gh = blockwise.lm_head_cross_entropy(h.detach(), W, t, 7.0, chunk_size=4, chunk_bytes=chunk_bytes,
                                              softcap=cap)
     assert_close(loss_sum, ref.detach(), 1e-12)
     assert_close(gh, gh_ref, 1e-10)
-    plain, _ = ops.lm_head_cross_entropy(h.detach(), W, t, 7.0, compute_grad=False)
+    plain, _ = blockwise.lm_head_cross_entropy(h.detach(), W, t, 7.0, compute_grad=False)
     assert relative_error(plain, loss_sum) > 1e-2
-    assert_close(ops.softcap_logits(h.detach() @ W.t(), cap), torch.tanh(h.detach() @ W.t() / cap) * cap, 1e-15)
+    assert_close(blockwise.softcap_logits(h.detach() @ W.t(), cap), torch.tanh(h.detach() @ W.t() / cap) * cap, 1e-15)
 
 
 def test_lm_head_ignored_rows_never_reach_head():
@@ -458,12 +458,12 @@ def test_lm_head_ignored_rows_never_reach_head():
     t = torch.tensor([-100, 1, -100, 3, 4, -100, 8])
     ref = F.cross_entropy(h @ W.t(), t, reduction="sum")
     h[t == -100] = float("nan")
-    loss, gh = ops.lm_head_cross_entropy(h, W, t, 4.0, chunk_size=3, chunk_bytes=4 * 3 * 2)
+    loss, gh = blockwise.lm_head_cross_entropy(h, W, t, 4.0, chunk_size=3, chunk_bytes=4 * 3 * 2)
     assert loss.dtype == torch.float32
     assert abs(loss.item() - ref.item()) <= 1e-5 * abs(ref.item())
     assert torch.isfinite(gh).all() and torch.all(gh[t == -100] == 0)
     # everything ignored: zero loss, zero grad, finite
-    loss0, gh0 = ops.lm_head_cross_entropy(h, W, torch.full((7,), -100), 1.0)
+    loss0, gh0 = blockwise.lm_head_cross_entropy(h, W, torch.full((7,), -100), 1.0)
     assert loss0.item() == 0.0 and torch.all(gh0 == 0)
 
 
@@ -516,14 +516,14 @@ def test_bf16_smoke():
     v32, vbf = both(B, Hkv, T, D)
     go32, gobf = both(B, Hq, T, D)
     km = make_mask(B, T, "both")
-    o32, lse32 = ops.attention_forward(q32, k32, v32, km, block_size=4)
-    obf, lsebf = ops.attention_forward(qbf, kbf, vbf, km, block_size=4)
+    o32, lse32 = blockwise.attention_forward(q32, k32, v32, km, block_size=4)
+    obf, lsebf = blockwise.attention_forward(qbf, kbf, vbf, km, block_size=4)
     check(obf, o32)
     assert lsebf.dtype == torch.float32 and relative_error(lsebf, lse32) <= 3e-2
-    check(ops.attention_reference(qbf, kbf, vbf, km), o32)
+    check(blockwise.attention_reference(qbf, kbf, vbf, km), o32)
     for a, b in zip(
-        ops.attention_backward(gobf, qbf, kbf, vbf, obf, lsebf, km, block_size=4),
-        ops.attention_backward(go32, q32, k32, v32, o32, lse32, km, block_size=4),
+        blockwise.attention_backward(gobf, qbf, kbf, vbf, obf, lsebf, km, block_size=4),
+        blockwise.attention_backward(go32, q32, k32, v32, o32, lse32, km, block_size=4),
     ):
         check(a, b)
     # lm head + CE
@@ -531,8 +531,8 @@ def test_bf16_smoke():
     E32, Ebf = both(V, d)
     t = torch.randint(0, V, (10,), generator=g)
     t[3] = -100
-    l32, g32 = ops.lm_head_cross_entropy(h32, E32, t, 9.0, chunk_size=4)
-    lbf, gbf = ops.lm_head_cross_entropy(hbf, Ebf, t, 9.0, chunk_size=4)
+    l32, g32 = blockwise.lm_head_cross_entropy(h32, E32, t, 9.0, chunk_size=4)
+    lbf, gbf = blockwise.lm_head_cross_entropy(hbf, Ebf, t, 9.0, chunk_size=4)
     assert lbf.dtype == torch.float32 and abs(lbf.item() - l32.item()) <= 3e-2 * abs(l32.item())
     check(gbf, g32)
 
@@ -552,11 +552,11 @@ def test_sliding_window_attention_forward_backward(window, T, bs, kind):
     S = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / math.sqrt(D)
     o_ref = torch.softmax(S.masked_fill(~vis, float("-inf")), -1) @ v.repeat_interleave(G, 1)
     refs = torch.autograd.grad(o_ref, (q, k, v), go)
-    assert_close(ops.attention_reference(q, k, v, km, window=window).detach(), o_ref.detach(), 1e-12)
+    assert_close(blockwise.attention_reference(q, k, v, km, window=window).detach(), o_ref.detach(), 1e-12)
     with torch.no_grad():
-        o, lse = ops.attention_forward(q, k, v, km, block_size=bs, window=window)
-        grads = ops.attention_backward(go, q, k, v, o, lse, km, block_size=bs, window=window)
-        full, _ = ops.attention_forward(q, k, v, km, block_size=bs)
+        o, lse = blockwise.attention_forward(q, k, v, km, block_size=bs, window=window)
+        grads = blockwise.attention_backward(go, q, k, v, o, lse, km, block_size=bs, window=window)
+        full, _ = blockwise.attention_forward(q, k, v, km, block_size=bs)
     assert_close(o, o_ref.detach(), 1e-12)
     if window == 1:  # one visible key per row: softmax is constant, so gq and gk vanish
         assert max(float(t.abs().max()) for t in (*grads[:2], *refs[:2])) < 1e-12

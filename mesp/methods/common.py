@@ -7,7 +7,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .. import ops
+from .. import blockwise, ops
 from ..data import IGNORE
 from ..errors import MespError
 from ..lora import peft_key
@@ -61,7 +61,7 @@ def full_logits_loss(hidden: torch.Tensor, model: Model, batch: LossBatch) -> to
     """Differentiable loss through full-vocabulary logits [B, T, V] (the autograd and MeBP way)."""
     logits = ops.frozen_linear(hidden, model.lm_head_weight)
     logits = logits.to(ops.acc_dtype(logits.dtype))  # bf16 -> fp32; fp64 stays fp64
-    logits = ops.softcap_logits(logits, model.config.final_logit_softcapping)
+    logits = blockwise.softcap_logits(logits, model.config.final_logit_softcapping)
     loss_sum = F.cross_entropy(logits.view(-1, logits.shape[-1]), batch.targets.view(-1),
                                ignore_index=IGNORE, reduction="sum")
     return loss_sum / batch.normalizer
@@ -73,7 +73,7 @@ def chunked_loss(hidden: torch.Tensor, model: Model, batch: LossBatch, loss_chun
     tokens, `loss_chunk` tokens at a time against vocabulary slices whose fp32 logits stay within
     `loss_chunk_bytes`: full-vocabulary logits never exist. Returns (loss fp32 scalar, g_hidden or None)."""
     B, T, d = hidden.shape
-    loss_sum, g = ops.lm_head_cross_entropy(hidden.reshape(B * T, d), model.lm_head_weight,
+    loss_sum, g = blockwise.lm_head_cross_entropy(hidden.reshape(B * T, d), model.lm_head_weight,
                                             batch.targets.reshape(-1), batch.normalizer, loss_chunk or 1024,
                                             compute_grad, loss_chunk_bytes, model.config.final_logit_softcapping)
     return loss_sum / batch.normalizer, None if g is None else g.view(B, T, d)

@@ -18,7 +18,7 @@ from collections.abc import Callable
 
 import torch
 
-from .. import ops
+from .. import blockwise, ops
 from ..memory import stage
 from ..lora import peft_key
 from ..model import DecoderLayer, Linear
@@ -88,7 +88,7 @@ class StructuredRun:
         return y
 
     def attend(self, q, k, v, kind):
-        o, lse = ops.attention_forward(q, k, v, self.key_mask, scale=kind.scale, block_size=self.attn_block,
+        o, lse = blockwise.attention_forward(q, k, v, self.key_mask, scale=kind.scale, block_size=self.attn_block,
                                        window=kind.window)
         if self.saved is not None:
             self.saved.lse = lse
@@ -180,7 +180,7 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     grads.add("self_attn.o_proj", attn.o_proj, gA, gB)
     del o_flat
     go = go_flat.view(B, T, Hq, D).transpose(1, 2)
-    gq, gk, gv = ops.attention_backward(go, q, k, v, o, lse, key_mask, scale=spec.attention.scale,
+    gq, gk, gv = blockwise.attention_backward(go, q, k, v, o, lse, key_mask, scale=spec.attention.scale,
                                         block_size=attn_block, window=spec.attention.window)
     del go, go_flat, q, k, v, o, lse
     gq, gk = unrotate(gq, rope), unrotate(gk, rope)

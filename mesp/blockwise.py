@@ -1,0 +1,255 @@
+"""The blockwise kernels, llm.c style: causal attention and the LM head's cross-entropy, each forward beside its
+hand-derived backward, computed block by block so neither a [heads, T, T] score matrix nor [N, V] logits ever
+exist. Same conventions as mesp.ops (accumulation dtype, frozen weights as tensors or objects); the kernels run
+under ``torch.no_grad()`` (in-place ops), ``attention_reference`` stays differentiable for the baselines and tests.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from .ops import acc_dtype
+
+# ----------------------------------------------------------------------------
+# Attention (causal, grouped-query, key padding)
+
+
+def causal_visibility(q_start, q_end, k_len, key_mask=None, device=None, window=None):
+    """Boolean visibility block for queries [q_start, q_end) against keys [0, k_len).
+
+    Key j is visible to query i iff j <= i, i - j < window (sliding-window layers; window None = unbounded) and
+    (key_mask[b, j] or j == i). The diagonal is always visible so that padded query rows never become all -inf
+    (NaN softmax). Returns [Tq, k_len] when key_mask is None, else [B, Tq, k_len]. Shared by the reference, the
+    blockwise kernels and the model's SDPA mask so the rule exists exactly once.
+    """
+    if key_mask is not None:
+        device = key_mask.device
+    i = torch.arange(q_start, q_end, device=device)[:, None]
+    j = torch.arange(k_len, device=device)[None, :]
+    vis = j <= i
+    if window is not None:
+        vis = vis & (j > i - window)
+    if key_mask is None:
+        return vis
+    return vis & (key_mask[:, None, :k_len].to(torch.bool) | (j == i))
+
+
+def _gqa_split(q, k):
+    B, Hq, T, D = q.shape
+    Bk, Hkv, Tk, Dk = k.shape
+    if Hq % Hkv != 0 or (B, T, D) != (Bk, Tk, Dk):
+        raise ValueError(f"incompatible q {tuple(q.shape)} and k {tuple(k.shape)}")
+    return B, Hq, Hkv, Hq // Hkv, T, D
+
+
+def _attention_setup(q, k, v, scale):
+    """What attention_forward and attention_backward both start from: the shapes, the scale (default
+    1/sqrt(D)), the accumulation dtype, k/v upcast once (Hkv-sized, smaller than a score block for typical
+    shapes) and q viewed per kv group as [B, Hkv, G, T, D]."""
+    B, Hq, Hkv, G, T, D = _gqa_split(q, k)
+    scale = 1.0 / math.sqrt(D) if scale is None else scale
+    acc = acc_dtype(q.dtype)
+    return (B, Hq, Hkv, G, T, D), scale, acc, k.to(acc), v.to(acc), q.reshape(B, Hkv, G, T, D)
+
+
+def _scores_block(qb, kf, i0, i1, key_mask, scale, window=None):
+    """Masked scaled scores for query rows [i0, i1): qb [B, Hkv, G, Tb, D] (acc dtype),
+    kf [B, Hkv, T, D] (acc dtype) -> S [B, Hkv, G, Tb, i1] (acc dtype).
+
+    Causality means query rows < i1 never see keys >= i1, so only keys [0, i1) are used.
+    """
+    kb = kf[:, :, :i1]
+    S = torch.matmul(qb, kb.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, Tb, i1]
+    S.mul_(scale)
+    vis = causal_visibility(i0, i1, i1, key_mask, device=S.device, window=window)
+    if vis.dim() == 3:  # [B, Tb, i1] -> [B, 1, 1, Tb, i1]
+        vis = vis[:, None, None]
+    S.masked_fill_(~vis, float("-inf"))
+    return S
+
+
+@torch.no_grad()
+def attention_forward(q, k, v, key_mask=None, scale=None, block_size=128, window=None):
+    """Causal GQA attention, blockwise over query rows.
+
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] with Hq % Hkv == 0; key_mask bool [B, T] (True = real); window: a
+    sliding-window layer's span (causal_visibility), None for full attention.
+    Returns (o [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32 (fp64 for fp64 inputs)).
+
+    k/v are never repeated: q is viewed as [B, Hkv, G, T, D] and the G query heads of a
+    group broadcast against their kv head. Each query block computes its full (causally
+    truncated) score rows at once, so a plain two-pass softmax per block is exact; peak
+    extra memory is one [B, Hq, block, T] score block in the accumulation dtype.
+    """
+    (B, Hq, Hkv, G, T, D), scale, acc, kf, vf, q5 = _attention_setup(q, k, v, scale)
+    o = torch.empty(q.shape, dtype=q.dtype, device=q.device)  # contiguous, whatever q's strides
+    o5 = o.view(B, Hkv, G, T, D)
+    lse = torch.empty(B, Hkv, G, T, dtype=acc, device=q.device)
+    for i0 in range(0, T, block_size):
+        i1 = min(i0 + block_size, T)
+        S = _scores_block(q5[:, :, :, i0:i1].to(acc), kf, i0, i1, key_mask, scale, window)
+        m = torch.logsumexp(S, dim=-1)  # [B, Hkv, G, Tb]; finite: diagonal always visible
+        lse[:, :, :, i0:i1] = m
+        P = S.sub_(m.unsqueeze(-1)).exp_()  # softmax, in place over the score block
+        del S
+        o5[:, :, :, i0:i1] = torch.matmul(P, vf[:, :, :i1].unsqueeze(2)).to(o.dtype)
+        del P
+    return o, lse.view(B, Hq, T)
+
+
+@torch.no_grad()
+def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_size=128, window=None):
+    """Backward of :func:`attention_forward`.  Returns (gq, gk, gv) shaped/dtyped like q, k, v.
+
+    P is recomputed block by block from q, k and lse (never stored whole):
+        delta = rowsum(go * o)  (== rowsum(gP * P))
+        gP = go v^T;  gS = P * (gP - delta)
+        gq = scale * gS k;  gk = scale * gS^T q;  gv = P^T go
+    gk, gv are summed over the G query heads of each kv head and accumulated over blocks
+    in the accumulation dtype.
+    """
+    (B, Hq, Hkv, G, T, D), scale, acc, kf, vf, q5 = _attention_setup(q, k, v, scale)
+    go5 = go.reshape(B, Hkv, G, T, D)
+    o5 = o.reshape(B, Hkv, G, T, D)
+    lse5 = lse.reshape(B, Hkv, G, T)
+    gq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    gq5 = gq.view(B, Hkv, G, T, D)
+    gk = torch.zeros(B, Hkv, T, D, dtype=acc, device=q.device)
+    gv = torch.zeros(B, Hkv, T, D, dtype=acc, device=q.device)
+    for i0 in range(0, T, block_size):
+        i1 = min(i0 + block_size, T)
+        Tb = i1 - i0
+        qb = q5[:, :, :, i0:i1].to(acc)  # [B, Hkv, G, Tb, D]
+        gob = go5[:, :, :, i0:i1].to(acc)
+        delta = (gob * o5[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tb, 1]
+        S = _scores_block(qb, kf, i0, i1, key_mask, scale, window)
+        P = S.sub_(lse5[:, :, :, i0:i1].to(acc).unsqueeze(-1)).exp_()  # masked entries -> 0
+        del S
+        # gv[:i1] += P^T go, summed over the G heads and the Tb rows of the block at once
+        gv[:, :, :i1] += torch.matmul(
+            P.reshape(B, Hkv, G * Tb, i1).transpose(-1, -2), gob.reshape(B, Hkv, G * Tb, D)
+        )
+        gS = torch.matmul(gob, vf[:, :, :i1].unsqueeze(2).transpose(-1, -2))  # gP [B,Hkv,G,Tb,i1]
+        del gob
+        gS.sub_(delta).mul_(P).mul_(scale)  # gS (scale folded in for both gq and gk)
+        del P, delta
+        gq5[:, :, :, i0:i1] = torch.matmul(gS, kf[:, :, :i1].unsqueeze(2)).to(gq.dtype)
+        gk[:, :, :i1] += torch.matmul(
+            gS.reshape(B, Hkv, G * Tb, i1).transpose(-1, -2), qb.reshape(B, Hkv, G * Tb, D)
+        )
+        del gS, qb
+    return gq, gk.to(k.dtype), gv.to(v.dtype)
+
+
+def attention_reference(q, k, v, key_mask=None, scale=None, window=None):
+    """Plain differentiable attention with the same visibility rule; returns o [B, Hq, T, D].
+
+    Like HF's eager attention: scores in the input dtype, softmax in fp32 (fp64 for fp64),
+    probabilities cast back. Repeats k/v (memory is not the point here).
+    """
+    B, Hq, Hkv, G, T, D = _gqa_split(q, k)
+    if scale is None:
+        scale = 1.0 / math.sqrt(D)
+    if G > 1:
+        k = k.repeat_interleave(G, dim=1)
+        v = v.repeat_interleave(G, dim=1)
+    S = torch.matmul(q, k.transpose(-1, -2)) * scale
+    vis = causal_visibility(0, T, T, key_mask, device=q.device, window=window)
+    if vis.dim() == 3:
+        vis = vis[:, None]
+    S = S.masked_fill(~vis, float("-inf"))
+    P = torch.softmax(S, dim=-1, dtype=acc_dtype(q.dtype)).to(q.dtype)
+    return torch.matmul(P, v)
+
+
+# ----------------------------------------------------------------------------
+# LM head + cross-entropy, chunked over counted rows
+
+
+@torch.no_grad()
+def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, compute_grad=True,
+                          chunk_bytes=8 << 20, softcap=None):
+    """Summed cross-entropy of (hidden W^T) against targets, plus dL/dhidden for L = sum/normalizer.
+
+    hidden [N, d] (final-normed, already shifted); weight [V, d] (tensor or quantized object);
+    targets LongTensor [N], -100 = ignored (those rows never touch the LM head);
+    normalizer: number or scalar tensor (e.g. the count of target tokens).
+    Returns (loss_sum fp32 0-dim tensor, g_hidden [N, d] in hidden's dtype or None).
+
+    Full [N, V] logits never exist. Counted rows go in blocks of at most chunk_size tokens, and each block
+    meets the vocabulary in slices of Vc rows of W, with Vc chosen so one fp32 logits slice [n, Vc] stays
+    within chunk_bytes. Slicing the vocabulary rather than the tokens matters for speed: W (V x d, the
+    largest weight) is then read three times per block (log-sum-exp pass, then recompute + gradient pass)
+    instead of twice per handful of tokens.
+      pass 1: online log-sum-exp over slices: m = running max, s = running sum of exp(logit - m);
+              lse = m + log s; loss += sum(lse - logit[target])
+      pass 2: per slice, g_logits = (exp(logit - lse) - onehot) / normalizer, built in place;
+              g_hidden += g_logits W_slice
+    softcap (Gemma's final_logit_softcapping): logits become softcap * tanh(logits / softcap), and g_logits is
+    multiplied by that map's derivative 1 - tanh^2.
+    """
+    acc = acc_dtype(hidden.dtype)
+    loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
+    g_hidden = torch.zeros_like(hidden) if compute_grad else None
+    rows = (targets != -100).nonzero().squeeze(1)
+    V = weight.shape[0]
+    for c0 in range(0, rows.numel(), chunk_size):
+        idx = rows[c0 : c0 + chunk_size]
+        n = idx.numel()
+        h, t = hidden[idx], targets[idx]
+        vc = max(1, min(V, chunk_bytes // (n * 4)))
+        slices = [(v0, min(V, v0 + vc)) for v0 in range(0, V, vc)]
+        m = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
+        s = torch.zeros(n, dtype=acc, device=h.device)
+        target_logit = torch.zeros(n, dtype=acc, device=h.device)
+        for v0, v1 in slices:
+            logits, _ = _logits_slice(h, weight, v0, v1, acc, softcap)  # [n, v1-v0]
+            inside = (t >= v0) & (t < v1)
+            target_logit[inside] = logits[inside, t[inside] - v0]
+            m_new = torch.maximum(m, logits.amax(dim=-1))
+            s.mul_(torch.exp(m - m_new)).add_(logits.sub_(m_new[:, None]).exp_().sum(dim=-1))
+            m = m_new
+            del logits
+        lse = m.add_(s.log_())
+        loss_sum += (lse - target_logit).sum()
+        if not compute_grad:
+            continue
+        gh = torch.zeros(n, h.shape[-1], dtype=acc, device=h.device)
+        for v0, v1 in slices:
+            g, slope = _logits_slice(h, weight, v0, v1, acc, softcap)
+            g.sub_(lse[:, None]).exp_()  # softmax slice, in place
+            inside = (t >= v0) & (t < v1)
+            g[inside.nonzero().squeeze(1), t[inside] - v0] -= 1.0
+            g.div_(normalizer)
+            if slope is not None:
+                g.mul_(slope)
+            gh.add_(torch.matmul(g.to(h.dtype), weight_rows(weight, v0, v1).to(h.dtype)).to(acc))
+            del g
+        g_hidden[idx] = gh.to(hidden.dtype)
+    return loss_sum, g_hidden
+
+
+def weight_rows(weight, v0, v1):
+    """Rows [v0, v1) of a frozen [V, d] weight as a tensor: a view, or only those rows dequantized."""
+    if isinstance(weight, torch.Tensor):
+        return weight[v0:v1]
+    return weight.rows(torch.arange(v0, v1, device=weight.device))
+
+
+def _logits_slice(h, weight, v0, v1, acc, softcap=None):
+    """h [n, d] against vocabulary rows [v0, v1) -> (logits [n, v1-v0] in the accumulation dtype, None); with
+    softcap, the capped logits and d(capped)/d(logits)."""
+    w = weight_rows(weight, v0, v1)
+    logits = torch.matmul(h, w.to(h.dtype).t()).to(acc)
+    if softcap is None:
+        return logits, None
+    t = logits.div_(softcap).tanh_()
+    return t * softcap, torch.mul(t, t).neg_().add_(1)
+
+
+def softcap_logits(logits, softcap):
+    """softcap * tanh(logits / softcap) (identity for softcap None): the map the chunked loss applies, for the
+    differentiable paths (full logits, generation)."""
+    return logits if softcap is None else torch.tanh(logits / softcap) * softcap
