@@ -17,11 +17,19 @@ from mesp.cli import main
 from mesp.errors import MespError
 from mesp.families import expected_shapes
 from mesp.formats.gguf import gguf_to_hf_name, unpermute
+from mesp.formats import gguf_writer
 from mesp.formats.gguf_writer import hf_to_gguf_name, permute
 from mesp.model import set_weight
 from mesp.presets import PRESETS
 
 Q = gguf.GGMLQuantizationType
+
+
+@pytest.fixture(autouse=True)
+def small_row_blocks(monkeypatch):
+    """Blocks of 16-32 rows, so every tiny matrix is written in several blocks (as real ones are): a block
+    boundary that broke a q/k permutation or a seeded draw would show."""
+    monkeypatch.setattr(gguf_writer, "CHUNK_VALUES", 1024)
 
 
 def dense(w) -> torch.Tensor:
