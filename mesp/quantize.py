@@ -32,8 +32,8 @@ import torch
 from .errors import MespError, one_line
 from .families import ModelConfig, expected_shapes
 from .formats.gguf import ROPE_FREQS, gguf_config, gguf_to_hf_name, open_gguf, permuted_heads
-from .formats.gguf_writer import (TARGETS, TensorPlan, add_config_metadata, add_file_type, hf_to_gguf_name,
-                                  tensor_type, write_gguf)
+from .formats.gguf_writer import (TARGETS, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
+                                  hf_to_gguf_name, tensor_type, write_gguf)
 from .formats.safetensors import lazy_safetensors, safetensors_files
 from .loaders import read_hf_config
 from .presets import PRESETS, preset_gguf_path
@@ -108,7 +108,7 @@ def _random_source(name: str, target):
     matrix's rows are drawn only when the writer asks for them."""
     cfg = ModelConfig.from_hf(dict(PRESETS[name]["config"]), where=f"preset {name}")
     plans = [_hf_plan(cfg, n, w.shape, _as_rows(w) if isinstance(w, torch.Tensor) else w.read_rows)
-             for n, w in random_weights(cfg, seed=0, dtype=torch.float32)]
+             for n, w in random_weights(cfg, seed=0, dtype=torch.float32)] + extra_tensors(cfg)
     return cfg.arch, lambda writer: add_config_metadata(writer, cfg, target), plans, []
 
 
@@ -134,7 +134,7 @@ def _hf_source(directory: Path, target):
     if missing:
         raise MespError(f"{directory}: missing tensor {missing[0]!r}")
     plans = [_hf_plan(cfg, name, w.shape, lambda n0, n1, w=w: w.read_rows(n0, n1).float())
-             for name, w in ((n, found[n]) for n in expected)]
+             for name, w in ((n, found[n]) for n in expected)] + extra_tensors(cfg)
     return cfg.arch, lambda writer: add_config_metadata(writer, cfg, target), plans, \
         [*files, directory / "config.json"]
 

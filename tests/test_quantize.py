@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 from helpers import write_gguf
+from test_loaders import LLAMA3_ROPE
 
 import mesp
 from mesp.cli import main
@@ -69,21 +70,27 @@ def tensor_types(path) -> dict[str, Q]:
     ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True, head_dim=32), "q8_0"),
     ("qwen2", dict(num_key_value_heads=2), "q4_1"),
     ("qwen2", dict(num_key_value_heads=2, tie_word_embeddings=True), "q4_0"),
+    ("llama", dict(num_key_value_heads=2, rope_parameters=LLAMA3_ROPE), "q4_0"),
 ])
 def test_hf_directory_loads_back_as_its_quantized_self(make_hf_model, tmp_path, arch, overrides, to):
     path, _ = make_hf_model(arch, **overrides)
     out = tmp_path / f"{arch}.{to}.gguf"
     r = mesp.quantize_model(path, to, out)
-    assert r.bytes == os.path.getsize(out) and r.quantized == r.tensors - sum(
-        len(s) == 1 for s in expected_shapes(mesp.load_model(path).config).values())
     types = tensor_types(out)
+    matrices = sum(len(s) == 2 for s in expected_shapes(mesp.load_model(path).config).values())
+    assert r.bytes == os.path.getsize(out) and r.tensors == len(types)
+    assert r.quantized == matrices == sum(t == Q[to.upper()] for t in types.values())  # every matrix: 32 | cols
+    assert ("rope_freqs.weight" in types) == ("rope_parameters" in overrides)
     assert types["blk.0.attn_q.weight"] == Q[to.upper()] and types["blk.0.attn_norm.weight"] == Q.F32
     assert ("output.weight" in types) != bool(overrides.get("tie_word_embeddings"))
     reader = gguf.GGUFReader(str(out))
     assert reader.fields["general.file_type"].contents() == int(
         {"q4_0": gguf.LlamaFileType.MOSTLY_Q4_0, "q4_1": gguf.LlamaFileType.MOSTLY_Q4_1,
          "q8_0": gguf.LlamaFileType.MOSTLY_Q8_0}[to])
-    assert_same_model(mesp.load_model(out), quantized_reference(path, to))
+    got, want = mesp.load_model(out), quantized_reference(path, to)
+    scaling = {k: v for k, v in (want.config.rope_scaling or {}).items() if k != "rope_theta"}
+    assert (got.config.rope_scaling or {}) == scaling  # rope_theta has its own key
+    assert_same_model(got, want)
 
 
 def test_matrix_whose_columns_do_not_split_into_blocks_stays_f32(make_hf_model, tmp_path):

@@ -220,24 +220,32 @@ def metadata_value(reader, key, default=None):
     return f.contents()
 
 
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                        orig: int) -> list[float]:
+    """convert_hf_to_gguf's rope_freqs tensor for llama3 rope scaling: per frequency, the divisor llama3
+    applies (1 for short wavelengths, `factor` for long ones, a smooth blend between)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low_wl, high_wl = orig / low, orig / high
+    out = []
+    for f in inv:
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            s = (orig / wl - low) / (high - low)
+            out.append(1.0 / ((1 - s) / factor + s))
+    return out
+
+
 def llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> dict:
     """Recover llama3 rope_scaling from llama.cpp's rope_freqs tensor (its per-frequency divisors)."""
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     top = float(np.float32(freqs.max())) if len(freqs) else 1.0
     for orig in [8192] + [2 ** k for k in range(4, 18) if k != 13]:
         for factor in dict.fromkeys([round(top), 8.0, 32.0, 16.0, 4.0, 2.0, 64.0]):
             for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
-                low_wl, high_wl = orig / low, orig / high
-                out = []
-                for f in inv:
-                    wl = 2 * math.pi / f
-                    if wl < high_wl:
-                        out.append(1.0)
-                    elif wl > low_wl:
-                        out.append(factor)
-                    else:
-                        s = (orig / wl - low) / (high - low)
-                        out.append(1.0 / ((1 - s) / factor + s))
+                out = llama3_rope_factors(head_dim, theta, factor, low, high, orig)
                 if len(out) == len(freqs) and np.allclose(out, freqs, rtol=1e-3, atol=1e-4):
                     return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                             "high_freq_factor": high, "original_max_position_embeddings": orig}

@@ -25,7 +25,7 @@ import numpy as np
 from ..errors import MespError
 from ..families import ModelConfig
 from ..fileio import atomic_write
-from .gguf import GGUF_LAYER_NAMES, GGUF_TOP_NAMES
+from .gguf import GGUF_LAYER_NAMES, GGUF_TOP_NAMES, ROPE_FREQS, llama3_rope_factors
 
 Q = gguf.GGMLQuantizationType
 TARGETS = {"q4_0": Q.Q4_0, "q4_1": Q.Q4_1, "q8_0": Q.Q8_0}  # `mesp quantize --to` -> GGML block type
@@ -76,19 +76,39 @@ def add_config_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, target: Q) ->
     writer.add_rope_freq_base(cfg.rope_theta)
     writer.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     writer.add_vocab_size(cfg.vocab_size)
-    scaling = cfg.rope_scaling
-    if scaling:
-        kind = scaling.get("rope_type", scaling.get("type"))
-        if kind != "linear":  # llama3's factors would go in a rope_freqs tensor; yarn & co. need more keys
-            raise MespError(f"writing rope scaling {kind!r} to GGUF is not supported (linear only)")
+    if rope_scaling_kind(cfg) == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
-        writer.add_rope_scaling_factor(float(scaling["factor"]))
+        writer.add_rope_scaling_factor(float(cfg.rope_scaling["factor"]))
     if isinstance(cfg.bos_token_id, int):
         writer.add_bos_token_id(cfg.bos_token_id)
     eos = cfg.eos_token_id[0] if isinstance(cfg.eos_token_id, list) and cfg.eos_token_id else cfg.eos_token_id
     if isinstance(eos, int):
         writer.add_eos_token_id(eos)
     add_file_type(writer, target)
+
+
+def rope_scaling_kind(cfg: ModelConfig) -> str | None:
+    """None, "linear" (metadata keys) or "llama3" (a rope_freqs tensor); MespError for kinds llama.cpp keeps
+    in keys mesp does not read back."""
+    scaling = cfg.rope_scaling
+    if not scaling:
+        return None
+    kind = scaling.get("rope_type", scaling.get("type"))
+    if kind not in ("linear", "llama3"):
+        raise MespError(f"writing rope scaling {kind!r} to GGUF is not supported (linear and llama3 are)")
+    return kind
+
+
+def extra_tensors(cfg: ModelConfig) -> list[TensorPlan]:
+    """Tensors llama.cpp adds beside the model's own: llama3 rope scaling's rope_freqs (as convert_hf_to_gguf
+    writes it, F32)."""
+    if rope_scaling_kind(cfg) != "llama3":
+        return []
+    s = cfg.rope_scaling
+    factors = np.array(llama3_rope_factors(cfg.head_dim, cfg.rope_theta, float(s["factor"]),
+                                           float(s["low_freq_factor"]), float(s["high_freq_factor"]),
+                                           int(s["original_max_position_embeddings"])), dtype=np.float32)
+    return [TensorPlan(ROPE_FREQS, factors.shape, lambda n0, n1: factors[n0:n1])]
 
 
 def add_file_type(writer: gguf.GGUFWriter, target: Q) -> None:
