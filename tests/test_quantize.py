@@ -114,6 +114,10 @@ def test_gguf_source_is_requantized_with_its_metadata(make_hf_model, tmp_path):
     assert b.fields["tokenizer.ggml.tokens"].contents() == a.fields["tokenizer.ggml.tokens"].contents()
     assert b.fields["llama.rope.freq_base"].contents() == a.fields["llama.rope.freq_base"].contents()
     assert [t.name for t in b.tensors] == [t.name for t in a.tensors]
+    again = tmp_path / "again.gguf"  # same type again: the blocks come back unchanged
+    mesp.quantize_model(out, "q4_1", again)
+    c = gguf.GGUFReader(str(again))
+    assert all(np.array_equal(x.data, y.data) for x, y in zip(b.tensors, c.tensors))
 
 
 def test_shipped_gguf_requantized_keeps_its_tokenizer(smollm2_gguf, tmp_path):

@@ -13,8 +13,8 @@ What differs from a Hugging Face checkpoint, and where it is undone here:
 - blocks: Q8_0 / Q4_0 / Q4_1 blocks decode straight into mesp.quant's Int8Weight / Int4Weight (gguf_weight),
   everything else is dequantized by the gguf package (dequantize).
 
-A writer belongs here too: it would invert the same name tables and the permutation, so each fact about the
-format stays written once.
+mesp.formats.gguf_writer writes files by inverting these same tables and the permutation, so each fact about
+the format stays written once.
 """
 
 from __future__ import annotations
