@@ -34,7 +34,7 @@ from .families import ModelConfig, expected_shapes
 from .formats.gguf import ROPE_FREQS, gguf_config, gguf_to_hf_name, open_gguf, permuted_heads
 from .formats.gguf_writer import (TARGETS, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
                                   hf_to_gguf_name, tensor_type, write_gguf)
-from .formats.safetensors import lazy_safetensors, safetensors_files
+from .formats.safetensors import INDEX_FILE, lazy_safetensors, safetensors_files
 from .loaders import read_hf_config
 from .presets import PRESETS, preset_gguf_path
 from .random_init import random_weights
@@ -135,8 +135,8 @@ def _hf_source(directory: Path, target):
         raise MespError(f"{directory}: missing tensor {missing[0]!r}")
     plans = [_hf_plan(cfg, name, w.shape, lambda n0, n1, w=w: w.read_rows(n0, n1).float())
              for name, w in ((n, found[n]) for n in expected)] + extra_tensors(cfg)
-    return cfg.arch, lambda writer: add_config_metadata(writer, cfg, target), plans, \
-        [*files, directory / "config.json"]
+    inputs = [*files, *(p for p in (directory / "config.json", directory / INDEX_FILE) if p.exists())]
+    return cfg.arch, lambda writer: add_config_metadata(writer, cfg, target), plans, inputs
 
 
 def _gguf_rows(t, where: str):

@@ -93,6 +93,15 @@ def test_hf_directory_loads_back_as_its_quantized_self(make_hf_model, tmp_path, 
     assert_same_model(got, want)
 
 
+def test_sharded_directory(make_hf_model, tmp_path):
+    path, _ = make_hf_model("qwen2", max_shard_size="20KB", num_key_value_heads=2)
+    assert len(list(path.glob("*.safetensors"))) > 1
+    mesp.quantize_model(path, "q8_0", tmp_path / "s.gguf")
+    assert_same_model(mesp.load_model(tmp_path / "s.gguf"), quantized_reference(path, "q8_0"))
+    with pytest.raises(MespError, match="is an input"):
+        mesp.quantize_model(path, "q8_0", path / "model.safetensors.index.json", overwrite=True)
+
+
 def test_matrix_whose_columns_do_not_split_into_blocks_stays_f32(make_hf_model, tmp_path):
     path, _ = make_hf_model("qwen2", num_key_value_heads=2, intermediate_size=80)
     out = tmp_path / "odd.gguf"
