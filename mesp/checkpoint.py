@@ -4,12 +4,16 @@ The run directory OUT holds, once training ends:
     adapter_config.json, adapter_model.safetensors    the final adapter (PEFT format)
     train_config.json                                 the resolved settings of the run
     metrics.jsonl                                     one JSON object per step
+    memory.json                                       the run's memory peaks (private footprint, RSS, ...)
     checkpoint-NNNNNN/                                the latest checkpoint: adapter, optimizer.safetensors,
                                                       trainer_state.json (step, data position, seeds)
     checkpoint.json                                   which checkpoint is the latest (written last)
 
-A checkpoint is written into a temporary directory, renamed into place, and only then named in
-checkpoint.json, so a crash leaves the previous checkpoint intact.
+A checkpoint is written into a temporary directory (.checkpoint-NNNNNN.tmp), renamed into place, and only then
+named in checkpoint.json, so a crash leaves the previous checkpoint intact. Files are written through
+mesp.fileio.atomic_write, whose temporaries are named .NAME.<random>.tmp. A crash or a second Ctrl-C can leave
+such temporaries behind; resume sweeps them. Only these exact names count as the run's: a user's own file in the
+directory (checkpoint-notes.txt, say) is never touched, not even by --overwrite.
 """
 
 from __future__ import annotations
@@ -19,11 +23,12 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
 from .errors import MespError
-from .fileio import write_json
+from .fileio import fsync_dir, write_json
 from .lora import ADAPTER_CONFIG, ADAPTER_WEIGHTS, save_adapter
 from .train_config import SAME_RUN_KEYS, TrainConfig
 
@@ -31,19 +36,29 @@ log = logging.getLogger(__name__)
 
 RUN_CONFIG = "train_config.json"
 METRICS = "metrics.jsonl"
+MEMORY_SUMMARY = "memory.json"  # the run's memory peaks (mesp.train), written at its end
 LATEST = "checkpoint.json"
 OPTIMIZER_STATE = "optimizer.safetensors"
 TRAINER_STATE = "trainer_state.json"
 CHECKPOINT_PREFIX = "checkpoint-"
+RUN_FILE_NAMES = (RUN_CONFIG, METRICS, MEMORY_SUMMARY, LATEST, ADAPTER_CONFIG, ADAPTER_WEIGHTS)
+CHECKPOINT_NAME = re.compile(re.escape(CHECKPOINT_PREFIX) + r"[0-9]+")
+# a checkpoint directory being written, and atomic_write's temporary for each file the run writes
+TEMPORARY_NAME = re.compile(r"\.(?:" + re.escape(CHECKPOINT_PREFIX) + r"[0-9]+|(?:"
+                            + "|".join(map(re.escape, RUN_FILE_NAMES)) + r")\.[^/]+)\.tmp")
 
 
 def run_files(out: Path) -> list[Path]:
-    """The files and checkpoints a run writes that exist in `out`."""
+    """The files, checkpoints and temporaries a run writes that exist in `out` (exact names only)."""
     if not out.is_dir():
         return []
-    names = {RUN_CONFIG, METRICS, LATEST, ADAPTER_CONFIG, ADAPTER_WEIGHTS}
-    return sorted(p for p in out.iterdir() if p.name in names or p.name.startswith(CHECKPOINT_PREFIX)
-                  or p.name.startswith("." + CHECKPOINT_PREFIX))
+    return sorted(p for p in out.iterdir() if p.name in RUN_FILE_NAMES or CHECKPOINT_NAME.fullmatch(p.name)
+                  or TEMPORARY_NAME.fullmatch(p.name))
+
+
+def stray_temporaries(out: Path) -> list[Path]:
+    """Temporaries an interrupted run left in `out`: checkpoints cut short and atomic_write's leftovers."""
+    return sorted(p for p in out.iterdir() if TEMPORARY_NAME.fullmatch(p.name)) if out.is_dir() else []
 
 
 def latest_checkpoint(out: Path) -> Path | None:
@@ -79,6 +94,7 @@ def check_out_dir(c: TrainConfig) -> Path | None:
     out = Path(c.out)
     if out.exists() and not out.is_dir():
         raise MespError(f"out {out}: exists and is not a directory")
+    check_can_create(out)
     existing = run_files(out)
     if c.resume:
         ckpt = latest_checkpoint(out) if out.is_dir() else None
@@ -97,19 +113,37 @@ def check_out_dir(c: TrainConfig) -> Path | None:
     return None
 
 
-def clear_run(out: Path) -> None:
-    """Delete what a previous run wrote in `out` (and nothing else)."""
-    for p in run_files(out):
-        if p.is_dir():
+def _remove(paths) -> None:
+    for p in paths:
+        if p.is_dir() and not p.is_symlink():
             shutil.rmtree(p)
         else:
             p.unlink()
 
 
-def remove_partial_checkpoints(out: Path) -> None:
-    """Delete checkpoints cut short by an interruption (still under their temporary names)."""
-    for stale in out.glob(f".{CHECKPOINT_PREFIX}*.tmp"):
-        shutil.rmtree(stale)
+def check_can_create(out: Path) -> None:
+    """Refuse, before anything is loaded, an out directory that cannot be written or created: a file where a
+    parent directory should be, or a directory without write permission."""
+    existing = out
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != out and not existing.is_dir():
+        raise MespError(f"out {out}: {existing} is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise MespError(f"out {out}: {existing} is not writable")
+
+
+def clear_run(out: Path) -> None:
+    """Delete what a previous run wrote in `out` (and nothing else)."""
+    _remove(run_files(out))
+
+
+def remove_stray_temporaries(out: Path) -> None:
+    """Delete what an interruption left under temporary names (see stray_temporaries)."""
+    stray = stray_temporaries(out)
+    if stray:
+        log.info("removing %d temporaries of an interrupted run in %s", len(stray), out)
+    _remove(stray)
 
 
 def file_sha256(path) -> str:
@@ -134,9 +168,10 @@ def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:
         optimizer.save(tmp / OPTIMIZER_STATE)
     write_json(tmp / TRAINER_STATE, state)
     os.replace(tmp, final)
+    fsync_dir(out)  # the checkpoint's name is durable before LATEST points at it
     write_json(out / LATEST, {"checkpoint": name, "step": state["step"]})
     for p in out.iterdir():
-        if p.is_dir() and p.name.startswith(CHECKPOINT_PREFIX) and p.name != name:
+        if p.is_dir() and CHECKPOINT_NAME.fullmatch(p.name) and p.name != name:
             shutil.rmtree(p)
     log.info("checkpoint: %s", final)
     return final

@@ -1,24 +1,30 @@
 """`mesp` command line: a thin layer over the library. Only this module prints.
 
 Each subcommand is a pair: `<name>_args(parser)` declares its flags, and `<name>_run(args)`, registered with
-@command, runs it. Bad input raises MespError deeper down; main() turns it into one line on stderr and exit
-status 2, never a traceback.
+@command, runs it. Bad input raises MespError deeper down; main() turns it, an OS refusal (a path that cannot be
+written, a full disk) and running out of memory into one line on stderr and exit status 2, never a traceback.
+Anything else is a bug: one line saying so, exit 2, and `mesp -v` shows the traceback.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib.metadata
 import json
 import logging
+import os
+import shlex
+import signal
 import sys
+import traceback
 
 import torch
 from tqdm import tqdm
 
-from . import bench
+from . import __version__, bench
 from .checkpoint import load_run_config
 from .demo import DEFAULT_STEPS, DemoSettings, run_demo
-from .errors import MespError
+from .errors import MespError, one_line
 from .fileio import write_json, write_text
 from .generate import check_sampling, generate_stream
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, load_model
@@ -29,8 +35,9 @@ from .presets import PRESETS
 from .quantize import quantize_model
 from .settings import add_arguments, given, read_toml
 from .tokenizer import load_tokenizer
-from .train import train
-from .train_config import TrainConfig, resolve
+from .interrupt import exit_status
+from .train import TrainingInterrupted, train
+from .train_config import MODEL_HELP, TrainConfig, resolve
 
 COMMANDS: dict[str, tuple] = {}  # name -> (help, args_fn, run_fn), in registration order
 
@@ -42,9 +49,18 @@ def command(name: str, args_fn, help: str):
     return register
 
 
+def package_version() -> str:
+    """The installed distribution's version; the package's own when it runs from a source tree."""
+    try:
+        return importlib.metadata.version("mesp")
+    except importlib.metadata.PackageNotFoundError:
+        return __version__
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="mesp", description="Exact-gradient LoRA fine-tuning under tight memory.")
     parser.add_argument("-v", "--verbose", action="store_true", help="log progress details")
+    parser.add_argument("--version", action="version", version=f"mesp {package_version()}")
     sub = parser.add_subparsers(dest="command", required=True)
     for name, (help_text, args_fn, _) in COMMANDS.items():
         args_fn(sub.add_parser(name, help=help_text, description=help_text))
@@ -64,6 +80,23 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print(f"mesp {args.command}: interrupted", file=sys.stderr)
         return 130
+    except OSError as e:  # the system refused: a path that cannot be written, a full disk. The user's to fix.
+        where = f"{e.filename}: " if e.filename else ""
+        print(f"mesp {args.command}: error: {where}{e.strerror or one_line(e)}", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 2
+    except MemoryError:
+        print(f"mesp {args.command}: error: out of memory (a shorter --seq-len, a smaller --batch-size or --rank, or "
+              f"a quantized model needs less)", file=sys.stderr)
+        return 2
+    except Exception as e:  # the last resort: anything else is a bug in mesp, never a traceback the user must read
+        print(f"mesp {args.command}: internal error: {type(e).__name__}: {one_line(e)}. This is a bug in mesp; "
+              f"please report it with the command and the output of `mesp -v {args.command} ...` (-v shows the "
+              f"traceback)", file=sys.stderr)
+        if args.verbose:
+            traceback.print_exc()
+        return 2
 
 
 # ---- subcommands (each: NAME_args, then @command NAME_run) --------------------------------------------
@@ -80,7 +113,7 @@ def add_quantize_args(p: argparse.ArgumentParser) -> None:
 # ---- generate ------------------------------------------------------------------------------------------
 
 def generate_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="HF model directory, .gguf file or preset name")
+    p.add_argument("--model", required=True, help=MODEL_HELP)
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format) to apply")
     p.add_argument("--prompt", required=True, help="the prompt text")
     p.add_argument("--chat", action="store_true", help="wrap the prompt as a user turn with the chat template")
@@ -119,6 +152,9 @@ def train_args(p: argparse.ArgumentParser) -> None:
     add_arguments(p, TrainConfig, defaults_to_none=True)
 
 
+PROGRESS_EVERY = 10  # steps between plain progress lines when the output is not a terminal
+
+
 def resolve_train_args(args):
     """TrainConfig from, lowest first: its defaults, the resumed run's saved settings, --config, the flags."""
     settings = {**(read_toml(TrainConfig, args.config) if args.config else {}), **given(TrainConfig, args)}
@@ -146,11 +182,23 @@ def train_run(args) -> int:
                     "mem": f"{format_mib(memory, 0)}MiB" + ("" if "peak_bytes" in event else " rss")}
             if "valid_loss" in event:
                 post["valid"] = f"{event['valid_loss']:.4f}"
+            if bar.disable:  # not a terminal (a log file, a pipe): a plain line now and then instead of the bar
+                step, total = event["step"], event["total_steps"]
+                if step == 1 or step % PROGRESS_EVERY == 0 or step == total:
+                    print(f"step {step}/{total}: " + ", ".join(f"{k} {v}" for k, v in post.items()), flush=True)
             bar.set_postfix(post, refresh=False)
             bar.update(1)
 
     try:
         result = train(config, progress=progress)
+    except TrainingInterrupted as e:
+        if bar is not None:
+            bar.close()
+            bar = None
+        resume = shlex.join(["mesp", "train", "--out", os.path.abspath(e.out), "--resume"])
+        print(f"mesp train: {signal.Signals(e.signum).name} at step {e.step}/{e.total_steps}; "
+              f"checkpoint {e.checkpoint}\nresume with: {resume}", file=sys.stderr)
+        return exit_status(e.signum)
     finally:
         if bar is not None:
             bar.close()
@@ -162,14 +210,32 @@ def train_run(args) -> int:
     print("; ".join(parts))
     if result.n_truncated:
         print(f"{result.n_truncated} of {result.n_samples} samples were truncated to {config.seq_len} tokens")
+    print(memory_line(result.memory))
     print(f"adapter: {result.out}")
+    use = shlex.join(["mesp", "generate", "--model", result.config["model"], "--adapter",
+                      os.path.abspath(result.out), "--prompt"])
+    print(f"try it: {use} 'your prompt'")
     return 0
+
+
+def memory_line(m: dict) -> str:
+    """One labelled line of a run's memory summary (mesp.train's TrainResult.memory)."""
+    floor = m.get("runtime_floor_bytes")
+    floor_text = "" if floor is None else f" ({m['runtime_floor_label']}: {format_mib(floor)} MiB)"
+    step = m.get("step_allocator_peak_bytes")
+    step_text = ("step allocator peak not measured (--measure-memory)" if step is None else
+                 f"step allocator peak {format_mib(step)} MiB above the step's start")
+    stages = m.get("stage_private_peaks") or {}
+    by_stage = ", ".join(f"{k} {format_mib(v)}" for k, v in stages.items())
+    return (f"memory: private footprint peak {format_mib(m.get('private_peak_bytes'))} MiB{floor_text}, "
+            f"RSS peak {format_mib(m.get('rss_peak_bytes'))} MiB, {step_text}"
+            + (f"\nprivate footprint peak by stage (MiB): {by_stage}" if by_stage else ""))
 
 
 # ---- merge ---------------------------------------------------------------------------------------------
 
 def merge_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", required=True, help="the base model: HF directory, .gguf file or preset name")
+    p.add_argument("--model", required=True, help=f"the base model: {MODEL_HELP}")
     p.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT format), e.g. a mesp train --out")
     p.add_argument("--out", required=True, help="directory for the merged Hugging Face model")
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
@@ -248,6 +314,9 @@ def demo_run(args) -> int:
             samples, tokens = event["batch"]
             print(f"\nmeasuring one {' and one '.join(event['methods'])} step on the same batch "
                   f"({samples} samples x {tokens} tokens) ...", flush=True)
+        elif kind == "process_memory":
+            print(f"measuring the whole process: {event['steps']} training steps of "
+                  f"{' and of '.join(event['methods'])}, each in a fresh `mesp train` process ...", flush=True)
 
     r = run_demo(settings, out=args.out, overwrite=args.overwrite, progress=progress)
     s = r.score
@@ -261,6 +330,13 @@ def demo_run(args) -> int:
     if peaks.get("mebp"):
         print(f"  MeSP needs {100 * (1 - peaks['mesp'] / peaks['mebp']):.0f}% less than MeBP")
     print(f"process peak RSS: {format_mib(r.peak_rss_bytes)} MiB (weights, tokenizer, data and both steps included)")
+    if r.process_memory:
+        print(f"whole-process peak of a fresh `mesp train` process ({r.settings['process_steps']} steps; private "
+              "footprint = RssAnon + VmSwap + RssShmem, what a device counts):")
+        for p in r.process_memory:
+            print(f"  {p.method:5s} {format_mib(p.private_peak_bytes) + ' MiB':>12} private   "
+                  f"(RSS peak {format_mib(p.rss_peak_bytes)} MiB)")
+        print(f"  each includes the {r.runtime_floor_label}: {format_mib(r.runtime_floor_bytes)} MiB")
     print(f"adapter: {r.adapter_dir}" if r.adapter_dir else "(pass --out DIR to keep the trained adapter)")
     print(f"done in {r.seconds:.0f} s")
     return 0
@@ -273,6 +349,11 @@ BENCH_COMMANDS = {  # name -> (settings class, whose fields are the flags; help;
                "One training step per method and configuration, each in a fresh process: allocator-level peak "
                "above the step's start (split by stage), resident weights, process peak RSS, median step time "
                "(unprofiled)."),
+    "process": (bench.ProcessSettings, "whole-process private-footprint peak of mesp train on a quantized base",
+                "Quantize each model once (mesp quantize, kept in --work), then train each (T, method) for a few SGD "
+                "steps at batch 1 in a fresh mesp train process, the base streamed from the file, and report the "
+                "private-footprint peak that process measured (RssAnon + VmSwap + RssShmem, sampled), beside the "
+                "runtime floor of Python + torch."),
     "grads": (bench.GradsSettings, "gradient error of mesp/mebp vs autograd; MeZO's cosine with the truth",
               "Per-tensor relative error of mesp and mebp against autograd (fp32, random non-zero lora_B), and the "
               "cosine of MeZO's estimate with the true gradient for n directions beside the theory sqrt(2/(pi d))."),
@@ -309,12 +390,16 @@ def bench_run(args) -> int:
     if s.threads is not None:
         if s.threads < 1:
             raise MespError(f"--threads: must be a positive integer, got {s.threads}")
-        if args.bench_command != "memory":  # memory sets it in each fresh worker process
+        if args.bench_command not in ("memory", "process"):  # these set it in each fresh process
             torch.set_num_threads(s.threads)
     if args.bench_command == "memory":
         result = bench.bench_memory(s.cases(), progress=True, timeout=s.timeout)
         print(bench.memory_table(result))
         _write_outputs(s, result, plot=bench.plot_memory)
+    elif args.bench_command == "process":
+        result = bench.bench_process(s)
+        print(bench.process_table(result))
+        _write_outputs(s, result)
     elif args.bench_command == "grads":
         result = bench.bench_grads(s)
         print(bench.grads_table(result))

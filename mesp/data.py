@@ -15,13 +15,16 @@ tokenizer has a template (as mlx-lm does, and as `mesp generate --chat` prompts)
 prompt and completion are tokenized one after the other and EOS is appended. `train_on_prompt` puts the loss
 on every token of the text, chat and prompt/completion formats (explicit pre-tokenized labels are kept).
 
-Samples longer than seq_len are cut to their first seq_len tokens and counted. Labels follow transformers
+Samples longer than seq_len are cut to their first seq_len tokens and counted. A string longer than a bound
+that depends on seq_len only (see `char_bound`) is cut before it is tokenized, so one huge line costs no more to
+tokenize than a long sample. A UTF-8 byte order mark at the start of the file is skipped. Labels follow transformers
 (same length as input_ids, shifted inside the loss), so a sample is trainable when some label after the
 first is not -100. Bad input raises MespError naming the file and line.
 """
 
 from __future__ import annotations
 
+import codecs
 import json
 import logging
 import math
@@ -124,7 +127,9 @@ class MicroBatchStream:
     """Micro-batches of `batch_size` samples, epoch after epoch, each epoch in its own seeded order.
 
     Micro-batch m is the (m % per_epoch)-th slice of epoch (m // per_epoch)'s order (the last slice of an
-    epoch may be smaller), so any position can be resumed from the counter alone."""
+    epoch may be smaller), so any position can be resumed from the counter alone. A step of grad_accum
+    micro-batches never reaches into the next epoch (see `step`), so an epoch is one pass however the data
+    divides."""
 
     def __init__(self, n_samples: int, batch_size: int, seed: int):
         if n_samples < 1:
@@ -132,6 +137,14 @@ class MicroBatchStream:
         self.n, self.batch_size, self.seed = n_samples, batch_size, seed
         self.per_epoch = math.ceil(n_samples / batch_size)
         self._order: tuple[int, list[int]] | None = None
+
+    def steps_per_epoch(self, grad_accum: int) -> int:
+        return math.ceil(self.per_epoch / grad_accum)
+
+    def step(self, m: int, grad_accum: int) -> range:
+        """The micro-batches of the step that starts at micro-batch m: grad_accum of them, or what is left of
+        m's epoch when fewer."""
+        return range(m, m + min(grad_accum, self.per_epoch - m % self.per_epoch))
 
     def indices(self, m: int) -> list[int]:
         epoch, j = divmod(m, self.per_epoch)
@@ -152,6 +165,8 @@ def read_jsonl(path):
         lines = path.read_bytes().split(b"\n")
     except OSError as e:
         raise MespError(f"{path}: unreadable ({e.strerror})") from e
+    if lines[0].startswith(codecs.BOM_UTF8):  # editors on Windows write one; it is not part of the JSON
+        lines[0] = lines[0][len(codecs.BOM_UTF8):]
     for lineno, raw in enumerate(lines, start=1):
         where = f"{path}:{lineno}"
         try:
@@ -176,7 +191,7 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
     get_tokenizer() is called only when a line needs a tokenizer, so pre-tokenized data works with models that
     have none. vocab_size, if given, bounds pre-tokenized ids."""
     path = Path(path)
-    tokenizer = None
+    tokenizer = max_chars = None
     samples: list[Sample] = []
     formats: dict[str, int] = {}
     n_truncated = 0
@@ -189,7 +204,8 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
                 tokenizer = get_tokenizer()
             except MespError as e:
                 raise MespError(f"{where}: the {fmt!r} format needs a tokenizer: {e}") from e
-        ids, labels = encode(obj, fmt, tokenizer, train_on_prompt, where, vocab_size)
+            max_chars = char_bound(tokenizer, seq_len) if seq_len is not None else None
+        ids, labels = encode(obj, fmt, tokenizer, train_on_prompt, where, vocab_size, max_chars)
         if seq_len is not None and len(ids) > seq_len:
             ids, labels = ids[:seq_len], labels[:seq_len]
             n_truncated += 1
@@ -204,6 +220,36 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
     if n_truncated:
         log.info("%s: %d of %d samples truncated to %d tokens", path, n_truncated, len(samples), seq_len)
     return Dataset(str(path), samples, n_truncated, formats)
+
+
+def char_bound(tokenizer, seq_len: int) -> int | None:
+    """How many characters of a string to tokenize when only its first seq_len tokens can be kept (None: no
+    bound, for a tokenizer that does not list its vocabulary).
+
+    No token covers more characters than the longest string in the vocabulary, M (byte-level BPE spells each
+    byte as one character, so a token's vocabulary string is at least as long as the text it covers; added
+    tokens are listed too). The first 2 (seq_len + 1) M characters therefore hold at least 2 (seq_len + 1)
+    tokens, and cutting there can only change the tokens next to the cut (merges are local to the pre-token
+    they act in), which lie far past the first seq_len + 1 tokens that truncation keeps and counts."""
+    vocabulary = getattr(tokenizer, "get_vocab", None)
+    if vocabulary is None:
+        return None
+    longest = max((len(t) for t in vocabulary()), default=1)
+    return 2 * (seq_len + 1) * max(longest, 1)
+
+
+def check_jsonl(path) -> None:
+    """Check every line's JSON, format and field types without a tokenizer, so bad data is reported before a
+    model is loaded (load_jsonl repeats these checks while tokenizing)."""
+    for _, where, obj in read_jsonl(path):
+        fmt = detect_format(obj, where)
+        if fmt == "input_ids":
+            _pretokenized(obj, where, None)
+        elif fmt == "messages":
+            _messages(obj, where)
+        else:
+            for key in ("text",) if fmt == "text" else ("prompt", "completion"):
+                _string(obj, key, where)
 
 
 def _why_untrainable(fmt: str) -> str:
@@ -230,18 +276,18 @@ def detect_format(obj: dict, where: str) -> str:
 
 
 def encode(obj: dict, fmt: str, tokenizer, train_on_prompt: bool, where: str,
-           vocab_size: int | None = None) -> tuple[list[int], list[int]]:
-    """(input_ids, labels) of one sample."""
+           vocab_size: int | None = None, max_chars: int | None = None) -> tuple[list[int], list[int]]:
+    """(input_ids, labels) of one sample; each string cut to max_chars characters first (see char_bound)."""
     if fmt == "input_ids":
         return _pretokenized(obj, where, vocab_size)
     if fmt == "text":
-        ids = list(tokenizer(_string(obj, "text", where))["input_ids"])
+        ids = list(tokenizer(_string(obj, "text", where, max_chars))["input_ids"])
         eos = tokenizer.eos_token_id
         if isinstance(eos, int) and (not ids or ids[-1] != eos):
             ids.append(eos)
         return ids, list(ids)
     if fmt == "prompt/completion":
-        prompt, completion = _string(obj, "prompt", where), _string(obj, "completion", where)
+        prompt, completion = _string(obj, "prompt", where, max_chars), _string(obj, "completion", where, max_chars)
         if getattr(tokenizer, "chat_template", None):
             messages = [{"role": "user", "content": prompt}, {"role": "assistant", "content": completion}]
             ids, labels = _chat(tokenizer, messages, where)
@@ -252,18 +298,18 @@ def encode(obj: dict, fmt: str, tokenizer, train_on_prompt: bool, where: str,
                 tail.append(tokenizer.eos_token_id)
             ids, labels = head + tail, [IGNORE] * len(head) + tail
     else:
-        ids, labels = _chat(tokenizer, _messages(obj, where), where)
+        ids, labels = _chat(tokenizer, _messages(obj, where, max_chars), where)
     return ids, (list(ids) if train_on_prompt else labels)
 
 
-def _string(obj: dict, key: str, where: str) -> str:
+def _string(obj: dict, key: str, where: str, max_chars: int | None = None) -> str:
     v = obj[key]
     if not isinstance(v, str):
         raise MespError(f"{where}: field {key!r} must be a string, got {type(v).__name__}")
-    return v
+    return v if max_chars is None else v[:max_chars]
 
 
-def _messages(obj: dict, where: str) -> list[dict]:
+def _messages(obj: dict, where: str, max_chars: int | None = None) -> list[dict]:
     messages = obj["messages"]
     if not isinstance(messages, list) or not messages:
         raise MespError(f"{where}: field 'messages' must be a non-empty list")
@@ -275,6 +321,8 @@ def _messages(obj: dict, where: str) -> list[dict]:
                 raise MespError(f"{where}: messages[{i}]: missing field {key!r}")
             if not isinstance(m[key], str):
                 raise MespError(f"{where}: messages[{i}].{key} must be a string, got {type(m[key]).__name__}")
+    if max_chars is not None:
+        messages = [{**m, "content": m["content"][:max_chars]} for m in messages]
     return messages
 
 

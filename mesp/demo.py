@@ -5,7 +5,9 @@
 1. asks the held-out questions (paraphrases that never appear in the training data) before training;
 2. fine-tunes LoRA with `mesp.train` on the bundled chat data (method mesp, per-layer updates);
 3. asks them again with the trained adapter, and scores both rounds (answers containing the expected word);
-4. measures the allocator-level peak memory of one MeSP step beside one MeBP step on the same batch.
+4. measures the allocator-level peak memory of one MeSP step beside one MeBP step on the same batch;
+5. measures what a device would see: the whole-process private-footprint peak of a short MeSP and a short MeBP
+   training run with the demo's settings, each in its own fresh `mesp train` process (mesp.wholeprocess).
 
 The bundled data lives in mesp/demo_data: demo_train.jsonl and demo_valid.jsonl (chat `messages`), and
 demo_heldout.jsonl ({"question", "answer"}: the key word a correct answer contains).
@@ -29,11 +31,12 @@ from .errors import MespError
 from .generate import generate
 from .loaders import load_model
 from .lora import load_adapter
-from .memory import PeakMemory, peak_rss_bytes
+from .memory import RUNTIME_FLOOR_LABEL, PeakMemory, peak_rss_bytes, runtime_floor_bytes
 from .methods import compute_gradients
 from .tokenizer import load_tokenizer
 from .train import train
 from .train_config import TrainConfig, resolve
+from .wholeprocess import shown, train_process_memory
 
 log = logging.getLogger(__name__)
 
@@ -65,6 +68,7 @@ class DemoSettings:
     train_file: str = str(TRAIN_FILE)
     valid_file: str | None = str(VALID_FILE)
     heldout_file: str = str(HELDOUT_FILE)
+    process_steps: int = 2  # training steps of each whole-process measurement (0: leave it out)
 
 
 @dataclass
@@ -92,6 +96,15 @@ class StepMemory:
 
 
 @dataclass
+class ProcessMemory:
+    method: str
+    private_peak_bytes: int | None  # the fresh `mesp train` process's private-footprint peak (None off Linux)
+    rss_peak_bytes: int | None
+    stage_private_peaks: dict[str, int]
+    command: str
+
+
+@dataclass
 class DemoReport:
     settings: dict
     answers: list[Answer]
@@ -103,6 +116,9 @@ class DemoReport:
     adapter_dir: str | None  # None when the run went to a temporary directory that is gone now
     device: str = "cpu"
     score: dict = field(default_factory=dict)  # {"before": n, "after": n, "total": n}
+    process_memory: list[ProcessMemory] = field(default_factory=list)
+    runtime_floor_bytes: int | None = None
+    runtime_floor_label: str = RUNTIME_FLOOR_LABEL
 
 
 def contains_answer(text: str, expected: str) -> bool:
@@ -143,11 +159,28 @@ def step_memory(model, batch, device) -> list[StepMemory]:
     return out
 
 
+def process_memory(s: DemoSettings, device: str) -> list[ProcessMemory]:
+    """The whole-process private-footprint peak of `s.process_steps` training steps with the demo's settings,
+    MeSP and MeBP each in its own fresh `mesp train` process (the model is loaded there, not here)."""
+    out = []
+    with tempfile.TemporaryDirectory(prefix="mesp-demo-process-") as tmp:
+        for method in MEMORY_METHODS:
+            args = ["--model", s.model, "--data", s.train_file, "--method", method, "--rank", str(s.rank),
+                    "--alpha", f"{s.alpha:g}", "--steps", str(s.process_steps), "--batch-size", str(s.batch_size),
+                    "--seq-len", str(s.seq_len), "--lr", f"{s.lr:g}", "--optimizer", "adamw", "--seed", str(s.seed),
+                    "--device", device]
+            m = train_process_memory(args, Path(tmp) / method)
+            out.append(ProcessMemory(method, m["private_peak_bytes"], m["rss_peak_bytes"],
+                                     m["stage_private_peaks"], shown(args)))
+    return out
+
+
 def run_demo(settings: DemoSettings | None = None, out: str | None = None, overwrite: bool = False,
              progress: Callable[[dict], None] | None = None) -> DemoReport:
     """Run the demo (see the module docstring). The adapter is kept in `out` when given, else trained in a
     temporary directory that is removed at the end. progress(event) receives {"event": "answers", "phase":
-    "before"|"after", "answers": [...]}, mesp.train's own events, and {"event": "memory", ...} as the two measured steps begin."""
+    "before"|"after", "answers": [...]}, mesp.train's own events, {"event": "memory", ...} as the two measured steps begin
+    and {"event": "process_memory", ...} as the two measured processes start."""
 
     s = settings or DemoSettings()
     emit = progress or (lambda event: None)
@@ -185,6 +218,11 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     batch = data.collate(MicroBatchStream(len(data), s.batch_size, s.seed).indices(0))
     emit({"event": "memory", "methods": MEMORY_METHODS, "batch": tuple(batch.input_ids.shape)})
     memory = step_memory(model, batch, device)
+    whole = []
+    if s.process_steps > 0:
+        del model  # the children load their own copies: this one is not needed any more
+        emit({"event": "process_memory", "methods": MEMORY_METHODS, "steps": s.process_steps})
+        whole = process_memory(s, device)
 
     score = {"before": sum(a.correct_before for a in answers), "after": sum(a.correct_after for a in answers),
              "total": len(answers)}
@@ -193,4 +231,5 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     return DemoReport(settings=vars(s).copy(), answers=answers, train=vars(result).copy(), memory=memory,
                       memory_batch=tuple(batch.input_ids.shape), peak_rss_bytes=peak_rss_bytes(),
                       seconds=time.perf_counter() - started, adapter_dir=str(run_dir) if out else None,
-                      device=device, score=score)
+                      device=device, score=score, process_memory=whole,
+                      runtime_floor_bytes=runtime_floor_bytes() if whole else None)

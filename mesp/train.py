@@ -11,21 +11,23 @@ from __future__ import annotations
 import json
 import logging
 import math
+import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-from .checkpoint import METRICS, OPTIMIZER_STATE, RUN_CONFIG, TRAINER_STATE, check_out_dir, clear_run, \
-    file_sha256, read_metrics, remove_partial_checkpoints, run_files, save_checkpoint
-from .data import Dataset, MicroBatchStream, load_jsonl
+from .checkpoint import MEMORY_SUMMARY, METRICS, OPTIMIZER_STATE, RUN_CONFIG, TRAINER_STATE, check_out_dir, clear_run, \
+    file_sha256, read_metrics, remove_stray_temporaries, run_files, save_checkpoint
+from .data import Dataset, MicroBatchStream, check_jsonl, load_jsonl
 from .errors import MespError
 from .fileio import write_json, write_text
+from .interrupt import StopRequest
 from .loaders import load_model
 from .lora import adapter_state, add_lora, load_adapter, naming_fields, save_adapter
-from .memory import PeakMemory, peak_rss_bytes
+from .memory import RUNTIME_FLOOR_LABEL, FootprintMeter, PeakMemory, peak_rss_bytes, runtime_floor_bytes, stage
 from .methods import compute_gradients, mezo
 from .methods.common import forward_loss, prepare_batch
 from .optim import clip_grad_norm, learning_rate
@@ -33,8 +35,9 @@ from .seeds import mix_seed
 from .tokenizer import load_tokenizer
 from .train_config import DEFAULT_LR, TrainConfig, lora_config, optimizer_of, resolve
 
-__all__ = ["DEFAULT_LR", "NonFiniteGradient", "TrainConfig", "TrainResult", "evaluate", "one_step", "resolve",
-           "train"]  # TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
+# TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
+__all__ = ["DEFAULT_LR", "NonFiniteGradient", "TrainConfig", "TrainResult", "TrainingInterrupted", "evaluate",
+           "one_step", "resolve", "train"]
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +55,7 @@ class TrainResult:
     tokens: int  # real tokens processed by this invocation
     seconds: float
     config: dict
+    memory: dict = field(default_factory=dict)  # the run's memory summary (see train; also OUT/memory.json)
 
 
 # ---- evaluation -------------------------------------------------------------------------------------------
@@ -71,17 +75,49 @@ class NonFiniteGradient(Exception):
     pass
 
 
+class TrainingInterrupted(Exception):
+    """SIGINT/SIGTERM stopped training at a step boundary, after a checkpoint of that step was written: the run
+    in `out` continues with `resume` (no final adapter is written)."""
+
+    def __init__(self, signum: int, step: int, total_steps: int, checkpoint: Path, out: Path):
+        super().__init__(f"interrupted at step {step}/{total_steps}; checkpoint {checkpoint}")
+        self.signum, self.step, self.total_steps, self.checkpoint, self.out = signum, step, total_steps, checkpoint, out
+
+
 def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -> TrainResult:
     """Fine-tune LoRA on config.data and write the run into config.out (see the module docstring).
 
     progress(event) is called with {"event": "start", ...} once, {"event": "step", **metrics} after every step
-    and {"event": "checkpoint", ...} after each checkpoint."""
+    and {"event": "checkpoint", ...} after each checkpoint. A SIGINT or SIGTERM during the steps (in the main
+    thread) stops at the next step boundary with a checkpoint of it and raises TrainingInterrupted; a second
+    one raises KeyboardInterrupt at once (see mesp.interrupt).
+
+    The whole run is measured as a device would measure it (mesp.memory.FootprintMeter): its private-footprint
+    and RSS peaks, overall and per stage (load, forward, loss, backward, update), beside the runtime floor
+    (Python + torch) and, with measure_memory (always on CUDA), the largest allocator peak of a step above its
+    start. They go into TrainResult.memory and OUT/memory.json; each step's metrics line carries the private
+    peak so far."""
     c = resolve(config)
     out = Path(c.out)
     ckpt = check_out_dir(c)
-    device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    for path in (c.data, c.valid) if c.valid else (c.data,):
+        check_jsonl(path)  # bad data is reported before the model loads
+    # the floor is measured in a subprocess: started now, it costs no wall time; its memory is not ours
+    floor = threading.Thread(target=runtime_floor_bytes, name="mesp-runtime-floor", daemon=True)
+    floor.start()
+    with FootprintMeter() as meter:
+        result = _train(c, out, ckpt, meter, progress)
+    floor.join()
+    result.memory = {**meter.summary(), "step_allocator_peak_bytes": result.memory.get("step_allocator_peak_bytes"),
+                     "runtime_floor_bytes": runtime_floor_bytes(), "runtime_floor_label": RUNTIME_FLOOR_LABEL}
+    write_json(out / MEMORY_SUMMARY, result.memory)
+    return result
 
-    model = load_model(c.model, dtype=c.dtype, device=device, quantize=c.quantize)
+
+def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, progress) -> TrainResult:
+    device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+    with stage("load"):
+        model = load_model(c.model, dtype=c.dtype, device=device, quantize=c.quantize)
     max_pos = model.config.max_position_embeddings
     if c.seq_len > max_pos:
         raise MespError(f"seq_len {c.seq_len} exceeds the model's max_position_embeddings {max_pos}")
@@ -95,7 +131,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     data_sha = file_sha256(c.data)
 
     stream = MicroBatchStream(len(data), c.batch_size, c.seed)
-    total_steps = c.steps if c.steps is not None else math.ceil(c.epochs * stream.per_epoch / c.grad_accum)
+    total_steps = c.steps if c.steps is not None else c.epochs * stream.steps_per_epoch(c.grad_accum)
     with naming_fields(r="rank"):  # a rank the model cannot hold is the --rank setting's error
         add_lora(model, lora_config(c), seed=c.seed)
     optimizer = None if c.method == "mezo" else optimizer_of(c)
@@ -111,7 +147,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
         if optimizer is not None and (ckpt / OPTIMIZER_STATE).is_file():
             optimizer.load(ckpt / OPTIMIZER_STATE, params)
         step, micro_batches = state["step"], state["micro_batches"]
-        remove_partial_checkpoints(out)
+        remove_stray_temporaries(out)
         metrics_lines = read_metrics(out / METRICS, step)
         log.info("resuming %s from step %d", out, step)
     elif run_files(out):
@@ -131,12 +167,12 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
 
     last_good = ckpt
     loss = valid_loss = None
-    tokens_run, started = 0, time.perf_counter()
+    tokens_run, started, step_peak = 0, time.perf_counter(), None
     measure = c.measure_memory or torch.device(device).type == "cuda"
-    with open(out / METRICS, "a") as metrics_file:
+    with open(out / METRICS, "a") as metrics_file, StopRequest() as stop:
         while step < total_steps:
             lr = learning_rate(step, c.lr, total_steps, c.schedule, c.warmup)
-            batches = [data.collate(stream.indices(micro_batches + k)) for k in range(c.grad_accum)]
+            batches = [data.collate(stream.indices(m)) for m in stream.step(micro_batches, c.grad_accum)]
             t0 = time.perf_counter()
             tracker = PeakMemory(device) if measure else None
             bad = None
@@ -157,31 +193,37 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
                          else "no checkpoint had been written yet")
                 raise MespError(f"step {step + 1}: {bad}; training stopped, {where}")
             step += 1
-            micro_batches += c.grad_accum
+            micro_batches += len(batches)
             tokens = sum(b.n_tokens for b in batches)
             tokens_run += tokens
             record = {"step": step, "loss": loss, "lr": lr, "tokens": tokens,
                       "trained_tokens": sum(b.n_targets for b in batches), "seconds": round(seconds, 6),
                       "tokens_per_s": tokens / seconds if seconds > 0 else None,
-                      "epoch": micro_batches / stream.per_epoch, "peak_rss_bytes": peak_rss_bytes()}
+                      "epoch": micro_batches / stream.per_epoch, "peak_rss_bytes": peak_rss_bytes(),
+                      "private_peak_bytes": meter.private_peak_bytes}
             if tracker:
                 record["peak_bytes"] = tracker.peak_bytes
+                step_peak = max(step_peak or 0, tracker.peak_bytes)
             if valid is not None and (step % c.eval_every == 0 or step == total_steps):
                 valid_loss = record["valid_loss"] = evaluate(model, valid, c.batch_size)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
             if progress:
                 progress({"event": "step", "total_steps": total_steps, **record})
-            if step % c.save_every == 0 or step == total_steps:
+            stopping = stop.signum is not None and step < total_steps  # a finished run just finishes
+            if step % c.save_every == 0 or step == total_steps or stopping:
                 last_good = save_checkpoint(out, model, optimizer, trainer_state())
                 if progress:
                     progress({"event": "checkpoint", "step": step, "path": str(last_good)})
+            if stopping:
+                raise TrainingInterrupted(stop.signum, step, total_steps, last_good, out)
     if step == resumed_from and ckpt is not None and valid is not None:
         valid_loss = evaluate(model, valid, c.batch_size)
     save_adapter(model, out)
     return TrainResult(out=str(out), steps=step, total_steps=total_steps, resumed_from=resumed_from, loss=loss,
                        valid_loss=valid_loss, n_samples=len(data), n_truncated=data.n_truncated, tokens=tokens_run,
-                       seconds=time.perf_counter() - started, config=c.to_dict())
+                       seconds=time.perf_counter() - started, config=c.to_dict(),
+                       memory={"step_allocator_peak_bytes": step_peak})
 
 
 def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float, step: int) -> float:
@@ -197,8 +239,9 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
 
         def update_layer(_, grads):
             require_finite(grads)
-            for key, g in grads.items():
-                optimizer.update(key, params[key], g, lr)
+            with stage("update"):
+                for key, g in grads.items():
+                    optimizer.update(key, params[key], g, lr)
 
         loss, _ = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method="mesp",
                                     normalizer=normalizer, on_layer_grads=update_layer)
@@ -218,7 +261,8 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
     require_finite(total)
     if c.max_grad_norm is not None:
         clip_grad_norm(total, c.max_grad_norm)
-    optimizer.step(params, total, lr)
+    with stage("update"):
+        optimizer.step(params, total, lr)
     return total_loss
 
 

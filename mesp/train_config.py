@@ -13,11 +13,14 @@ import math
 import os
 from dataclasses import dataclass
 
+import torch
+
 from .errors import MespError
 from .lora import ALL_TARGETS, LoraConfig, naming_fields
 from .methods import METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP
+from .presets import PRESETS
 from .settings import read_toml, setting
 
 # Peak learning rates for rank-8 LoRA on all projections. adamw and sgd: chosen on the shipped
@@ -28,16 +31,20 @@ DEFAULT_OPTIMIZER = "adamw"  # MeZO always uses its own SGD
 DEFAULT_EPOCHS = 3  # when neither steps nor epochs is given
 
 
+MODEL_HELP = f"HF model directory, .gguf file or preset name ({', '.join(PRESETS)})"
+
+
 @dataclass
 class TrainConfig:
     """The settings of a run; field names are the `mesp train` flags (dashes become underscores).
 
     None means "pick the default for the other settings" (see `resolve`)."""
-    model: str | None = setting(None, "HF model directory, .gguf file or preset name")
+    model: str | None = setting(None, MODEL_HELP, path="file_or_name")
     data: str | None = setting(None, "training data: text, prompt/completion, messages or input_ids lines",
-                               metavar="FILE.jsonl")
-    out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR")
-    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl")
+                               metavar="FILE.jsonl", path="file")
+    out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR", path="file")
+    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl",
+                                path="file")
     method: str = setting("mesp", "gradient method", choices=METHODS)
     rank: int = setting(8, "LoRA rank")
     alpha: float = setting(16.0, "LoRA alpha")
@@ -107,6 +114,25 @@ def require_int(c: TrainConfig, names, least: int) -> None:
             raise MespError(f"{name}: must be {kind} integer, got {v!r}")
 
 
+def check_device(name: str) -> None:
+    """A device this machine has, before any work: torch itself fails late, with a traceback, on an unknown name
+    or a GPU it lacks."""
+    if name == "auto":
+        return
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError) as e:
+        raise MespError(f"device: unknown {name!r}; use cpu, cuda, cuda:N or auto") from e
+    if device.type not in ("cpu", "cuda"):
+        raise MespError(f"device: {name!r} is not supported; use cpu, cuda, cuda:N or auto")
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise MespError(f"device: {name!r} is not available (PyTorch sees no CUDA GPU here); use cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise MespError(f"device: {name!r} is not available (this machine has {count} CUDA GPU(s))")
+
+
 def resolve(config: TrainConfig) -> TrainConfig:
     """A copy with defaults filled in and every setting checked (no file is read)."""
     c = dataclasses.replace(config)
@@ -130,6 +156,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     require_int(c, [name for name in ("steps", "epochs") if getattr(c, name) is not None], least=1)
     if c.steps is None and c.epochs is None:
         c.epochs = DEFAULT_EPOCHS
+    check_device(c.device)
     if c.dtype not in DTYPE_NAMES:
         raise MespError(f"dtype: unknown {c.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
     if c.method == "mezo":

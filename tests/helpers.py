@@ -20,11 +20,16 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
 
 
 def hf_config(arch: str, **overrides):
-    """A transformers config for a tiny `arch` ('llama' or 'qwen2') model."""
-    from transformers import LlamaConfig, Qwen2Config
+    """A transformers config for a tiny `arch` (a mesp.families key) model. Qwen3's head_dim is its own field
+    (published default 128): tiny models take hidden / heads unless overridden."""
+    from transformers import LlamaConfig, Qwen2Config, Qwen3Config, SmolLM3Config
 
     kw = {**TINY, **overrides}
-    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config}[arch]
+    if arch == "qwen3":
+        kw.setdefault("head_dim", kw["hidden_size"] // kw["num_attention_heads"])
+    if arch == "smollm3":
+        kw.setdefault("pad_token_id", None)  # the published default lies outside a tiny vocabulary
+    cls = {"llama": LlamaConfig, "qwen2": Qwen2Config, "qwen3": Qwen3Config, "smollm3": SmolLM3Config}[arch]
     return cls(**kw)
 
 

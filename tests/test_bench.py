@@ -51,6 +51,9 @@ def test_memory_json_rows_and_png(memory_run, tiny_dir):
         assert {"forward", "loss", "backward"} <= set(r["stage_peaks"])
         assert max(r["stage_peaks"].values()) == r["peak_bytes"]
         assert r["peak_rss_bytes"] >= r["weights_bytes"]
+        if r["private_peak_bytes"] is not None:  # Linux: sampled over the whole fresh worker, loading included
+            assert r["private_peak_bytes"] >= r["weights_bytes"] and "load" in r["stage_private_peaks"]
+    assert "private MiB" in bench.memory_table(result).splitlines()[0]
     assert rows["mesp"]["weights_bytes"] == rows["mebp"]["weights_bytes"]
     assert rows["mesp"]["lora_grad_bytes"] == rows["mebp"]["lora_grad_bytes"] == rows["mesp"]["lora_bytes"]
     assert rows["mesp"]["loss"] == pytest.approx(rows["mebp"]["loss"], rel=1e-5)

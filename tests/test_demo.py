@@ -89,7 +89,8 @@ def test_demo_plumbing_on_a_tiny_model(tiny_chat_model, tmp_path):
 
     kinds = [e["event"] for e in events]
     assert kinds[0] == "answers" and events[0]["phase"] == "before"
-    assert kinds.count("step") == 2 and kinds[-2:] == ["answers", "memory"] and events[-2]["phase"] == "after"
+    assert kinds.count("step") == 2 and kinds[-3:] == ["answers", "memory", "process_memory"]
+    assert events[-3]["phase"] == "after"
     assert report.train["steps"] == 2 and report.adapter_dir == str(out)
     assert len((out / "metrics.jsonl").read_text().splitlines()) == 2
 
@@ -107,6 +108,13 @@ def test_demo_plumbing_on_a_tiny_model(tiny_chat_model, tmp_path):
     mesp_peak, mebp_peak = (m.peak_bytes for m in report.memory)
     assert 0 < mesp_peak < mebp_peak  # MeBP holds full-vocabulary logits, MeSP never does
     assert report.memory_batch[0] == 2 and report.peak_rss_bytes > 0
+    # each method's whole-process figure comes from its own fresh `mesp train` process
+    assert [p.method for p in report.process_memory] == ["mesp", "mebp"]
+    for p in report.process_memory:
+        assert p.command.startswith("mesp train --model ") and f"--method {p.method}" in p.command
+        if p.private_peak_bytes is not None:  # Linux
+            assert p.rss_peak_bytes >= p.private_peak_bytes >= report.runtime_floor_bytes > 0
+            assert "load" in p.stage_private_peaks
 
 
 def test_demo_refuses_an_out_holding_another_run_before_any_work(tiny_chat_model, tmp_path):
@@ -127,6 +135,7 @@ def test_cli_demo_prints_answers_score_and_memory(tiny_chat_model, tmp_path, cap
     assert main(["demo", "--steps", "1"]) == 0
     printed = capsys.readouterr().out
     for text in ("Before training", "After training", "score: ", "mesp ", "mebp ", "process peak RSS",
-                 "pass --out DIR"):
+                 "pass --out DIR", "whole-process peak of a fresh `mesp train` process",
+                 "runtime floor (python + torch import)"):
         assert text in printed
     assert printed.index("Before training") < printed.index("step    1/1") < printed.index("After training")

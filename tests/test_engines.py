@@ -17,7 +17,7 @@ import mesp
 from mesp.families import FAMILIES, AttentionKind, LayerSpec, ModelConfig
 from mesp.lora import adapter_state
 from mesp.methods.mesp import layer_forward, layer_recompute
-from mesp.model import LayerRun, sdpa_visibility
+from mesp.model import LayerRun, SdpaMasks
 from mesp.testing import cosine
 
 pytestmark = pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
@@ -74,11 +74,21 @@ CASES = [
     ("llama", 1, False, {}, ["q_proj", "v_proj"], 8, 3, 17, "left", 16, 3),
     ("llama", 3, False, {}, None, 8, 1, 40, None, 16, 9),
     ("llama", 2, False, {"attention_bias": True}, ["o_proj", "down_proj"], 8, 3, 5, "left", None, None),
+    # sliding windows shorter than T beside full-attention layers, q/k norms, a head_dim of its own, NoPE layers
+    ("qwen2", 2, False, {"use_sliding_window": True, "sliding_window": 4, "max_window_layers": 1}, None, 8, 2, 20,
+     "left", 8, None),
+    ("qwen3", 2, False, {"use_sliding_window": True, "sliding_window": 6, "max_window_layers": 1}, None, 8, 3, 37,
+     "left", 16, 7),
+    ("qwen3", 3, True, {"head_dim": 8}, ["q_proj", "k_proj", "o_proj"], 4, 2, 20, "right", 8, None),
+    ("qwen3", 1, False, {"attention_bias": True}, None, 8, 2, 64, "left", 16, None),
+    ("smollm3", 2, False, {"no_rope_layer_interval": 2}, None, 8, 3, 33, "left", 16, 11),
+    ("smollm3", 1, True, {"no_rope_layer_interval": 2, "use_sliding_window": True, "sliding_window": 5}, None, 4,
+     2, 24, "right", 8, None),
 ]
 
 
 @pytest.mark.parametrize("arch,gqa,tied,extra,targets,r,B,T,padding,attn_block,loss_chunk", CASES,
-                         ids=[f"{c[0]}-gqa{c[1]}-{'tied' if c[2] else 'untied'}{'-bias' if c[3] else ''}-"
+                         ids=[f"{c[0]}-gqa{c[1]}-{'tied' if c[2] else 'untied'}{'-' + '-'.join(c[3]) if c[3] else ''}-"
                               f"{'+'.join(t[:-5] for t in c[4]) if c[4] else 'all'}-r{c[5]}-B{c[6]}-T{c[7]}-"
                               f"{c[8] or 'nopad'}" for c in CASES])
 def test_exact_methods_match_peft(make_hf_model, arch, gqa, tied, extra, targets, r, B, T, padding, attn_block,
@@ -97,7 +107,7 @@ def test_exact_methods_match_peft(make_hf_model, arch, gqa, tied, extra, targets
         assert not any(p.grad is not None for p in model.lora_parameters().values()), f"{method} left .grad set"
 
 
-@pytest.mark.parametrize("arch", ["qwen2", "llama"])
+@pytest.mark.parametrize("arch", ["qwen2", "llama", "qwen3", "smollm3"])
 def test_layer_steps_agree_under_module_and_structured_runs(make_hf_model, arch):
     """DecoderLayer.forward's steps run through the modules (LayerRun, SDPA) and through mesp.ops
     (StructuredRun, blockwise attention) give the same output, and layer_recompute keeps what it is made of."""
@@ -108,7 +118,7 @@ def test_layer_steps_agree_under_module_and_structured_runs(make_hf_model, arch)
     layer = model.model.layers[1]
     with torch.no_grad():
         x = model.embed(ids)
-        y_modules = layer(x, LayerRun(rope[1], sdpa_visibility(mask, T, 0, x.device)))
+        y_modules = layer(x, LayerRun(rope[1], SdpaMasks(mask, T, 0, x.device)))
         y = layer_forward(layer, x, rope[1], mask.bool(), attn_block=4)
         saved = layer_recompute(layer, x, rope[1], mask.bool(), attn_block=4, store_h=True)
         y_saved = saved.h1 + layer.mlp.down_proj(saved.M)
@@ -126,13 +136,13 @@ def test_family_config_round_trips_through_hf(arch):
     assert hf["architectures"] == [FAMILIES[arch].hf_class] and hf["model_type"] == arch
     assert ModelConfig.from_hf(hf).to_hf() == hf
     spec = cfg.layer_spec(0)
-    assert spec.qkv_bias and spec.o_bias == (arch == "llama")  # Qwen2's o_proj never has a bias
+    assert spec.qkv_bias and spec.o_bias == (arch != "qwen2")  # Qwen2's o_proj never has a bias
 
 
 def test_layer_features_without_ops_are_refused():
     spec = ModelConfig(arch="qwen2", vocab_size=8, hidden_size=8, intermediate_size=8, num_hidden_layers=1,
                        num_attention_heads=2, num_key_value_heads=1, head_dim=4).layer_spec(0)
-    for change in (dict(qk_norm=True), dict(sandwich_norms=True), dict(attention=AttentionKind(window=4))):
+    for change in (dict(sandwich_norms=True),):
         with pytest.raises(NotImplementedError):
             LayerSpec(**{**spec.__dict__, **change})
 

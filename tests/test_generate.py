@@ -22,8 +22,12 @@ def greedy_no_cache(model, prompt: list[int], n: int) -> list[int]:
     return ids[len(prompt):]
 
 
-@pytest.mark.parametrize("arch,overrides", [("qwen2", dict(num_key_value_heads=2)),
-                                            ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True))])
+@pytest.mark.parametrize("arch,overrides", [
+    ("qwen2", dict(num_key_value_heads=2)),
+    ("llama", dict(num_key_value_heads=1, tie_word_embeddings=True)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),  # window < generated length
+    ("smollm3", dict(no_rope_layer_interval=2)),
+])
 def test_kv_cache_greedy_equals_no_cache(make_hf_model, arch, overrides):
     path, hf_model = make_hf_model(arch, **overrides)
     model = load_model(path)

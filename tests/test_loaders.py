@@ -189,6 +189,21 @@ def test_preset_configs():
     assert _count(PRESETS["qwen2.5-3b"]["config"]) == 3_085_938_688
 
 
+@pytest.mark.parametrize("name,published", [
+    ("qwen3-0.6b", 596_049_920), ("qwen3-1.7b", 1_720_574_976), ("qwen3-4b", 4_022_468_096),
+    ("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824), ("smollm3-3b", 3_075_098_624),
+])
+def test_new_family_presets_have_the_published_parameter_counts(name, published):
+    """Counted from the shapes the model would be built with (tied embeddings once), before any weight exists;
+    the published counts are those of the models' own safetensors."""
+    import math
+
+    from mesp.families import ModelConfig, expected_shapes
+
+    cfg = ModelConfig.from_hf(PRESETS[name]["config"])
+    assert sum(math.prod(s) for s in expected_shapes(cfg).values()) == published
+
+
 def test_qwen25_05b_preset_parameter_count():
     model = load_model("qwen2.5-0.5b", dtype=torch.bfloat16)
     assert model.num_parameters() == 494_032_768

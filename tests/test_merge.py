@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 
 import pytest
 import torch
@@ -116,7 +117,7 @@ def test_refuses_to_overwrite_and_leaves_nothing_behind(make_hf_model, tmp_path)
     with pytest.raises(MespError, match="not empty.*--overwrite"):
         merge_adapter(path, adapter_dir, out)
     assert (out / "keep.txt").read_text() == "precious"
-    with pytest.raises(MespError, match="is the model or adapter"):
+    with pytest.raises(MespError, match="an input of this merge"):
         merge_adapter(path, adapter_dir, path, overwrite=True)
 
     merge_adapter(path, adapter_dir, out, overwrite=True)
@@ -165,3 +166,63 @@ def test_merge_shipped_smollm2(smollm2_model, tmp_path):
     assert hf_tok("The capital of France is Paris, and")["input_ids"] == ids[0].tolist()
     torch.testing.assert_close(mesp.forward(load_model(out), ids), want, atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(transformers_logits(out, ids), want, atol=1e-4, rtol=1e-4)
+
+
+def test_never_replaces_a_directory_holding_an_input(make_hf_model, tmp_path):
+    """--out --overwrite on a parent of the base model or of the adapter would delete them with the old output."""
+    models = tmp_path / "models"
+    models.mkdir()
+    path, _ = make_hf_model("llama")
+    base = models / "base"
+    shutil.copytree(path, base)
+    adapter_dir, _, _ = adapter_and_reference(base, models, ids_for(96))
+    before = sorted(p.relative_to(tmp_path) for p in models.rglob("*"))
+    for out in (models, tmp_path):
+        with pytest.raises(MespError, match="an input of this merge"):
+            merge_adapter(base, adapter_dir, out, overwrite=True)
+    assert sorted(p.relative_to(tmp_path) for p in models.rglob("*")) == before
+
+
+def test_a_file_written_into_out_during_the_merge_is_kept(make_hf_model, tmp_path, monkeypatch):
+    """--out was empty when the merge began; something written there meanwhile is not deleted without --overwrite."""
+    path, _ = make_hf_model("llama")
+    adapter_dir, _, _ = adapter_and_reference(path, tmp_path, ids_for(96))
+    out = tmp_path / "merged"
+    out.mkdir()
+    real = mesp.merge.merged_weights
+
+    def meanwhile(*a, **k):
+        (out / "notes.txt").write_text("written while merging")
+        yield from real(*a, **k)
+    monkeypatch.setattr(mesp.merge, "merged_weights", meanwhile)
+    with pytest.raises(MespError, match="not empty"):
+        merge_adapter(path, adapter_dir, out)
+    assert [p.name for p in out.iterdir()] == ["notes.txt"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["adapter", "merged"]
+
+
+def test_written_files_respect_the_umask(make_hf_model, tmp_path):
+    """mkstemp/mkdtemp create 0600/0700; what mesp writes must carry the user's umask like any other tool's output,
+    and a replaced --out keeps the mode the user gave it."""
+    import os
+    import stat
+
+    path, _ = make_hf_model("qwen2")
+    old = os.umask(0o022)
+    try:
+        adapter_dir, _, _ = adapter_and_reference(path, tmp_path, ids_for(96))
+        for f in adapter_dir.iterdir():
+            assert stat.S_IMODE(f.stat().st_mode) == 0o644, f
+        out = tmp_path / "merged"
+        merge_adapter(path, adapter_dir, out)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o755
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o644 for f in out.iterdir())
+        os.chmod(out, 0o750)
+        merge_adapter(path, adapter_dir, out, overwrite=True)
+        assert stat.S_IMODE(out.stat().st_mode) == 0o750
+        os.umask(0o077)
+        merge_adapter(path, adapter_dir, tmp_path / "private")
+        assert stat.S_IMODE((tmp_path / "private").stat().st_mode) == 0o700
+        assert all(stat.S_IMODE(f.stat().st_mode) == 0o600 for f in (tmp_path / "private").iterdir())
+    finally:
+        os.umask(old)

@@ -245,14 +245,16 @@ def make_mask(B, T, kind):
     return m
 
 
-def brute_visibility(T, key_mask):
-    """Visibility rule written out with loops, independent of ops.causal_visibility."""
+def brute_visibility(T, key_mask, window=None):
+    """Visibility rule written out with loops, independent of ops.causal_visibility (window: HF's sliding
+    window, a query sees the `window` most recent positions including itself)."""
     B = key_mask.shape[0]
     vis = torch.zeros(B, T, T, dtype=torch.bool)
     for b in range(B):
         for i in range(T):
             for j in range(T):
-                vis[b, i, j] = j <= i and (bool(key_mask[b, j]) or j == i)
+                in_window = window is None or i - j < window
+                vis[b, i, j] = j <= i and in_window and (bool(key_mask[b, j]) or j == i)
     return vis
 
 
@@ -474,3 +476,34 @@ def test_bf16_smoke():
     lbf, gbf = ops.lm_head_cross_entropy(hbf, Ebf, t, 9.0, chunk_size=4)
     assert lbf.dtype == torch.float32 and abs(lbf.item() - l32.item()) <= 3e-2 * abs(l32.item())
     check(gbf, g32)
+
+
+@pytest.mark.parametrize("window,T,bs,kind", [(1, 9, 4, "none"), (3, 9, 4, "left"), (3, 9, 2, "right"),
+                                              (4, 10, 3, "both"), (9, 9, 5, "left"), (20, 9, 4, "none"),
+                                              (2, 7, 7, "all")])
+def test_sliding_window_attention_forward_backward(window, T, bs, kind):
+    """Sliding-window layers: the blockwise forward and backward against a reference masked by the loops of
+    brute_visibility, fp64; a window shorter than T must change the result."""
+    B, Hq, Hkv, D = 2, 4, 2, 4
+    q, k, v, go = attn_inputs(B, Hq, Hkv, T, D, seed=3)
+    km = None if kind == "none" else make_mask(B, T, kind)
+    vis = brute_visibility(T, km if km is not None else torch.ones(B, T, dtype=torch.bool), window)[:, None]
+    q.requires_grad_(), k.requires_grad_(), v.requires_grad_()
+    G = Hq // Hkv
+    S = q @ k.repeat_interleave(G, 1).transpose(-1, -2) / math.sqrt(D)
+    o_ref = torch.softmax(S.masked_fill(~vis, float("-inf")), -1) @ v.repeat_interleave(G, 1)
+    refs = torch.autograd.grad(o_ref, (q, k, v), go)
+    assert_close(ops.attention_reference(q, k, v, km, window=window).detach(), o_ref.detach(), 1e-12)
+    with torch.no_grad():
+        o, lse = ops.attention_forward(q, k, v, km, block_size=bs, window=window)
+        grads = ops.attention_backward(go, q, k, v, o, lse, km, block_size=bs, window=window)
+        full, _ = ops.attention_forward(q, k, v, km, block_size=bs)
+    assert_close(o, o_ref.detach(), 1e-12)
+    if window == 1:  # one visible key per row: softmax is constant, so gq and gk vanish
+        assert max(float(t.abs().max()) for t in (*grads[:2], *refs[:2])) < 1e-12
+        assert_close(grads[2], refs[2], 1e-10)
+    else:
+        for a, b in zip(grads, refs):
+            assert_close(a, b, 1e-10)
+    if window < T and kind != "all":
+        assert relative_error(o, full) > 1e-3

@@ -160,7 +160,7 @@ def test_resume_equals_uninterrupted_run(tiny, data, tmp_path, method, kw):
     if method != "mezo":
         assert_same(load_file(str(whole / "checkpoint-000006" / "optimizer.safetensors")),
                     load_file(str(parts / "checkpoint-000006" / "optimizer.safetensors")))
-    drop = ("seconds", "tokens_per_s", "peak_rss_bytes")
+    drop = ("seconds", "tokens_per_s", "peak_rss_bytes", "private_peak_bytes")
     rows = [[{k: v for k, v in json.loads(l).items() if k not in drop} for l in (d / "metrics.jsonl").read_text()
              .splitlines()] for d in (whole, parts)]
     assert rows[0] == rows[1] and [r["step"] for r in rows[0]] == [1, 2, 3, 4, 5, 6]
@@ -226,8 +226,8 @@ def test_out_directory_rules(tiny, data, tmp_path, capsys):
             "--save-every", "1"]
     assert main(argv) == 0
     assert sorted(p.name for p in out.iterdir()) == ["adapter_config.json", "adapter_model.safetensors",
-                                                    "checkpoint-000002", "checkpoint.json", "metrics.jsonl",
-                                                    "train_config.json"]
+                                                    "checkpoint-000002", "checkpoint.json", "memory.json",
+                                                    "metrics.jsonl", "train_config.json"]
     (out / "notes.txt").write_text("mine")
     capsys.readouterr()
     assert main(argv) == 2

@@ -2,6 +2,8 @@
 
     sweep      bench_memory: peak memory and step time of one training step per method, each configuration
                measured in a fresh subprocess (worker: `python -m mesp.bench.worker`)
+    process    bench_process: the whole-process private-footprint peak of `mesp train` on a quantized base,
+               each run a fresh `mesp train` process (the device's measure)
     fidelity   bench_grads: gradient error of mesp/mebp against autograd; MeZO's cosine
     converge   bench_converge: loss curves of mesp, mebp and mezo on the bundled demo data
     plots      plot_memory / plot_converge: PNG figures
@@ -10,20 +12,22 @@
                report_template.md)
     machine    machine_info: what the numbers were measured on
 
-Each `mesp bench` subcommand has a settings dataclass (MemorySettings, GradsSettings, ConvergeSettings,
-ReportSettings) from which the CLI's flags are generated.
+Each `mesp bench` subcommand has a settings dataclass (MemorySettings, ProcessSettings, GradsSettings,
+ConvergeSettings, ReportSettings) from which the CLI's flags are generated.
 """
 
 from .converge import ConvergeSettings, bench_converge, converge_csv
 from .fidelity import GradsSettings, bench_grads, grads_table, spsa_cosine_theory
 from .machine import machine_info, machine_line
 from .plots import plot_converge, plot_memory
+from .process import ProcessCase, ProcessSettings, bench_process, process_table
 from .render import render_report
 from .report import ReportSettings, bench_report
 from .sweep import PEER, MemoryCase, MemorySettings, bench_memory, measure_case, measure_here, memory_cases, \
     memory_table
 
-__all__ = ["ConvergeSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER", "ReportSettings",
+__all__ = ["ConvergeSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER", "ProcessCase", "ProcessSettings",
+           "ReportSettings",
            "bench_converge", "bench_grads", "bench_memory", "bench_report", "converge_csv", "grads_table",
-           "machine_info", "machine_line", "measure_case", "measure_here", "memory_cases", "memory_table",
-           "plot_converge", "plot_memory", "render_report", "spsa_cosine_theory"]
+           "bench_process", "machine_info", "machine_line", "measure_case", "measure_here", "memory_cases",
+           "memory_table", "plot_converge", "plot_memory", "process_table", "render_report", "spsa_cosine_theory"]

@@ -10,7 +10,7 @@ from importlib import resources
 from pathlib import Path
 from string import Template
 
-from ..memory import format_mib
+from ..memory import RUNTIME_FLOOR_LABEL, MiB, format_mib
 from . import plan
 from .machine import machine_line
 from .sweep import PEER, MemorySettings, model_hf_config
@@ -74,7 +74,8 @@ def _figure(block: str, figures: dict, name: str) -> str:
     return fill(block, path=figures[name]) if name in figures else ""
 
 
-def render_report(memory: dict | None, grads: dict | None, converge: dict | None, figures: dict) -> str:
+def render_report(memory: dict | None, grads: dict | None, converge: dict | None, figures: dict,
+                  process: dict | None = None) -> str:
     """results.md from the raw results (each None when not measured yet); `figures` maps a figure's name
     (memory, seq_len, converge) to its path relative to results.md."""
     blocks = [fill("intro", machine=_machine_section(memory, grads, converge))]
@@ -86,6 +87,7 @@ def render_report(memory: dict | None, grads: dict | None, converge: dict | None
                    _ablation_section(rows, [r for r in runs if r.store_h] + runs[:2])]
     else:
         blocks.append(fill("memory_missing"))
+    blocks.append(_process_section(process))
     blocks.append(_grads_section(grads))
     blocks.append(_converge_section(converge, figures))
     text = re.sub(r"\n{3,}", "\n\n", "\n\n".join(blocks))  # a block left out leaves no extra blank lines
@@ -167,6 +169,43 @@ def _table1_section(rows, runs) -> str:
         sums[3] += paper["mesp"][0]
     return fill("table1", rows="\n".join(lines), ours=_pct(sums[1], sums[0]), paper=_pct(sums[3], sums[2]),
                 commands=_commands(runs))
+
+
+def _process_section(process) -> str:
+    """Table 1 on the paper's own measure: the whole `mesp train` process's private-footprint peak."""
+    if not process:
+        return fill("process_missing")
+    rows = [row for r in process["runs"] for row in r["result"]["rows"]]
+    floor = next((r["result"].get("runtime_floor_bytes") for r in process["runs"]), None)
+
+    def private(model, seq_len, method, offload=False):
+        want = dict(model=model, seq_len=seq_len, method=method, offload_checkpoints=offload)
+        r = _find(rows, **want)
+        if r is not None:
+            return r["private_peak_bytes"], format_mib(r["private_peak_bytes"])
+        bad = _failed(rows, **want)
+        return None, f"failed ({bad['error']})" if bad else "not measured"
+
+    def verdict(value, target_mib):
+        met = "—" if value is None else "met" if value <= target_mib * MiB else "NOT met"
+        return f"{met} (target ≤ {target_mib} MiB)"
+
+    lines = []
+    for model, paper in plan.PAPER_TABLE1.items():
+        (mesp, mesp_text), (mebp, mebp_text) = private(model, 256, "mesp"), private(model, 256, "mebp")
+        ratio = "—" if not (mesp and mebp) else f"{mesp / mebp:.2f}"
+        ratio_ok = "—" if ratio == "—" else ("met" if mesp <= plan.PROCESS_TARGET_RATIO * mebp else "NOT met")
+        lines.append(f"| {model} | 256 | {mesp_text} | {mebp_text} | {ratio}{f' ({ratio_ok})' * (ratio != '—')} | "
+                     f"{verdict(mesp, plan.PROCESS_TARGETS_MIB[(model, 256)])} | {paper['mesp'][0]:.0f} | "
+                     f"{paper['mebp'][0]:.0f} | {_pct(paper['mesp'][0], paper['mebp'][0])} |")
+    p = plan.PEER_3B_T1024
+    long_value, long_text = private(p["model"], p["seq_len"], "mesp", offload=True)
+    return fill("process", rows="\n".join(lines), floor=format_mib(floor), floor_label=RUNTIME_FLOOR_LABEL,
+                ratio_target=f"{plan.PROCESS_TARGET_RATIO:g}", long_model=p["model"], long_seq_len=p["seq_len"],
+                long_private=long_text + (" MiB" if long_value is not None else ""),
+                long_verdict=verdict(long_value, plan.PROCESS_TARGETS_MIB[(p["model"], p["seq_len"])]),
+                peer_source=p["source"], peer_exact=f"{p['exact_gb']:g}", peer_approx=f"{p['approximate_softmax_gb']:g}",
+                commands="```\n" + "\n".join(r["command"] for r in process["runs"]) + "\n```")
 
 
 def _sweep_section(rows, runs, paper, key_name, fixed, title, note, figure="") -> str:

@@ -18,12 +18,13 @@ from . import plan
 from .converge import bench_converge, converge_csv
 from .fidelity import bench_grads
 from .plots import plot_converge, plot_memory
+from .process import bench_process
 from .render import render_report
 from .sweep import PEER, bench_memory
 
 log = logging.getLogger(__name__)
 
-PARTS = ("memory", "grads", "converge")
+PARTS = ("memory", "process", "grads", "converge")
 
 
 @dataclass
@@ -32,8 +33,8 @@ class ReportSettings:
     out: str = setting("docs", "directory of results.md and its figures")
     render_only: bool = setting(False, "re-render results.md from the raw results already in OUT/results "
                                        "(no measuring)")
-    only: list[str] | None = setting(None, "measure only these parts (memory, grads, converge); the others are "
-                                           "read from OUT/results")
+    only: list[str] | None = setting(None, "measure only these parts (memory, process, grads, converge); the "
+                                           "others are read from OUT/results")
     threads: int | None = setting(None, "torch threads for every measurement", default_text="default: PyTorch's")
 
 
@@ -89,6 +90,12 @@ def _measure(part: str, raw: Path, threads: int | None) -> dict:
             result["runs"].append({"run": run.record(), "command": run.command(),
                                    "result": bench_memory(run.cases())})
         return result
+    if part == "process":
+        result = {"runs": []}
+        for run in (replace(run, threads=threads) for run in plan.report_process_runs()):
+            log.info("%s", run.command())
+            result["runs"].append({"command": run.command(), "result": bench_process(run)})
+        return result
     if part == "grads":
         return bench_grads(plan.REPORT_GRADS)
     result = bench_converge(plan.REPORT_CONVERGE)
@@ -132,7 +139,7 @@ def _bench_report(out: Path, raw: Path, measure: set, threads: int | None) -> Pa
         else:
             results[part] = None
     figures = _draw_figures(out, results)
-    text = render_report(results["memory"], results["grads"], results["converge"], figures)
+    text = render_report(results["memory"], results["grads"], results["converge"], figures, results["process"])
     # Measurements made with other commands than the bench plan (e.g. whole `mesp train` runs under
     # /usr/bin/time) are kept beside the raw results and appended as they are, each with its command.
     for extra in sorted(raw.glob("*.md")):

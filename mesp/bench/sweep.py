@@ -4,7 +4,9 @@ Each configuration runs in its own fresh Python process (`measure_case` starts `
 which calls `measure_here`), so allocator state, profiler counters and RSS start clean. What is measured is
 the same for every method (see mesp.memory): `peak_bytes` is the allocator-level peak of tensor bytes above the
 step's start (weights, adapter and data excluded), split by the stage in force (forward / loss / backward).
-The process's peak RSS is read separately (Linux: VmHWM reset just before the first step), and the step time
+The process's peak RSS is read separately (Linux: VmHWM reset just before the first step), its private
+footprint (what a device counts: mesp.memory.FootprintMeter) is sampled over the whole fresh process, loading
+included, and the step time
 is the median of unprofiled steps: the CPU profiler that gives the allocator peak slows a step down, so the
 profiled step is never timed.
 """
@@ -29,8 +31,8 @@ from ..errors import MespError
 from ..lora import ALL_TARGETS, LoraConfig, add_lora
 from ..loaders import load_model, read_hf_config
 from ..presets import PRESETS
-from ..memory import (PeakMemory, current_rss_bytes, format_mib, peak_rss_since_reset, reset_peak_rss, stage,
-                      tensor_bytes)
+from ..memory import (FootprintMeter, PeakMemory, current_rss_bytes, format_mib, peak_rss_since_reset,
+                      reset_peak_rss, stage, tensor_bytes)
 from ..methods import compute_gradients
 from ..settings import setting
 from .machine import machine_info
@@ -154,9 +156,20 @@ def measure_here(case: MemoryCase) -> dict:
 
     Order: `repeats` unprofiled, timed steps first, then one step under PeakMemory. The peak RSS is that of
     the first step in this fresh process (the profiled one when repeats is 0: no time is then reported). The
-    CPU tracker counts only what is allocated while it runs, so the earlier steps do not move its baseline."""
+    CPU tracker counts only what is allocated while it runs, so the earlier steps do not move its baseline.
+    The private-footprint peak covers the process from before the model is loaded to the end of the unprofiled
+    steps (the profiler's own event records would add to it), or of the profiled step when repeats is 0."""
     torch.manual_seed(case.seed)
-    step, facts = (_peer_step if case.method == PEER else _engine_step)(case)
+    meter = FootprintMeter().__enter__()
+    try:
+        with stage("load"):
+            step, facts = (_peer_step if case.method == PEER else _engine_step)(case)
+        return _measure_steps(case, step, facts, meter)
+    finally:
+        meter.__exit__(None, None, None)  # a no-op when _measure_steps stopped it already
+
+
+def _measure_steps(case: MemoryCase, step, facts: dict, meter: FootprintMeter) -> dict:
     row = {**asdict(case), **facts, "threads": torch.get_num_threads(), "rss_before_step_bytes": current_rss_bytes()}
     rss_reset = reset_peak_rss()
 
@@ -173,10 +186,19 @@ def measure_here(case: MemoryCase) -> dict:
         times.append(time.perf_counter() - t0)
         if len(times) == 1:
             read_rss("first step")
+
+    def read_private(scope):
+        meter.__exit__(None, None, None)
+        row.update(private_peak_bytes=meter.private_peak_bytes, private_peak_scope=scope,
+                   stage_private_peaks=dict(meter.stage_private_peaks))
+
+    if times:
+        read_private("load and unprofiled steps")
     with PeakMemory(case.device) as pm:
         loss, grad_bytes = step()
     if not times:
         read_rss("first step (profiled)")
+        read_private("load and the profiled step")
     row.update(loss=loss, lora_grad_bytes=grad_bytes, peak_bytes=pm.peak_bytes, stage_peaks=pm.stage_peaks,
                step_seconds=statistics.median(times) if times else None, step_seconds_all=times)
     return row
@@ -352,16 +374,18 @@ def method_label(row: dict) -> str:
 
 def memory_table(result: dict) -> str:
     """A plain-text table of a bench_memory result (what the CLI prints)."""
-    head = ("config", "method", "peak MiB", "forward", "loss", "backward", "weights MiB", "RSS MiB", "step s")
+    head = ("config", "method", "peak MiB", "forward", "loss", "backward", "weights MiB", "RSS MiB", "private MiB",
+            "step s")
     lines = [head]
     for r in result["rows"]:
         if "error" in r:
-            lines.append((config_label(r), method_label(r), "failed: " + r["error"], "", "", "", "", "", ""))
+            lines.append((config_label(r), method_label(r), "failed: " + r["error"], *[""] * (len(head) - 3)))
             continue
         st = r.get("stage_peaks", {})
         lines.append((config_label(r), method_label(r), format_mib(r["peak_bytes"]),
                       *(format_mib(st[s]) if s in st else "-" for s in ("forward", "loss", "backward")),
                       format_mib(r["weights_bytes"], 0), format_mib(r["peak_rss_bytes"], 0),
+                      format_mib(r.get("private_peak_bytes"), 0),
                       "-" if r["step_seconds"] is None else f"{r['step_seconds']:.2f}"))
     widths = [max(len(str(line[i])) for line in lines) for i in range(len(head))]
     return "\n".join("  ".join(str(c).ljust(w) if i < 2 else str(c).rjust(w) for i, (c, w) in

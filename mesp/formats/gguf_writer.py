@@ -189,5 +189,5 @@ def write_gguf(path, arch: str, add_metadata: Callable[[gguf.GGUFWriter], None],
         finally:
             writer.close()
 
-    atomic_write(path, write, durable=True)
+    atomic_write(path, write)  # fsynced before the rename, temporary removed on error or Ctrl-C
     return os.path.getsize(path)

@@ -9,7 +9,7 @@ from __future__ import annotations
 import torch
 
 from ..memory import stage
-from ..model import LayerRun, sdpa_visibility
+from ..model import LayerRun, SdpaMasks
 from .common import LossBatch, collect_grads, full_logits_loss
 
 
@@ -17,7 +17,7 @@ def gradients(model, batch: LossBatch):
     layers = model.model.layers
     T = batch.input_ids.shape[1]
     rope = model.rope(torch.arange(T, device=model.device))
-    visible = sdpa_visibility(batch.attention_mask, T, 0, model.device)
+    masks = SdpaMasks(batch.attention_mask, T, 0, model.device)
     for p in model.lora_parameters().values():
         p.requires_grad_(True)
         p.grad = None
@@ -27,7 +27,7 @@ def gradients(model, batch: LossBatch):
         x = model.embed(batch.input_ids)
         for i, layer in enumerate(layers):
             inputs.append(x)
-            x = layer(x, LayerRun(rope[i], visible))
+            x = layer(x, LayerRun(rope[i], masks))
 
     with torch.enable_grad(), stage("loss"):
         x = x.requires_grad_(True)
@@ -39,7 +39,7 @@ def gradients(model, batch: LossBatch):
     for i in reversed(range(len(layers))):
         x = inputs.pop().requires_grad_(i > 0)
         with torch.enable_grad(), stage("backward"):
-            y = layers[i](x, LayerRun(rope[i], visible))
+            y = layers[i](x, LayerRun(rope[i], masks))
             y.backward(g)
         g = x.grad
         del x, y

@@ -45,6 +45,8 @@ class Saved:
     """What one layer's backward reads, kept by layer_recompute (paper's symbols, mesp/ops.py's shapes):
 
     n1      rmsnorm(x; γ1), input of q/k/v                        [B, T, d]
+    q_pre,  q, k per head before their norms (q/k-norm families  [B, Hq, T, D], [B, Hkv, T, D]
+    k_pre   only; otherwise None)
     q, k    q, k after RoPE, per head                             [B, Hq, T, D], [B, Hkv, T, D]
     v       v per head                                            [B, Hkv, T, D]
     o       P v per head (P = softmax(q kᵀ/sqrt(D) + mask))       [B, Hq, T, D]
@@ -58,7 +60,10 @@ class Saved:
     h       LoRA h = x Aᵀ per projection name (store-h ablation   {name: [B, T, r]} or None
             only; otherwise the backward recomputes it)
     """
-    __slots__ = ("n1", "q", "k", "v", "o", "lse", "o_flat", "h1", "n2", "G", "U", "M", "h")
+    __slots__ = ("n1", "q_pre", "k_pre", "q", "k", "v", "o", "lse", "o_flat", "h1", "n2", "G", "U", "M", "h")
+
+    def __init__(self):
+        self.q_pre = self.k_pre = None
 
 
 class StructuredRun:
@@ -78,8 +83,8 @@ class StructuredRun:
                                                     return_h=True)
         return y
 
-    def attend(self, q, k, v):
-        o, lse = ops.attention_forward(q, k, v, self.key_mask, block_size=self.attn_block)
+    def attend(self, q, k, v, window=None):
+        o, lse = ops.attention_forward(q, k, v, self.key_mask, block_size=self.attn_block, window=window)
         if self.saved is not None:
             self.saved.lse = lse
         return o
@@ -128,8 +133,8 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     B, T, _ = x.shape
     Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     s = layer_recompute(layer, x, rope, key_mask, attn_block, store_h)
-    n1, q, k, v, o, lse, o_flat, h1, n2, G, U, M = (
-        s.n1, s.q, s.k, s.v, s.o, s.lse, s.o_flat, s.h1, s.n2, s.G, s.U, s.M)
+    n1, q_pre, k_pre, q, k, v, o, lse, o_flat, h1, n2, G, U, M = (
+        s.n1, s.q_pre, s.k_pre, s.q, s.k, s.v, s.o, s.lse, s.o_flat, s.h1, s.n2, s.G, s.U, s.M)
     hs = s.h or {}
     del s
 
@@ -155,10 +160,16 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     grads.add("self_attn.o_proj", attn.o_proj, gA, gB)
     del o_flat
     go = go_flat.view(B, T, Hq, D).transpose(1, 2)
-    gq, gk, gv = ops.attention_backward(go, q, k, v, o, lse, key_mask, block_size=attn_block)
+    gq, gk, gv = ops.attention_backward(go, q, k, v, o, lse, key_mask, block_size=attn_block,
+                                        window=spec.attention.window)
     del go, go_flat, q, k, v, o, lse
-    gq = unrotate(gq, rope).transpose(1, 2).reshape(B, T, Hq * D)
-    gk = unrotate(gk, rope).transpose(1, 2).reshape(B, T, Hkv * D)
+    gq, gk = unrotate(gq, rope), unrotate(gk, rope)
+    if spec.qk_norm:  # the norms' weights are frozen: their input gradients only
+        gq = spec.norm.backward(gq, q_pre, attn.q_norm.weight, attn.q_norm.eps)
+        gk = spec.norm.backward(gk, k_pre, attn.k_norm.weight, attn.k_norm.eps)
+    del q_pre, k_pre
+    gq = gq.transpose(1, 2).reshape(B, T, Hq * D)
+    gk = gk.transpose(1, 2).reshape(B, T, Hkv * D)
     gv = gv.transpose(1, 2).reshape(B, T, Hkv * D)
     gn1, gA, gB = lora_backward(gq, n1, attn.q_proj, need_input_grad, h=hs.pop("q_proj", None))
     grads.add("self_attn.q_proj", attn.q_proj, gA, gB)
