@@ -352,13 +352,13 @@ def q8_0_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 def q4_codes(blocks: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Q4_0 (fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m, 16 bytes; w = d q + m) blocks, uint8
-    [rows, in / 32, 18 or 20] -> (codes int32 [rows, in] in 0..15, scale, zero fp32 [rows, in / 32]):
+    [rows, in / 32, 18 or 20] -> (codes uint8 [rows, in] in 0..15, scale, zero fp32 [rows, in / 32]):
     Int4Weight's form (mesp.quant.int4_dense), zero = m + 8 d for Q4_1, 0 for Q4_0. Byte j of a block holds
     code j (low nibble) and code j + 16 (high nibble)."""
     rows = blocks.shape[0]
     head = 4 if with_min else 2
     q = blocks[:, :, head:]
-    codes = torch.cat([q & 15, q >> 4], dim=-1).to(torch.int32).view(rows, -1)
+    codes = torch.cat([q & 15, q >> 4], dim=-1).view(rows, -1)  # uint8: a quarter of int32's bytes per value
     d = _fp16_field(blocks, 0)
     zero = _fp16_field(blocks, 2) + 8.0 * d if with_min else torch.zeros_like(d)
     return codes, d, zero
