@@ -29,6 +29,7 @@ from .memory import PeakMemory, peak_rss_bytes
 from .methods import compute_gradients, mezo
 from .methods.common import forward_loss, prepare_batch
 from .optim import clip_grad_norm, learning_rate
+from .scratch import require_scratch_directory
 from .seeds import mix_seed
 from .tokenizer import load_tokenizer
 from .train_config import DEFAULT_LR, TrainConfig, lora_config, optimizer_of, resolve
@@ -79,6 +80,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     c = resolve(config)
     out = Path(c.out)
     ckpt = check_out_dir(c)
+    if c.scratch_dir is not None:
+        require_scratch_directory(c.scratch_dir)  # before anything is loaded or written
     device = c.device if c.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
 
     model = load_model(c.model, dtype=c.dtype, device=device, quantize=c.quantize)
@@ -201,12 +204,13 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
                 optimizer.update(key, params[key], g, lr)
 
         loss, _ = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method="mesp",
-                                    normalizer=normalizer, on_layer_grads=update_layer)
+                                    normalizer=normalizer, offload_checkpoints=scratch_directory(c),
+                                    on_layer_grads=update_layer)
         return float(loss)
     total_loss, total = 0.0, None
     for b in batches:
         loss, grads = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method=c.method,
-                                        normalizer=normalizer)
+                                        normalizer=normalizer, offload_checkpoints=scratch_directory(c))
         total_loss += float(loss)
         if total is None:
             total = grads
@@ -220,6 +224,13 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
         clip_grad_norm(total, c.max_grad_norm)
     optimizer.step(params, total, lr)
     return total_loss
+
+
+def scratch_directory(c: TrainConfig) -> str | None:
+    """Where the activation checkpoints' scratch file goes: None (RAM), --scratch-dir, or the run directory."""
+    if not c.offload_checkpoints:
+        return None
+    return c.scratch_dir or c.out
 
 
 def require_finite(grads: dict[str, torch.Tensor]) -> None:
