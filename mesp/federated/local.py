@@ -137,8 +137,10 @@ def executable(name: str) -> str:
 # ---- ports ---------------------------------------------------------------------------------------------
 
 def port_is_free(port: int, host: str = HOST) -> bool:
-    """Whether a listening socket could bind host:port now."""
+    """Whether a server could listen on host:port now. SO_REUSEADDR as servers set it: connections of a finished
+    run lingering in TIME_WAIT do not hold a port, a listening socket does."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
             s.bind((host, port))
         except OSError:

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
@@ -84,7 +85,10 @@ class MespFedAvg(FedAvg):
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed:
-            raise MespError(f"round {server_round}: a client failed: {failed[0].error.reason}")
+            reason = failed[0].error.reason
+            # Flower wraps a ClientApp's exception as "<class 'TYPE'>:<'MESSAGE'>": keep the message
+            wrapped = re.fullmatch(r"<class '[^']*'>:<'(.*)'>", reason, re.S)
+            raise MespError(f"round {server_round}: a client failed: {wrapped[1] if wrapped else reason}")
         if len(replies) < self.num_clients:
             raise MespError(f"round {server_round}: {len(replies)} of {self.num_clients} clients replied")
         arrays, metrics = super().aggregate_train(server_round, replies)
