@@ -401,12 +401,15 @@ def federated_run(args) -> int:
 
         report = run_federated_demo(out=args.out, port=args.port, progress=_print_federated_event,
                                     announce=print)
-        print("\nheld-out answers correct per person (global adapter), before -> after:")
+        for person, answers in report.answers.items():
+            _print_answers(f"{person}: held-out answers with the global adapter", answers, "after")
+        print("\nheld-out answers correct per person, base model -> global adapter:")
         for person, s in report.scores.items():
-            print(f"  {person:20s} {s['before']}/{s['total']} -> {s['after']}/{s['total']}")
+            print(f"  {person:10s} {s['before']}/{s['total']} -> {s['after']}/{s['total']}")
         print("client private-footprint peaks: " + ", ".join(
-            f"{name} {format_mib(b)} MiB" for name, b in report.peaks.items()))
-        print(f"adapters: {report.out}; done in {report.seconds:.0f} s")
+            f"{name} {format_mib(b) + ' MiB' if b else 'unknown'}" for name, b in report.peaks.items()))
+        print(f"adapters: {report.out}" if report.out else "(pass --out DIR to keep the adapters)")
+        print(f"done in {report.seconds:.0f} s ({report.federation_seconds:.0f} s of federation)")
         return 0
     for flag in ("model", "clients", "out"):
         if not getattr(args, flag):
