@@ -334,7 +334,8 @@ def run_local_federation(s: FederationSettings, progress: Callable[[dict], None]
             signal.signal(signal.SIGTERM, previous_term)
     summary_path = out / SUMMARY
     if not summary_path.is_file():
-        raise MespError(f"the federated run failed: {error or 'it ended without a summary'} (logs: {log_dir})")
+        why = error or f"it ended without a summary; last output: {last_line(log_dir / 'flwr-run.log')}"
+        raise MespError(f"the federated run failed: {why} (logs: {log_dir})")
     summary = json.loads(summary_path.read_text())
     return FederationResult(out=str(out), rounds=summary["rounds"], valid_loss=summary.get("valid_loss"),
                             seconds=time.perf_counter() - started, ports=used)
@@ -375,5 +376,8 @@ def follow_run(group: ProcessGroup, runner: subprocess.Popen, servers: list[str]
             emit(event)
             if event.get("event") in ("done", "error"):
                 break
-    runner.wait()
-    return error
+    try:
+        runner.wait(timeout=STOP_GRACE)  # the stream ends with the run; stop() ends it otherwise
+    except subprocess.TimeoutExpired:
+        pass
+    return error or (None if runner.returncode == 0 else last_line(group.log_path("flwr-run")))

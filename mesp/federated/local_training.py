@@ -18,6 +18,7 @@ from dataclasses import dataclass
 
 import torch
 
+from .. import memory
 from ..data import MicroBatchStream, load_jsonl
 from ..errors import MespError
 from ..loaders import load_model
@@ -33,7 +34,7 @@ log = logging.getLogger(__name__)
 PRIVATE_FIELDS = ("RssAnon", "VmSwap", "RssShmem")  # memory only this process holds: what a device must grant it
 
 
-def private_footprint_bytes() -> int | None:
+def read_private_footprint() -> int | None:
     """RssAnon + VmSwap + RssShmem of this process from /proc/self/status; None off Linux. (File-backed pages,
     such as memory-mapped weights, are not counted: the kernel can drop and re-read them.)"""
     try:
@@ -45,6 +46,10 @@ def private_footprint_bytes() -> int | None:
         return sum(int(fields[name].split()[0]) * 1024 for name in PRIVATE_FIELDS if name in fields)
     except ValueError:
         return None
+
+
+# mesp.memory's meter where this mesp has one (the same definition), else the reading above
+private_footprint_bytes = getattr(memory, "private_footprint_bytes", read_private_footprint)
 
 
 class FootprintSampler:
