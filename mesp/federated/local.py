@@ -32,7 +32,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import detect_format, read_jsonl
+from ..data import check_jsonl, read_jsonl
 from ..errors import MespError
 from . import APP_DIR
 from .local_training import ClientSettings
@@ -89,7 +89,8 @@ def client_name(path: str) -> str:
 
 
 def check_client_files(paths: list[str]) -> None:
-    """Every client file exists and each line is a JSON object in a trainable format; names are distinct."""
+    """Every client file exists and each line is a sample in a format mesp trains on (mesp.data.check_jsonl,
+    no tokenizer needed); the names are distinct."""
     if not paths:
         raise MespError("--clients: give at least one JSONL file")
     seen: dict[str, str] = {}
@@ -98,11 +99,8 @@ def check_client_files(paths: list[str]) -> None:
         if name in seen:
             raise MespError(f"--clients: {seen[name]} and {p} share the client name {name!r} (the file stem)")
         seen[name] = p
-        n = 0
-        for _, where, obj in read_jsonl(p):
-            detect_format(obj, where)
-            n += 1
-        if n == 0:
+        check_jsonl(p)
+        if next(read_jsonl(p), None) is None:
             raise MespError(f"{p}: no samples (the file is empty)")
 
 
@@ -120,8 +118,7 @@ def check_settings(s: FederationSettings) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MespError(f"--out: {out} exists and is not an empty directory")
     if s.valid:
-        for _, where, obj in read_jsonl(s.valid):
-            detect_format(obj, where)
+        check_jsonl(s.valid)
     check_client_files(s.clients)
 
 

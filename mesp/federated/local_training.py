@@ -12,17 +12,16 @@ from __future__ import annotations
 import logging
 import math
 import os
-import threading
 import time
 from dataclasses import dataclass
 
 import torch
 
-from .. import memory
 from ..data import MicroBatchStream, load_jsonl
 from ..errors import MespError
 from ..loaders import load_model
 from ..lora import add_lora, adapter_state
+from ..memory import FootprintMeter
 from ..optim import learning_rate
 from ..seeds import mix_seed
 from ..tokenizer import load_tokenizer
@@ -30,57 +29,6 @@ from ..train import NonFiniteGradient, one_step
 from ..train_config import TrainConfig, lora_config, optimizer_of, resolve
 
 log = logging.getLogger(__name__)
-
-PRIVATE_FIELDS = ("RssAnon", "VmSwap", "RssShmem")  # memory only this process holds: what a device must grant it
-
-
-def read_private_footprint() -> int | None:
-    """RssAnon + VmSwap + RssShmem of this process from /proc/self/status; None off Linux. (File-backed pages,
-    such as memory-mapped weights, are not counted: the kernel can drop and re-read them.)"""
-    try:
-        with open("/proc/self/status") as f:
-            fields = dict(line.split(":", 1) for line in f if ":" in line)
-    except OSError:
-        return None
-    try:
-        return sum(int(fields[name].split()[0]) * 1024 for name in PRIVATE_FIELDS if name in fields)
-    except ValueError:
-        return None
-
-
-# mesp.memory's meter where this mesp has one (the same definition), else the reading above
-private_footprint_bytes = getattr(memory, "private_footprint_bytes", read_private_footprint)
-
-
-class FootprintSampler:
-    """A daemon thread sampling private_footprint_bytes() every `interval` seconds; `peak_bytes` is the largest
-    sample (None where unknown). Sampling, not the kernel's high-water mark: no such mark exists for RssAnon."""
-
-    def __init__(self, interval: float = 0.005):
-        self.interval = interval
-        self.peak_bytes: int | None = None
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, daemon=True, name="mesp-footprint")
-
-    def _sample(self) -> None:
-        now = private_footprint_bytes()
-        if now is not None and (self.peak_bytes is None or now > self.peak_bytes):
-            self.peak_bytes = now
-
-    def _run(self) -> None:
-        while not self._stop.wait(self.interval):
-            self._sample()
-
-    def __enter__(self) -> "FootprintSampler":
-        self._sample()
-        self._thread.start()
-        return self
-
-    def __exit__(self, *exc) -> None:
-        self._stop.set()
-        self._thread.join()
-        self._sample()
-
 
 @dataclass
 class ClientSettings:
@@ -130,7 +78,7 @@ class ClientResult:
     num_examples: int  # samples in the client's file: FedAvg's weight
     loss: float  # mean training loss of this round's local steps
     seconds: float
-    private_peak_bytes: int | None  # private-footprint peak of this process so far
+    private_peak_bytes: int | None  # private-footprint peak of this round (model load and training)
 
 
 def set_adapter(model, tensors: dict[str, torch.Tensor], where: str) -> None:
@@ -151,9 +99,9 @@ def set_adapter(model, tensors: dict[str, torch.Tensor], where: str) -> None:
 def train_client(settings: ClientSettings, data: str, global_tensors: dict[str, torch.Tensor],
                  server_round: int) -> ClientResult:
     """Round `server_round` (from 1) of one client: the global adapter trained `settings.steps` steps on
-    `data`. Runs under a FootprintSampler so the reply carries the client's private-footprint peak."""
+    `data`. Runs under a FootprintMeter so the reply carries the client's private-footprint peak."""
     c = settings.train_config(data)
-    with FootprintSampler() as sampler:
+    with FootprintMeter() as meter:
         started = time.perf_counter()
         model = load_model(c.model, dtype=c.dtype)
         dataset = load_jsonl(c.data, get_tokenizer=lambda: load_tokenizer(model), seq_len=c.seq_len,
@@ -181,4 +129,4 @@ def train_client(settings: ClientSettings, data: str, global_tensors: dict[str, 
         tensors = {k: v.detach().float().cpu().clone() for k, v in adapter_state(model).items()}
         seconds = time.perf_counter() - started
     return ClientResult(tensors=tensors, num_examples=len(dataset), loss=sum(losses) / len(losses),
-                        seconds=seconds, private_peak_bytes=sampler.peak_bytes)
+                        seconds=seconds, private_peak_bytes=meter.private_peak_bytes)
