@@ -75,7 +75,8 @@ def run_federated_demo(out: str | None = None, port: int | None = None,
         say(f"mesp federated demo: {len(PEOPLE)} clients ({', '.join(PEOPLE)}), each with facts about one person; "
             f"{settings.rounds} rounds of {settings.local_steps} MeSP steps on {settings.model}; asking the "
             f"held-out questions first ...")
-        model = load_model(settings.model)
+        # the scoring runs in this process, not on a device: resident weights generate faster than streamed
+        model = load_model(settings.model, weights="resident")
         tokenizer = load_tokenizer(model)
         for person, items in answers.items():
             for a, text in zip(items, ask(model, tokenizer, [a.question for a in items], MAX_NEW_TOKENS)):
@@ -83,7 +84,7 @@ def run_federated_demo(out: str | None = None, port: int | None = None,
         del model  # the clients load their own; the launcher's process need not hold one meanwhile
         result = run_local_federation(settings, progress=progress)
         say(f"asking again with the round-{settings.rounds} global adapter ...")
-        model = load_model(settings.model)
+        model = load_model(settings.model, weights="resident")
         load_adapter(model, run_dir / f"round-{settings.rounds}" / "global")
         for person, items in answers.items():
             for a, text in zip(items, ask(model, tokenizer, [a.question for a in items], MAX_NEW_TOKENS)):
