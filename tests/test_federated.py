@@ -10,6 +10,7 @@ import json
 import os
 import random
 import socket
+import uuid
 from pathlib import Path
 
 import pytest
@@ -25,17 +26,25 @@ from mesp.federated.local_training import ClientSettings, train_client  # noqa: 
 WEIGHTS = "adapter_model.safetensors"
 
 
+@pytest.fixture
+def marked(monkeypatch):
+    """A mark in this test's environment, which every process the launcher starts inherits (its own tag is
+    per run; this one tells this test's processes from any other federation on the machine)."""
+    monkeypatch.setenv("MESP_TEST_FEDERATION", uuid.uuid4().hex)
+
+
 def federation_processes() -> list[int]:
-    """Live processes carrying any federation's tag (only mesp federated sets it)."""
+    """Live processes (other than this one) started under this test's mark, with a launcher's tag."""
+    mark = f"MESP_TEST_FEDERATION={os.environ['MESP_TEST_FEDERATION']}".encode()
     pids = []
     for entry in Path("/proc").glob("[0-9]*"):
         try:
             env = (entry / "environ").read_bytes().split(b"\0")
         except OSError:
             continue
-        if any(v.startswith(TAG_VARIABLE.encode() + b"=") for v in env):
+        if mark in env and any(v.startswith(TAG_VARIABLE.encode() + b"=") for v in env):
             pids.append(int(entry.name))
-    return pids
+    return [p for p in pids if p != os.getpid()]
 
 
 @pytest.fixture(scope="module")
@@ -52,7 +61,7 @@ def tiny(make_hf_model, tmp_path_factory):
     return str(path), files
 
 
-def test_round1_global_is_example_weighted_mean_and_occupied_port_is_skipped(tiny, tmp_path):
+def test_round1_global_is_example_weighted_mean_and_occupied_port_is_skipped(tiny, tmp_path, marked):
     model, files = tiny
     with socket.socket() as taken:  # occupy a port and ask the launcher to start there
         taken.bind(("127.0.0.1", 0))
@@ -94,7 +103,7 @@ def test_round1_global_is_example_weighted_mean_and_occupied_port_is_skipped(tin
     assert (out / "round-2" / "clients" / "carol" / "metrics.json").is_file()
 
 
-def test_malformed_client_file_is_named_before_any_process_starts(tiny, tmp_path, capsys):
+def test_malformed_client_file_is_named_before_any_process_starts(tiny, tmp_path, capsys, marked):
     model, files = tiny
     bad = tmp_path / "dave.jsonl"
     bad.write_text('{"input_ids": [1, 2, 3]}\n{"input_ids": [1, 2\n')
@@ -108,7 +117,7 @@ def test_malformed_client_file_is_named_before_any_process_starts(tiny, tmp_path
     assert federation_processes() == []
 
 
-def test_client_failing_mid_run_ends_it_with_one_line_and_nothing_left(tiny, tmp_path, capsys):
+def test_client_failing_mid_run_ends_it_with_one_line_and_nothing_left(tiny, tmp_path, capsys, marked):
     model, files = tiny
     bad = tmp_path / "erin.jsonl"
     bad.write_text('{"input_ids": [1, 2, 100000]}\n')  # well-formed, but outside the model's vocabulary
@@ -122,7 +131,7 @@ def test_client_failing_mid_run_ends_it_with_one_line_and_nothing_left(tiny, tmp
     assert not (tmp_path / "run" / "summary.json").exists()
 
 
-def test_bad_settings_fail_before_any_process(tiny, tmp_path, capsys):
+def test_bad_settings_fail_before_any_process(tiny, tmp_path, capsys, marked):
     model, files = tiny
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
