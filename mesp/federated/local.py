@@ -34,9 +34,8 @@ from pathlib import Path
 
 from ..data import check_jsonl, read_jsonl
 from ..errors import MespError
-from . import APP_DIR
+from . import APP_DIR, PROGRESS_MARK, SUMMARY
 from .local_training import ClientSettings
-from .server_app import PROGRESS_MARK, SUMMARY
 
 log = logging.getLogger(__name__)
 

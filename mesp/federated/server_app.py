@@ -29,13 +29,12 @@ from ..lora import adapter_state, add_lora, save_adapter
 from ..tokenizer import load_tokenizer
 from ..train import evaluate
 from ..train_config import lora_config
+from . import PROGRESS_MARK, SUMMARY
 from .client_app import CLIENT, METRICS
 from .local_training import ClientSettings, set_adapter
 
 log = logging.getLogger(__name__)
 
-PROGRESS_MARK = "mesp-federated: "
-SUMMARY = "summary.json"
 
 app = ServerApp()
 
