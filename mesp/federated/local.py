@@ -241,11 +241,16 @@ class ProcessGroup:
         for p in self.processes.values():
             signal_group(p.pid, signal.SIGKILL)  # the group may outlive its leader
             p.wait()
-        for pid in tagged_processes(self.tag):
-            try:
-                os.kill(pid, signal.SIGKILL)
-            except OSError:
-                pass
+        # stragglers: Flower starts some helpers in sessions of their own; one may be starting another as we
+        # look, so look again until none is left (a killed process leaves /proc once it is gone)
+        deadline = time.monotonic() + STOP_GRACE
+        while (left := tagged_processes(self.tag)) and time.monotonic() < deadline:
+            for pid in left:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
+            time.sleep(0.05)
         for f in self._logs:
             f.close()
 
