@@ -8,6 +8,7 @@ from .lora import LoraConfig, add_lora, load_adapter, save_adapter
 from .methods import compute_gradients
 from .model import Model, forward
 from .presets import PRESETS, list_presets
+from .quantize import quantize_model
 from .tokenizer import load_tokenizer
 from .train import TrainResult, train
 from .train_config import TrainConfig

@@ -180,7 +180,8 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
 
     Full [N, V] logits never exist. Counted rows go in blocks of at most chunk_size tokens, and each block
     meets the vocabulary in slices of Vc rows of W, with Vc chosen so one fp32 logits slice [n, Vc] stays
-    within chunk_bytes. Slicing the vocabulary rather than the tokens matters for speed: W (V x d, the
+    within chunk_bytes (and so do a slice's [Vc, d] rows of W, which a quantized or streamed W dequantizes). Slicing
+    the vocabulary rather than the tokens matters for speed: W (V x d, the
     largest weight) is then read three times per block (log-sum-exp pass, then recompute + gradient pass)
     instead of twice per handful of tokens.
       pass 1: online log-sum-exp over slices: m = running max, s = running sum of exp(logit - m);
@@ -199,7 +200,9 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
         idx = rows[c0 : c0 + chunk_size]
         n = idx.numel()
         h, t = hidden[idx], targets[idx]
-        vc = max(1, min(V, chunk_bytes // (n * 4)))
+        # a quantized or streamed head decodes each slice, so its [Vc, d] rows are bounded too; every form of
+        # the head takes the same slices, so they all sum g_hidden in the same order (bit-identical results)
+        vc = max(1, min(V, chunk_bytes // (n * 4), chunk_bytes // (h.shape[-1] * 4)))
         slices = [(v0, min(V, v0 + vc)) for v0 in range(0, V, vc)]
         m = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
         s = torch.zeros(n, dtype=acc, device=h.device)

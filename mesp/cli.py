@@ -32,6 +32,7 @@ from .lora import load_adapter
 from .memory import format_mib, return_freed_memory_to_os
 from .merge import merge_adapter
 from .presets import PRESETS
+from .quantize import quantize_model
 from .settings import add_arguments, given, read_toml
 from .tokenizer import load_tokenizer
 from .interrupt import exit_status
@@ -254,6 +255,25 @@ def merge_run(args) -> int:
     print(f"merged {r.merged_modules} LoRA projections into {r.tensors} {r.dtype} tensors "
           f"({format_mib(r.total_bytes)} MiB: {files})")
     print(f"model: {r.out_dir}")
+    return 0
+
+
+# ---- quantize ------------------------------------------------------------------------------------------
+
+def quantize_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("source", help="the model: HF directory, .gguf file or preset name")
+    p.add_argument("--to", required=True, metavar="q4_0|q4_1|q8_0",
+                   help="block type of the matrices (norms, biases and matrices of other widths stay F32)")
+    p.add_argument("--out", required=True, metavar="FILE.gguf", help="the GGUF file to write")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+
+
+@command("quantize", quantize_args, "Write a model as a GGUF file with Q4_0, Q4_1 or Q8_0 matrices, one block of "
+                                    "rows at a time (loads streamed by default).")
+def quantize_run(args) -> int:
+    r = quantize_model(args.source, args.to, args.out, overwrite=args.overwrite)
+    print(f"wrote {r.out}: {r.tensors} tensors, {r.quantized} in {r.target}, {r.tensors - r.quantized} F32 "
+          f"({format_mib(r.bytes)} MiB)")
     return 0
 
 

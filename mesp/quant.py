@@ -367,7 +367,7 @@ class Int4Weight(FrozenWeight):
     @classmethod
     def pack(cls, block_codes, shape, group: int, dtype: torch.dtype = torch.float32) -> "Int4Weight":
         """Build an [N, K] weight block of rows by block: block_codes(n0, n1) gives rows [n0, n1) as (codes
-        int32 [n1-n0, K] in 0..15, scale [n1-n0, K/group], zero [n1-n0, K/group]). Blocks start on multiples of
+        [n1-n0, K] in 0..15 (any integer dtype), scale [n1-n0, K/group], zero [n1-n0, K/group]). Blocks start on multiples of
         the layout's B rows (the kernel packs per block of B rows) and hold at most QUANT_BLOCK_ELEMENTS
         values, so no full-size intermediate of the matrix exists."""
         N, K = shape
@@ -376,7 +376,8 @@ class Int4Weight(FrozenWeight):
         scale_zero = torch.empty(K // group, N, 2, dtype=torch.float32)
         for n0, n1 in quant_blocks(N, K, int4_layout()[0]):
             codes, scale, zero = block_codes(n0, n1)
-            flat[n0 * K // 2: n1 * K // 2] = torch._convert_weight_to_int4pack_for_cpu(codes, 1).reshape(-1)
+            flat[n0 * K // 2: n1 * K // 2] = torch._convert_weight_to_int4pack_for_cpu(
+                codes.to(torch.int32), 1).reshape(-1)
             scale_zero[:, n0:n1, 0] = scale.t()
             scale_zero[:, n0:n1, 1] = zero.t()
             del codes

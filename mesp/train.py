@@ -31,6 +31,7 @@ from .memory import RUNTIME_FLOOR_LABEL, FootprintMeter, PeakMemory, peak_rss_by
 from .methods import compute_gradients, mezo
 from .methods.common import forward_loss, prepare_batch
 from .optim import clip_grad_norm, learning_rate
+from .scratch import require_scratch_directory
 from .seeds import mix_seed
 from .tokenizer import load_tokenizer
 from .train_config import DEFAULT_LR, TrainConfig, lora_config, optimizer_of, resolve
@@ -100,6 +101,8 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     c = resolve(config)
     out = Path(c.out)
     ckpt = check_out_dir(c)
+    if c.scratch_dir is not None:
+        require_scratch_directory(c.scratch_dir)  # before anything is loaded or written
     for path in (c.data, c.valid) if c.valid else (c.data,):
         check_jsonl(path)  # bad data is reported before the model loads
     # the floor is measured in a subprocess: started now, it costs no wall time; its memory is not ours
@@ -244,12 +247,13 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
                     optimizer.update(key, params[key], g, lr)
 
         loss, _ = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method="mesp",
-                                    normalizer=normalizer, on_layer_grads=update_layer)
+                                    normalizer=normalizer, offload_checkpoints=scratch_directory(c),
+                                    on_layer_grads=update_layer)
         return float(loss)
     total_loss, total = 0.0, None
     for b in batches:
         loss, grads = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method=c.method,
-                                        normalizer=normalizer)
+                                        normalizer=normalizer, offload_checkpoints=scratch_directory(c))
         total_loss += float(loss)
         if total is None:
             total = grads
@@ -264,6 +268,13 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
     with stage("update"):
         optimizer.step(params, total, lr)
     return total_loss
+
+
+def scratch_directory(c: TrainConfig) -> str | None:
+    """Where the activation checkpoints' scratch file goes: None (RAM), --scratch-dir, or the run directory."""
+    if not c.offload_checkpoints:
+        return None
+    return c.scratch_dir or c.out
 
 
 def require_finite(grads: dict[str, torch.Tensor]) -> None:

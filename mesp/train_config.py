@@ -17,7 +17,7 @@ import torch
 
 from .errors import MespError
 from .lora import ALL_TARGETS, LoraConfig, naming_fields
-from .methods import METHODS
+from .methods import CHECKPOINTING_METHODS, METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
 from .presets import PRESETS
@@ -81,6 +81,10 @@ class TrainConfig:
     mezo_eps: float = setting(1e-2, "MeZO perturbation size")
     quantize: str | None = setting(None, QUANTIZE_HELP, choices=QUANTIZE_CHOICES)  # passed to load_model
     weights: str | None = setting(None, WEIGHTS_HELP, choices=WEIGHTS)  # passed to load_model
+    offload_checkpoints: bool = setting(False, "mesp, mebp: keep each layer's input in a memory-mapped scratch "
+                                               "file (in --out, or --scratch-dir) instead of RAM")
+    scratch_dir: str | None = setting(None, "directory of the --offload-checkpoints scratch file "
+                                            "(default: the run directory)", metavar="DIR")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -190,6 +194,13 @@ def resolve(config: TrainConfig) -> TrainConfig:
     learning_rate(0, c.lr, 1, c.schedule, c.warmup)  # checks the schedule
     if c.max_grad_norm is not None and not c.max_grad_norm > 0:
         raise MespError(f"max_grad_norm: must be positive, got {c.max_grad_norm!r}")
+    if c.offload_checkpoints and c.method not in CHECKPOINTING_METHODS:
+        raise MespError(f"offload_checkpoints: method {c.method} keeps no per-layer checkpoints; use "
+                        f"{' or '.join(CHECKPOINTING_METHODS)}")
+    if c.scratch_dir is not None:
+        if not c.offload_checkpoints:
+            raise MespError("scratch_dir: only used with offload_checkpoints")
+        c.scratch_dir = os.path.abspath(c.scratch_dir)
     if c.resume and c.overwrite:
         raise MespError("give resume or overwrite, not both")
     return c

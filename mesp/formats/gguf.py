@@ -1,6 +1,7 @@
 """GGUF, llama.cpp's format: everything mesp knows about it, read through the `gguf` package.
 
     open_gguf(path)                      the file's reader (a MespError, naming the file, if it is not GGUF)
+    check_gguf_header(path)              every count, length and tensor extent checked against the file's size
     gguf_config(reader, where)           its metadata as the transformers config.json dict
     gguf_tensors(reader, cfg, where, ...) (Hugging Face name, tensor or quantized weight) of every tensor
 
@@ -15,20 +16,21 @@ What differs from a Hugging Face checkpoint, and where it is undone here:
 - metadata: sizes under "<arch>.*" keys, float32 values, llama3 rope scaling stored as a rope_freqs tensor of
   per-frequency divisors (llama3_rope_scaling recovers the parameters); what llama.cpp hard-codes for Gemma 3
   (local RoPE base 10000, every 6th layer global, query_pre_attn_scalar) is filled in as llama.cpp does;
-- blocks: Q8_0 / Q4_0 / Q4_1 blocks decode into mesp.quant's Int8Weight / Int4Weight form (q8_0_codes,
-  q4_codes); Q5_0 / Q5_1 and the K-quants Q4_K / Q5_K / Q6_K stay in their own blocks (mesp.quant.BlockWeight,
-  decoders in mesp.formats.gguf_blocks). Either kind is kept resident (gguf_weight), left in the memory-mapped
-  file and decoded rows at a time (mapped_weight, mesp.streamed), or decoded dense; other types are dequantized
-  by the gguf package.
+- blocks (mesp.formats.gguf_blocks): Q8_0 / Q4_0 / Q4_1 decode into mesp.quant's Int8Weight / Int4Weight
+  form, Q5_0 / Q5_1 and the K-quants Q4_K / Q5_K / Q6_K stay in their own blocks (mesp.quant.BlockWeight);
+  either kind is kept resident (gguf_weight), left in the memory-mapped file and decoded rows at a time
+  (mapped_weight, mesp.streamed), or decoded dense; other types are dequantized by the gguf package.
 
-A writer belongs here too: it would invert the same name tables and the permutation, so each fact about the
-format stays written once.
+mesp.formats.gguf_writer writes files by inverting these same tables and the permutation, so each fact about
+the format stays written once.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import os
+import struct
 from pathlib import Path
 
 import gguf  # the PyPI package (this module is mesp.formats.gguf)
@@ -37,9 +39,8 @@ import torch
 
 from ..errors import MespError, one_line
 from ..families import FAMILIES, ModelConfig, expected_shapes
-from ..quant import BlockWeight, Int4Weight, Int8Weight, int4_dense, int4_layout, int8_dense
-from ..streamed import MappedFile, MappedWeight
-from .gguf_blocks import BLOCK_DECODERS, fp16_field
+from ..streamed import MappedFile
+from .gguf_blocks import gguf_weight, mapped_weight
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,142 @@ def permuted_heads(cfg: ModelConfig, hf_name: str) -> int | None:
 # ---- metadata -------------------------------------------------------------------------------------------
 
 def open_gguf(path: Path):
-    """The gguf package's reader of `path`; a MespError naming the file when it is not a readable GGUF file."""
+    """The gguf package's reader of `path`; a MespError naming the file when it is not a readable GGUF file.
+
+    check_gguf_header runs first: the package's reader sizes its work by the file's counts and lengths, so a
+    truncated or lying header must be refused before it sees the file."""
+    check_gguf_header(path)
     try:
         return gguf.GGUFReader(str(path))
     except Exception as e:  # ValueError / struct errors / IndexError on a truncated or foreign file
         raise MespError(f"{path}: unreadable GGUF file ({one_line(e)})") from e
+
+
+GGUF_MAGIC = b"GGUF"
+GGUF_VERSIONS = (2, 3)  # 64-bit counts and lengths (what the gguf package reads)
+GGML_MAX_DIMS = 4
+# smallest possible encodings, to bound counts by the bytes left: a key/value is a key length (8), a value
+# type (4) and a value of at least 1 byte; a tensor info a name length (8), a dim count (4), one dim (8), a
+# type (4) and an offset (8)
+MIN_KV_BYTES, MIN_TENSOR_INFO_BYTES = 13, 32
+_SCALAR_SIZES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
+                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
+                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
+                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
+
+
+class _HeaderCursor:
+    """Reads a GGUF header front to back with every length checked against the bytes the file has left, so
+    nothing is read or allocated on a length's word alone."""
+
+    def __init__(self, f, path, size: int):
+        self.f, self.path, self.size, self.pos = f, path, size, 0
+
+    def fail(self, what: str):
+        raise MespError(f"{self.path}: unreadable GGUF file: {what} (file of {self.size} bytes)")
+
+    def take(self, n: int, what: str) -> bytes:
+        if n > self.size - self.pos:
+            self.fail(f"{what} at byte {self.pos} needs {n} bytes, past the end of the file")
+        data = self.f.read(n)
+        self.pos += n
+        return data
+
+    def skip(self, n: int, what: str) -> None:
+        if n > self.size - self.pos:
+            self.fail(f"{what} at byte {self.pos} needs {n} bytes, past the end of the file")
+        self.f.seek(n, 1)
+        self.pos += n
+
+    def u32(self, what: str) -> int:
+        return struct.unpack("<I", self.take(4, what))[0]
+
+    def u64(self, what: str) -> int:
+        return struct.unpack("<Q", self.take(8, what))[0]
+
+    def string(self, what: str, keep: bool = True) -> str | None:
+        n = self.u64(f"{what} length")
+        if not keep:
+            self.skip(n, what)
+            return None
+        return self.take(n, what).decode("utf-8", errors="replace")
+
+    def value(self, vtype: int, what: str, depth: int = 0):
+        """Skip (or, for scalars, return) one value of type `vtype`."""
+        T = gguf.GGUFValueType
+        if vtype in _SCALAR_SIZES:
+            raw = self.take(_SCALAR_SIZES[vtype], what)
+            return int.from_bytes(raw, "little") if vtype in (T.UINT8, T.UINT16, T.UINT32, T.UINT64) else None
+        if vtype == T.STRING:
+            return self.string(what, keep=False)
+        if vtype == T.ARRAY and depth < 2:
+            item = self.u32(f"{what} item type")
+            count = self.u64(f"{what} count")
+            if item in _SCALAR_SIZES:
+                self.skip(count * _SCALAR_SIZES[item], f"{what} ({count} items)")
+            elif count > (self.size - self.pos) // 8:  # every string or array item takes at least 8 bytes
+                self.fail(f"{what} claims {count} items, more than the file can hold")
+            else:
+                for _ in range(count):
+                    self.value(item, what, depth + 1)
+            return None
+        self.fail(f"{what} has unknown value type {vtype}")
+
+
+def check_gguf_header(path: Path) -> None:
+    """Check a GGUF file's header against its size before anything else reads it: magic and version; tensor
+    and key/value counts within what the remaining bytes could hold; every string, array and tensor info
+    inside the file; every tensor's type known, its dims sane, and its data (offset + bytes its shape and type
+    need) inside the file. MespError naming the file and the fault; nothing is read beyond the header."""
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise MespError(f"{path}: cannot read ({one_line(e)})") from e
+    with f:
+        c = _HeaderCursor(f, path, size)
+        magic = c.take(4, "magic")
+        if magic != GGUF_MAGIC:
+            raise MespError(f"{path}: unreadable GGUF file: not GGUF (magic {magic!r})")
+        version = c.u32("version")
+        if version not in GGUF_VERSIONS:
+            c.fail(f"unsupported version {version}")
+        n_tensors, n_kv = c.u64("tensor count"), c.u64("key/value count")
+        left = size - c.pos
+        if n_kv > left // MIN_KV_BYTES or n_tensors > left // MIN_TENSOR_INFO_BYTES or \
+                n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > left:
+            c.fail(f"{n_tensors} tensors and {n_kv} key/values cannot fit in the {left} bytes after the header")
+        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
+        for i in range(n_kv):
+            key = c.string(f"key {i}")
+            vtype = c.u32(f"type of {key!r}")
+            v = c.value(vtype, f"value of {key!r}")
+            if key == "general.alignment":
+                if not v or v & (v - 1):
+                    c.fail(f"general.alignment {v} is not a power of two")
+                alignment = v
+        tensors = []
+        for i in range(n_tensors):
+            name = c.string(f"tensor {i} name")
+            n_dims = c.u32(f"tensor {name!r} dim count")
+            if not 1 <= n_dims <= GGML_MAX_DIMS:
+                c.fail(f"tensor {name!r} has {n_dims} dims")
+            dims = [c.u64(f"tensor {name!r} dims") for _ in range(n_dims)]
+            kind = c.u32(f"tensor {name!r} type")
+            offset = c.u64(f"tensor {name!r} offset")
+            tensors.append((name, dims, kind, offset))
+        data_start = -(-c.pos // alignment) * alignment
+        for name, dims, kind, offset in tensors:
+            try:
+                block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
+            except (ValueError, KeyError):
+                c.fail(f"tensor {name!r} has unknown type {kind}")
+            if dims[0] % block:
+                c.fail(f"tensor {name!r} rows of {dims[0]} are not whole blocks of {block}")
+            nbytes = math.prod(dims) // block * type_bytes
+            if data_start + offset + nbytes > size:
+                c.fail(f"tensor {name!r} data [{data_start + offset}, {data_start + offset + nbytes}) "
+                       f"extends past the end of the file")
 
 
 def metadata_value(reader, key, default=None):
@@ -120,24 +252,32 @@ def metadata_value(reader, key, default=None):
     return f.contents()
 
 
+def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
+                        orig: int) -> list[float]:
+    """convert_hf_to_gguf's rope_freqs tensor for llama3 rope scaling: per frequency, the divisor llama3
+    applies (1 for short wavelengths, `factor` for long ones, a smooth blend between)."""
+    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
+    low_wl, high_wl = orig / low, orig / high
+    out = []
+    for f in inv:
+        wl = 2 * math.pi / f
+        if wl < high_wl:
+            out.append(1.0)
+        elif wl > low_wl:
+            out.append(factor)
+        else:
+            s = (orig / wl - low) / (high - low)
+            out.append(1.0 / ((1 - s) / factor + s))
+    return out
+
+
 def llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> dict:
     """Recover llama3 rope_scaling from llama.cpp's rope_freqs tensor (its per-frequency divisors)."""
-    inv = 1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.float64) / head_dim)
     top = float(np.float32(freqs.max())) if len(freqs) else 1.0
     for orig in [8192] + [2 ** k for k in range(4, 18) if k != 13]:
         for factor in dict.fromkeys([round(top), 8.0, 32.0, 16.0, 4.0, 2.0, 64.0]):
             for low, high in ((1.0, 4.0), (1.0, 2.0), (1.0, 8.0)):
-                low_wl, high_wl = orig / low, orig / high
-                out = []
-                for f in inv:
-                    wl = 2 * math.pi / f
-                    if wl < high_wl:
-                        out.append(1.0)
-                    elif wl > low_wl:
-                        out.append(factor)
-                    else:
-                        s = (orig / wl - low) / (high - low)
-                        out.append(1.0 / ((1 - s) / factor + s))
+                out = llama3_rope_factors(head_dim, theta, factor, low, high, orig)
                 if len(out) == len(freqs) and np.allclose(out, freqs, rtol=1e-3, atol=1e-4):
                     return {"rope_type": "llama3", "factor": factor, "low_freq_factor": low,
                             "high_freq_factor": high, "original_max_position_embeddings": orig}
@@ -243,117 +383,6 @@ def dequantize(t, where: str) -> torch.Tensor:
     if not (arr.flags.writeable and arr.flags.c_contiguous):  # F32 comes back as a view of the mapped file
         arr = np.array(arr, dtype=np.float32, order="C")
     return torch.from_numpy(arr.reshape(shape))
-
-
-def q8_0_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks uint8 [rows, in / 32, 34] (fp16 d, then 32 int8 codes; w = d q) -> (q int8 [rows, in],
-    d fp32 [rows, in / 32]): Int8Weight's form (mesp.quant.int8_dense)."""
-    rows = blocks.shape[0]
-    return blocks[:, :, 2:].contiguous().view(torch.int8).reshape(rows, -1), fp16_field(blocks, 0)
-
-
-def q4_codes(blocks: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 (fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m, 16 bytes; w = d q + m) blocks, uint8
-    [rows, in / 32, 18 or 20] -> (codes int32 [rows, in] in 0..15, scale, zero fp32 [rows, in / 32]):
-    Int4Weight's form (mesp.quant.int4_dense), zero = m + 8 d for Q4_1, 0 for Q4_0. Byte j of a block holds
-    code j (low nibble) and code j + 16 (high nibble)."""
-    rows = blocks.shape[0]
-    head = 4 if with_min else 2
-    q = blocks[:, :, head:]
-    codes = torch.cat([q & 15, q >> 4], dim=-1).to(torch.int32).view(rows, -1)
-    d = fp16_field(blocks, 0)
-    zero = fp16_field(blocks, 2) + 8.0 * d if with_min else torch.zeros_like(d)
-    return codes, d, zero
-
-
-def _blocks(raw, perm: torch.Tensor | None, block_bytes: int) -> torch.Tensor:
-    """Raw rows (numpy uint8 [out, in / 32 * block_bytes]) as torch blocks [out, in / 32, block_bytes], rows
-    reordered by `perm` (llama q/k un-permutation)."""
-    raw = np.asarray(raw)
-    if perm is not None:
-        raw = raw[perm.numpy()]
-    return torch.from_numpy(np.array(raw, dtype=np.uint8)).view(raw.shape[0], -1, block_bytes)
-
-
-def q8_0_weight(raw: np.ndarray, perm: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Int8Weight:
-    """GGUF Q8_0 rows (raw uint8 [out, in / 32 * 34]) as a resident Int8Weight; `perm` reorders rows."""
-    q, d = q8_0_codes(_blocks(raw, perm, 34))
-    return Int8Weight(q, d, dtype)
-
-
-def q4_weight(raw: np.ndarray, with_min: bool, perm: torch.Tensor | None = None,
-              dtype: torch.dtype = torch.float32) -> Int4Weight:
-    """GGUF Q4_0 / Q4_1 rows (raw uint8 [out, in / 32 * block bytes], out a multiple of 16) as a resident
-    Int4Weight (see q4_codes); `perm` reorders rows."""
-    blocks = _blocks(raw, perm, 20 if with_min else 18)
-    N, K = blocks.shape[0], blocks.shape[1] * 32
-    return Int4Weight.pack(lambda n0, n1: q4_codes(blocks[n0:n1], with_min), (N, K), 32, dtype)
-
-
-def block_weight(raw: np.ndarray, qtype, perm: torch.Tensor | None = None,
-                 dtype: torch.dtype = torch.float32) -> BlockWeight:
-    """GGUF rows of a Q5_0 / Q5_1 / K-quant type (raw uint8 [out, in / block * block bytes]) kept as they are,
-    as a resident BlockWeight; `perm` reorders rows."""
-    block, size = gguf.GGML_QUANT_SIZES[qtype]
-    rows = _blocks(raw, perm, size)
-    return BlockWeight(rows.view(rows.shape[0], -1), (rows.shape[0], rows.shape[1] * block),
-                       _row_decoder(qtype), dtype)
-
-
-def gguf_weight(tensor, perm: torch.Tensor | None, dtype: torch.dtype):
-    """A GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K matrix kept in its own quantization (rows
-    reordered by `perm` if given), or None for any other tensor type (and for 4-bit matrices whose rows are not
-    a multiple of 16)."""
-    Q = gguf.GGMLQuantizationType
-    kind = tensor.tensor_type
-    if len(tensor.shape) != 2 or kind not in (Q.Q4_0, Q.Q4_1, Q.Q8_0, *BLOCK_DECODERS):
-        return None
-    raw = np.asarray(tensor.data)
-    if kind in BLOCK_DECODERS:
-        return block_weight(raw, kind, perm, dtype)
-    if kind == Q.Q8_0:
-        return q8_0_weight(raw, perm, dtype)
-    if raw.shape[0] % 16:
-        return None
-    return q4_weight(raw, kind == Q.Q4_1, perm, dtype)
-
-
-# ---- streamed rows --------------------------------------------------------------------------------------
-
-def _row_decoder(qtype):
-    """decode(raw uint8 [rows, row bytes], dtype) -> dense rows, for the tensor types a streamed weight reads;
-    None for any other. Q8_0 / Q4_0 / Q4_1 decode through Int8Weight's / Int4Weight's formulas, the other block
-    types through mesp.formats.gguf_blocks.BLOCK_DECODERS."""
-    Q = gguf.GGMLQuantizationType
-    floats = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-    if qtype in floats:
-        stored = floats[qtype]
-        return lambda raw, dtype: raw.view(stored).to(dtype)
-    if qtype == Q.Q8_0:
-        return lambda raw, dtype: int8_dense(*q8_0_codes(raw.view(raw.shape[0], -1, 34)), dtype)
-    if qtype in (Q.Q4_0, Q.Q4_1):
-        with_min, size = qtype == Q.Q4_1, 20 if qtype == Q.Q4_1 else 18
-        return lambda raw, dtype: int4_dense(*q4_codes(raw.view(raw.shape[0], -1, size), with_min), dtype)
-    if qtype in BLOCK_DECODERS:
-        decode, size = BLOCK_DECODERS[qtype], gguf.GGML_QUANT_SIZES[qtype][1]
-        return lambda raw, dtype: decode(raw.view(raw.shape[0], -1, size), dtype)
-    return None
-
-
-def mapped_weight(mapped: MappedFile, tensor, perm: torch.Tensor | None, dtype: torch.dtype):
-    """A 2-D F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K tensor left in the mapped file (mesp.streamed.MappedWeight,
-    rows reordered by `perm`), or None for any other tensor."""
-    decode = _row_decoder(tensor.tensor_type)
-    if decode is None or len(tensor.shape) != 2:
-        return None
-    N, K = int(tensor.shape[1]), int(tensor.shape[0])  # GGUF lists dims fastest-first
-    block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
-    if K % block:
-        return None
-    Q = gguf.GGMLQuantizationType
-    align = int4_layout()[0] if tensor.tensor_type in (Q.Q4_0, Q.Q4_1) and N % 16 == 0 else 1  # as Int4Weight
-    return MappedWeight(mapped, int(tensor.data_offset), (N, K), K // block * size, decode, perm, dtype,
-                        row_align=align)
 
 
 def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dtype: torch.dtype,

@@ -1,9 +1,13 @@
-"""GGUF's Q5 and K-quant block layouts, decoded in torch: raw blocks of a matrix's rows -> dense rows.
+"""GGUF's block types, decoded in torch, and the weight objects a GGUF matrix becomes (mesp.formats.gguf reads
+the file and names the tensors; this module knows what a tensor's bytes mean).
 
-    decode = BLOCK_DECODERS[qtype]        decode(blocks uint8 [rows, n, block bytes], dtype) -> [rows, n * values]
+    gguf_weight(tensor, perm, dtype)      a block-type matrix kept resident in its own quantization
+    mapped_weight(mapped, tensor, perm, dtype)  any readable 2-D matrix left in the memory-mapped file
+    BLOCK_DECODERS[qtype](blocks, dtype)  Q5 / K-quant blocks uint8 [rows, n, block bytes] -> [rows, n * values]
 
-The types, with w the decoded value of code q (all fp16 fields; llama.cpp's ggml-quants.c is the definition, the
-gguf package's numpy decoders the reference they are tested against, bit for bit):
+Q8_0 / Q4_0 / Q4_1 map exactly onto mesp.quant's Int8Weight / Int4Weight (q8_0_codes, q4_codes). The Q5 and
+K-quant types, with w the decoded value of code q (all fp16 fields; llama.cpp's ggml-quants.c is the definition,
+the gguf package's numpy decoders the reference they are tested against, bit for bit):
 - Q5_0 (32 values, 22 bytes): d, 4 bytes of high bits, 16 bytes of low nibbles; w = d (q - 16).
 - Q5_1 (32 values, 24 bytes): d, m, high bits, nibbles; w = d q + m.
 - Q4_K (256 values, 144 bytes): d, dmin, 12 bytes of 6-bit (scale, min) pairs for 8 sub-blocks of 32, 128 bytes
@@ -21,7 +25,11 @@ scale-of-scales structure has no exact form among mesp.quant's int4 / int8 weigh
 from __future__ import annotations
 
 import gguf
+import numpy as np
 import torch
+
+from ..quant import BlockWeight, Int4Weight, Int8Weight, int4_dense, int4_layout, int8_dense
+from ..streamed import MappedFile, MappedWeight
 
 Q = gguf.GGMLQuantizationType
 
@@ -117,3 +125,116 @@ def q6_k_dense(blocks: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 BLOCK_DECODERS = {Q.Q5_0: q5_0_dense, Q.Q5_1: q5_1_dense, Q.Q4_K: q4_k_dense, Q.Q5_K: q5_k_dense,
                   Q.Q6_K: q6_k_dense}
+
+
+# ---- weight objects -------------------------------------------------------------------------------------
+
+def q8_0_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Q8_0 blocks uint8 [rows, in / 32, 34] (fp16 d, then 32 int8 codes; w = d q) -> (q int8 [rows, in],
+    d fp32 [rows, in / 32]): Int8Weight's form (mesp.quant.int8_dense)."""
+    rows = blocks.shape[0]
+    return blocks[:, :, 2:].contiguous().view(torch.int8).reshape(rows, -1), fp16_field(blocks, 0)
+
+
+def q4_codes(blocks: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Q4_0 (fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m, 16 bytes; w = d q + m) blocks, uint8
+    [rows, in / 32, 18 or 20] -> (codes uint8 [rows, in] in 0..15, scale, zero fp32 [rows, in / 32]):
+    Int4Weight's form (mesp.quant.int4_dense), zero = m + 8 d for Q4_1, 0 for Q4_0. Byte j of a block holds
+    code j (low nibble) and code j + 16 (high nibble)."""
+    rows = blocks.shape[0]
+    head = 4 if with_min else 2
+    q = blocks[:, :, head:]
+    codes = torch.cat([q & 15, q >> 4], dim=-1).view(rows, -1)  # uint8: a quarter of int32's bytes per value
+    d = fp16_field(blocks, 0)
+    zero = fp16_field(blocks, 2) + 8.0 * d if with_min else torch.zeros_like(d)
+    return codes, d, zero
+
+
+def _blocks(raw, perm: torch.Tensor | None, block_bytes: int) -> torch.Tensor:
+    """Raw rows (numpy uint8 [out, in / 32 * block_bytes]) as torch blocks [out, in / 32, block_bytes], rows
+    reordered by `perm` (llama q/k un-permutation)."""
+    raw = np.asarray(raw)
+    if perm is not None:
+        raw = raw[perm.numpy()]
+    return torch.from_numpy(np.array(raw, dtype=np.uint8)).view(raw.shape[0], -1, block_bytes)
+
+
+def q8_0_weight(raw: np.ndarray, perm: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Int8Weight:
+    """GGUF Q8_0 rows (raw uint8 [out, in / 32 * 34]) as a resident Int8Weight; `perm` reorders rows."""
+    q, d = q8_0_codes(_blocks(raw, perm, 34))
+    return Int8Weight(q, d, dtype)
+
+
+def q4_weight(raw: np.ndarray, with_min: bool, perm: torch.Tensor | None = None,
+              dtype: torch.dtype = torch.float32) -> Int4Weight:
+    """GGUF Q4_0 / Q4_1 rows (raw uint8 [out, in / 32 * block bytes], out a multiple of 16) as a resident
+    Int4Weight (see q4_codes); `perm` reorders rows."""
+    blocks = _blocks(raw, perm, 20 if with_min else 18)
+    N, K = blocks.shape[0], blocks.shape[1] * 32
+    return Int4Weight.pack(lambda n0, n1: q4_codes(blocks[n0:n1], with_min), (N, K), 32, dtype)
+
+
+def block_weight(raw: np.ndarray, qtype, perm: torch.Tensor | None = None,
+                 dtype: torch.dtype = torch.float32) -> BlockWeight:
+    """GGUF rows of a Q5_0 / Q5_1 / K-quant type (raw uint8 [out, in / block * block bytes]) kept as they are,
+    as a resident BlockWeight; `perm` reorders rows."""
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rows = _blocks(raw, perm, size)
+    return BlockWeight(rows.view(rows.shape[0], -1), (rows.shape[0], rows.shape[1] * block),
+                       _row_decoder(qtype), dtype)
+
+
+def gguf_weight(tensor, perm: torch.Tensor | None, dtype: torch.dtype):
+    """A GGUF Q4_0 / Q4_1 / Q8_0 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K matrix kept in its own quantization (rows
+    reordered by `perm` if given), or None for any other tensor type (and for 4-bit matrices whose rows are not
+    a multiple of 16)."""
+    Q = gguf.GGMLQuantizationType
+    kind = tensor.tensor_type
+    if len(tensor.shape) != 2 or kind not in (Q.Q4_0, Q.Q4_1, Q.Q8_0, *BLOCK_DECODERS):
+        return None
+    raw = np.asarray(tensor.data)
+    if kind in BLOCK_DECODERS:
+        return block_weight(raw, kind, perm, dtype)
+    if kind == Q.Q8_0:
+        return q8_0_weight(raw, perm, dtype)
+    if raw.shape[0] % 16:
+        return None
+    return q4_weight(raw, kind == Q.Q4_1, perm, dtype)
+
+
+# ---- streamed rows --------------------------------------------------------------------------------------
+
+def _row_decoder(qtype):
+    """decode(raw uint8 [rows, row bytes], dtype) -> dense rows, for the tensor types a streamed weight reads;
+    None for any other. Q8_0 / Q4_0 / Q4_1 decode through Int8Weight's / Int4Weight's formulas, the other block
+    types through mesp.formats.gguf_blocks.BLOCK_DECODERS."""
+    Q = gguf.GGMLQuantizationType
+    floats = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
+    if qtype in floats:
+        stored = floats[qtype]
+        return lambda raw, dtype: raw.view(stored).to(dtype)
+    if qtype == Q.Q8_0:
+        return lambda raw, dtype: int8_dense(*q8_0_codes(raw.view(raw.shape[0], -1, 34)), dtype)
+    if qtype in (Q.Q4_0, Q.Q4_1):
+        with_min, size = qtype == Q.Q4_1, 20 if qtype == Q.Q4_1 else 18
+        return lambda raw, dtype: int4_dense(*q4_codes(raw.view(raw.shape[0], -1, size), with_min), dtype)
+    if qtype in BLOCK_DECODERS:
+        decode, size = BLOCK_DECODERS[qtype], gguf.GGML_QUANT_SIZES[qtype][1]
+        return lambda raw, dtype: decode(raw.view(raw.shape[0], -1, size), dtype)
+    return None
+
+
+def mapped_weight(mapped: MappedFile, tensor, perm: torch.Tensor | None, dtype: torch.dtype):
+    """A 2-D F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K tensor left in the mapped file (mesp.streamed.MappedWeight,
+    rows reordered by `perm`), or None for any other tensor."""
+    decode = _row_decoder(tensor.tensor_type)
+    if decode is None or len(tensor.shape) != 2:
+        return None
+    N, K = int(tensor.shape[1]), int(tensor.shape[0])  # GGUF lists dims fastest-first
+    block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
+    if K % block:
+        return None
+    Q = gguf.GGMLQuantizationType
+    align = int4_layout()[0] if tensor.tensor_type in (Q.Q4_0, Q.Q4_1) and N % 16 == 0 else 1  # as Int4Weight
+    return MappedWeight(mapped, int(tensor.data_offset), (N, K), K // block * size, decode, perm, dtype,
+                        row_align=align)

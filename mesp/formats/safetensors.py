@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import copy
 import json
+import math
 import os
 import struct
 from collections.abc import Iterator
@@ -28,27 +29,61 @@ FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16
 
 # ---- reading --------------------------------------------------------------------------------------------
 
+# bytes per element of every dtype code safetensors writes
+DTYPE_BYTES = {"F64": 8, "I64": 8, "U64": 8, "F32": 4, "I32": 4, "U32": 4, "F16": 2, "BF16": 2, "I16": 2,
+               "U16": 2, "I8": 1, "U8": 1, "BOOL": 1, "F8_E4M3": 1, "F8_E5M2": 1}
+MAX_HEADER_BYTES = 100 << 20  # the safetensors library's own limit on the JSON header
+
+
 def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """name -> (dtype code, shape, first byte, end byte) of every tensor in a .safetensors file."""
-    with open(path, "rb") as f:
+    """name -> (dtype code, shape, first byte, end byte) of every tensor in a .safetensors file.
+
+    Everything is checked against the file before it is used: the header length within the file (and
+    safetensors' own 100 MiB limit) before it is read, and every tensor's dtype known, shape a list of
+    non-negative integers, byte range [start, end) inside the data, exactly shape x dtype bytes, and not
+    overlapping another tensor's. A MespError names the file (and the tensor) at fault."""
+    try:
+        size = os.path.getsize(path)
+        f = open(path, "rb")
+    except OSError as e:
+        raise MespError(f"{path}: cannot read ({one_line(e)})") from e
+    with f:
         head = f.read(8)
         if len(head) != 8:
             raise MespError(f"{path}: unreadable safetensors file (truncated header)")
         (n,) = struct.unpack("<Q", head)
+        if n > size - 8 or n > MAX_HEADER_BYTES:
+            raise MespError(f"{path}: unreadable safetensors file: header length {n} does not fit in the file "
+                            f"of {size} bytes")
         try:
             meta = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise MespError(f"{path}: unreadable safetensors header ({e})") from e
+            raise MespError(f"{path}: unreadable safetensors header ({one_line(e)})") from e
+    if not isinstance(meta, dict):
+        raise MespError(f"{path}: unreadable safetensors file: header is not a JSON object")
     base = 8 + n
     out = {}
     for name, info in meta.items():
         if name == "__metadata__":
             continue
         try:
-            start, end = info["data_offsets"]
-            out[name] = (info["dtype"], tuple(int(s) for s in info["shape"]), base + int(start), base + int(end))
+            code, shape, (start, end) = info["dtype"], info["shape"], info["data_offsets"]
+            if not all(type(v) is int and v >= 0 for v in (*shape, start, end)):
+                raise ValueError("shape and data_offsets must be non-negative integers")
         except (KeyError, TypeError, ValueError) as e:
-            raise MespError(f"{path}: malformed safetensors entry for {name!r}") from e
+            raise MespError(f"{path}: malformed safetensors entry for {name!r} ({one_line(e)})") from e
+        if code not in DTYPE_BYTES:
+            raise MespError(f"{path}: tensor {name!r} has unknown dtype {code!r}")
+        if not start <= end <= size - base:
+            raise MespError(f"{path}: tensor {name!r} data [{start}, {end}) lies outside the file's "
+                            f"{size - base} data bytes")
+        if end - start != math.prod(shape) * DTYPE_BYTES[code]:
+            raise MespError(f"{path}: tensor {name!r} has {end - start} bytes for shape {tuple(shape)} {code}")
+        out[name] = (code, tuple(shape), base + start, base + end)
+    extents = sorted((s, e, name) for name, (_, _, s, e) in out.items() if e > s)
+    for (_, e0, a), (s1, _, b) in zip(extents, extents[1:]):
+        if s1 < e0:
+            raise MespError(f"{path}: tensors {a!r} and {b!r} overlap in the file")
     return out
 
 
@@ -116,6 +151,7 @@ def lazy_safetensors(path: Path, dtype: torch.dtype, device) -> list[tuple[str, 
 def iter_safetensors(files: list[Path]) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(name, tensor, file) of every tensor of every file, each read whole as it comes."""
     for f in files:
+        safetensors_header(f)  # extents checked against the file before the library maps it
         try:
             with safe_open(str(f), framework="pt") as st:
                 keys = list(st.keys())

@@ -10,10 +10,13 @@ import torch
 
 from ..memory import stage
 from ..model import LayerRun, SdpaMasks
+from ..scratch import LayerCheckpoints
 from .common import LossBatch, collect_grads, full_logits_loss
 
 
-def gradients(model, batch: LossBatch):
+def gradients(model, batch: LossBatch, offload_checkpoints=None):
+    """Loss and PEFT-keyed LoRA gradients. offload_checkpoints: a directory for the scratch file that then holds
+    the layer inputs (mesp.scratch)."""
     layers = model.model.layers
     T = batch.input_ids.shape[1]
     rope = model.rope(torch.arange(T, device=model.device))
@@ -22,25 +25,27 @@ def gradients(model, batch: LossBatch):
         p.requires_grad_(True)
         p.grad = None
 
-    inputs = []  # the checkpoints: one [B, T, d] per layer
     with torch.no_grad(), stage("forward"):
         x = model.embed(batch.input_ids)
-        for i, layer in enumerate(layers):
-            inputs.append(x)
-            x = layer(x, LayerRun(rope[i], masks))
+    with LayerCheckpoints(x, len(layers), offload_checkpoints) as checkpoints:  # one [B, T, d] per layer
+        with torch.no_grad(), stage("forward"):
+            for i, layer in enumerate(layers):
+                checkpoints.put(i, x)
+                x = layer(x, LayerRun(rope[i], masks))
 
-    with torch.enable_grad(), stage("loss"):
-        x = x.requires_grad_(True)
-        loss = full_logits_loss(model.model.norm(x), model, batch)
-        loss.backward()
-    g = x.grad
-    del x
-
-    for i in reversed(range(len(layers))):
-        x = inputs.pop().requires_grad_(i > 0)
-        with torch.enable_grad(), stage("backward"):
-            y = layers[i](x, LayerRun(rope[i], masks))
-            y.backward(g)
+        with torch.enable_grad(), stage("loss"):
+            x = x.requires_grad_(True)
+            loss = full_logits_loss(model.model.norm(x), model, batch)
+            loss.backward()
         g = x.grad
-        del x, y
+        del x
+
+        for i in reversed(range(len(layers))):
+            # detach: a fresh leaf over the checkpoint's storage, whose .grad is this layer's input gradient
+            x = checkpoints.pop(i).detach().requires_grad_(i > 0)
+            with torch.enable_grad(), stage("backward"):
+                y = layers[i](x, LayerRun(rope[i], masks))
+                y.backward(g)
+            g = x.grad
+            del x, y
     return loss.detach(), collect_grads(model)

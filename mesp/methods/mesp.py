@@ -22,6 +22,7 @@ from .. import blockwise, ops
 from ..memory import stage
 from ..lora import peft_key
 from ..model import DecoderLayer, Linear
+from ..scratch import LayerCheckpoints
 from .common import LossBatch, chunked_loss
 
 
@@ -215,35 +216,39 @@ def unrotate(g, rope):
 
 
 def gradients(model, batch: LossBatch, loss_chunk: int | None = None, attn_block: int = 128,
-              on_layer_grads: Callable[[int, dict], None] | None = None, store_h: bool = False):
-    """Loss and PEFT-keyed LoRA gradients, exactly as autograd computes them, without autograd."""
+              on_layer_grads: Callable[[int, dict], None] | None = None, store_h: bool = False,
+              offload_checkpoints=None):
+    """Loss and PEFT-keyed LoRA gradients, exactly as autograd computes them, without autograd.
+    offload_checkpoints: a directory for the scratch file that then holds the layer inputs (mesp.scratch)."""
     layers = model.model.layers
     T = batch.input_ids.shape[1]
     key_mask = batch.key_mask
     with torch.no_grad(), stage("forward"):
         rope = model.rope(torch.arange(T, device=model.device))
-        inputs = []  # the only activations kept across layers: one [B, T, d] per layer
         x = model.embed(batch.input_ids)
-        for i, layer in enumerate(layers):
-            inputs.append(x)
-            x = layer_forward(layer, x, rope[i], key_mask, attn_block)
+    # the only activations kept across layers: one [B, T, d] per layer
+    with LayerCheckpoints(x, len(layers), offload_checkpoints) as checkpoints:
+        with torch.no_grad(), stage("forward"):
+            for i, layer in enumerate(layers):
+                checkpoints.put(i, x)
+                x = layer_forward(layer, x, rope[i], key_mask, attn_block)
 
-    with torch.no_grad(), stage("loss"):
-        norm = model.model.norm
-        loss, g_norm = chunked_loss(norm(x), model, batch, loss_chunk)
-        g = norm.kind.backward(g_norm, x, norm.weight, norm.eps)
-        del g_norm, x
+        with torch.no_grad(), stage("loss"):
+            norm = model.model.norm
+            loss, g_norm = chunked_loss(norm(x), model, batch, loss_chunk)
+            g = norm.kind.backward(g_norm, x, norm.weight, norm.eps)
+            del g_norm, x
 
-    all_grads = {}
-    with torch.no_grad(), stage("backward"):
-        for i in reversed(range(len(layers))):
-            collected = LoraGrads(f"model.layers.{i}")
-            x = inputs.pop()
-            g = layer_backward(layers[i], x, g, rope[i], key_mask, collected, need_input_grad=i > 0,
-                               attn_block=attn_block, store_h=store_h)
-            del x
-            if on_layer_grads is not None:
-                on_layer_grads(i, collected.grads)
-            else:
-                all_grads.update(collected.grads)
+        all_grads = {}
+        with torch.no_grad(), stage("backward"):
+            for i in reversed(range(len(layers))):
+                collected = LoraGrads(f"model.layers.{i}")
+                x = checkpoints.pop(i)
+                g = layer_backward(layers[i], x, g, rope[i], key_mask, collected, need_input_grad=i > 0,
+                                   attn_block=attn_block, store_h=store_h)
+                del x
+                if on_layer_grads is not None:
+                    on_layer_grads(i, collected.grads)
+                else:
+                    all_grads.update(collected.grads)
     return loss, all_grads
