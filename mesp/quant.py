@@ -16,6 +16,9 @@ Kinds:
   (torch._weight_int4pack_mm_for_cpu), so the codes are stored in that kernel's packed layout, and GGUF Q4_0
   (zero = 0) and Q4_1 (w = d q + m, so zero = m + 8 d) map onto it with group 32. Asymmetric (min/max) rather
   than symmetric because it uses all 16 levels on skewed groups and is what the kernel and Q4_1 compute.
+- BlockWeight: a file format's own blocks kept as they are (raw bytes [out, row bytes]) and decoded by the
+  format's decoder a block of rows at each use: the resident form of block types with no exact int4 / int8 form
+  (GGUF K-quants, Q5_0 / Q5_1), as compact in memory as in the file.
 
 FrozenWeight is the base of every non-tensor weight, including mesp.formats.safetensors.LazyWeight (a matrix
 left in its file). Which form a weight takes is mesp.loaders' decision; decoding a file's blocks into these
@@ -245,6 +248,30 @@ class Int8Weight(FrozenWeight):
                                           self.scale[:, 0].to(x.dtype))
             return y.view(*x.shape[:-1], self.shape[0])
         return super().linear(x)
+
+
+# ---- a file format's own blocks --------------------------------------------------------------------------
+
+class BlockWeight(FrozenWeight):
+    """W's rows as a file format stores them: raw uint8 [out, row_bytes], decode(raw rows, dtype) -> dense rows
+    (the same decoder a streamed weight of that format uses, so both compute the same W)."""
+
+    _storage = ("raw",)
+
+    def __init__(self, raw: torch.Tensor, shape, decode, dtype: torch.dtype = torch.float32):
+        super().__init__(shape, dtype)
+        self.raw, self.decode = raw, decode
+
+    def dense_rows(self, n0, n1, dtype):
+        return self.decode(self.raw[n0:n1], dtype)
+
+    def rows(self, ids):
+        r = contiguous_range(ids)
+        if r is not None:
+            return self.dense_rows(r[0], r[1], self.dtype)
+        flat = ids.reshape(-1)
+        uniq, inverse = torch.unique(flat, return_inverse=True)
+        return self.decode(self.raw[uniq], self.dtype)[inverse].view(*ids.shape, self.shape[1])
 
 
 # ---- int4 -----------------------------------------------------------------------------------------------

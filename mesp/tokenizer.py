@@ -10,12 +10,18 @@ is rendered exactly as `mesp generate --chat` prompts the model.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import shutil
 from pathlib import Path
 
 from .errors import MespError, one_line
+from .fileio import fsync_dir, temp_dir
 from .model import Model
-from .presets import PRESETS, preset_gguf_path
+from .presets import PRESETS, cache_dir, preset_gguf_path
+
+log = logging.getLogger(__name__)
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 _TOKENIZERS: dict[tuple[str, str], object] = {}  # (kind, path) -> tokenizer: loading one takes seconds
@@ -65,8 +71,7 @@ def load_tokenizer(source_or_model):
                 raise MespError(f"{where}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...)")
             tok = AutoTokenizer.from_pretrained(where, local_files_only=True)
         else:
-            p = Path(where)
-            tok = AutoTokenizer.from_pretrained(str(p.parent), gguf_file=p.name, local_files_only=True)
+            tok = gguf_tokenizer(Path(where))
     except MespError:
         raise
     except Exception as e:
@@ -76,6 +81,33 @@ def load_tokenizer(source_or_model):
     if len(tok) < 2:  # transformers builds an empty tokenizer rather than failing on some inputs
         raise MespError(f"{where}: no usable tokenizer (vocabulary of {len(tok)})")
     _TOKENIZERS[key] = tok
+    return tok
+
+
+def gguf_tokenizer(path: Path):
+    """The transformers tokenizer of a GGUF file. Building it from the file's vocabulary takes minutes for a
+    large one (Gemma's 262k tokens), so the result is saved once under the cache directory, keyed by the file's
+    path, size and modification time, and later calls load that copy."""
+    from transformers import AutoTokenizer
+
+    st = path.stat()
+    key = hashlib.sha256(f"{path.resolve()}\0{st.st_size}\0{st.st_mtime_ns}".encode()).hexdigest()[:24]
+    saved = cache_dir() / "tokenizers" / key
+    if (saved / "tokenizer_config.json").is_file():
+        return AutoTokenizer.from_pretrained(str(saved), local_files_only=True)
+    tok = AutoTokenizer.from_pretrained(str(path.parent), gguf_file=path.name, local_files_only=True)
+    tmp = None
+    try:  # a cache only: failing to write it (or losing a race to write it) costs the next call time, nothing else
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        tmp = temp_dir(saved.parent, key)
+        tok.save_pretrained(str(tmp))
+        os.replace(tmp, saved)
+        fsync_dir(saved.parent)
+    except OSError as e:
+        log.info("tokenizer of %s not cached (%s)", path, e)
+    finally:
+        if tmp is not None and tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
     return tok
 
 

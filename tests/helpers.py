@@ -141,10 +141,14 @@ GGUF_NAMES = {v: k for k, v in {
     "token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}.items()}
 
 
-def hf_to_gguf_name(name: str) -> str:
+def hf_to_gguf_name(name: str, arch: str = "llama") -> str:
     layer = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
              "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
-             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm"}
+             "mlp.down_proj": "ffn_down", "input_layernorm": "attn_norm", "post_attention_layernorm": "ffn_norm",
+             "self_attn.q_norm": "attn_q_norm", "self_attn.k_norm": "attn_k_norm"}
+    if arch == "gemma3_text":  # llama.cpp's Gemma: sandwich norms around both branches
+        layer.update({"post_attention_layernorm": "post_attention_norm", "pre_feedforward_layernorm": "ffn_norm",
+                      "post_feedforward_layernorm": "post_ffw_norm"})
     mod, attr = name.rsplit(".", 1)
     if mod.startswith("model.layers."):
         i, rest = mod[len("model.layers."):].split(".", 1)
@@ -152,21 +156,52 @@ def hf_to_gguf_name(name: str) -> str:
     return f"{GGUF_NAMES[mod]}.{attr}"
 
 
+def random_blocks(rows: int, cols: int, qtype, seed: int = 0) -> np.ndarray:
+    """Random GGUF blocks of a type the gguf package cannot quantize to (the K-quants), uint8 [rows, row bytes]:
+    random codes and sub-block scales, fp16 scale fields chosen so weights come out within about +-0.04."""
+    import gguf
+
+    Q = gguf.GGMLQuantizationType
+    block, size = gguf.GGML_QUANT_SIZES[qtype]
+    rng = np.random.default_rng(seed)
+    raw = rng.integers(0, 256, size=(rows, cols // block, size), dtype=np.uint8)
+    fields = {Q.Q4_K: ((0, 8e-5), (2, 8e-5)), Q.Q5_K: ((0, 4e-5), (2, 8e-5)), Q.Q6_K: ((208, 1e-5),),
+              Q.Q5_0: ((0, 2.5e-3),), Q.Q5_1: ((0, 2.5e-3), (2, -0.04)), Q.Q2_K: ((80, 1e-3), (82, 1e-3))}.get(qtype, ())
+    for at, scale in fields:
+        d = (scale * rng.uniform(0.5, 1.5, size=raw.shape[:2])).astype(np.float16)
+        raw[:, :, at:at + 2] = d.view(np.uint8).reshape(rows, -1, 2)
+    return raw.reshape(rows, -1)
+
+
+GGUF_ARCH = {"gemma3_text": "gemma3"}  # llama.cpp's architecture names, where they differ from transformers'
+
+
 def write_gguf(path, hf_model, qtypes, extra_tensors=None, rope_freqs=None):
-    """Write `hf_model` as llama.cpp would (q/k permuted for llama); 2-D weights take qtypes[i % len]
-    in turn. Returns {hf name: the weight as the file stores it, dequantized} for building a reference."""
+    """Write `hf_model` as llama.cpp would (q/k permuted for llama, Gemma's norm weights + 1); 2-D weights take
+    qtypes[i % len] in turn (a type the gguf package cannot quantize to gets random blocks: then the file's
+    weight, not the model's, is the one returned). Returns {hf name: the weight as the file stores it,
+    dequantized} for building a reference."""
     import gguf
 
     cfg = hf_model.config
     arch = cfg.model_type
-    w = gguf.GGUFWriter(str(path), arch)
+    gemma = arch == "gemma3_text"
+    w = gguf.GGUFWriter(str(path), GGUF_ARCH.get(arch, arch))
     w.add_block_count(cfg.num_hidden_layers)
     w.add_context_length(cfg.max_position_embeddings)
     w.add_embedding_length(cfg.hidden_size)
     w.add_feed_forward_length(cfg.intermediate_size)
     w.add_head_count(cfg.num_attention_heads)
     w.add_head_count_kv(cfg.num_key_value_heads)
-    w.add_rope_freq_base(cfg.rope_parameters["rope_theta"])
+    rope = cfg.rope_parameters["full_attention"] if gemma else cfg.rope_parameters
+    w.add_rope_freq_base(rope["rope_theta"])
+    if arch in ("qwen3", "gemma3_text"):
+        w.add_key_length(cfg.head_dim)
+        w.add_value_length(cfg.head_dim)
+    if gemma:
+        w.add_sliding_window(cfg.sliding_window)
+        if cfg.final_logit_softcapping is not None:
+            w.add_final_logit_softcapping(cfg.final_logit_softcapping)
     w.add_layer_norm_rms_eps(cfg.rms_norm_eps)
     w.add_token_list([f"t{i}" for i in range(cfg.vocab_size)])
     w.add_bos_token_id(1)
@@ -180,7 +215,7 @@ def write_gguf(path, hf_model, qtypes, extra_tensors=None, rope_freqs=None):
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):
             n = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
             a = permute_like_llama_cpp(a, n)
-        gname = hf_to_gguf_name(name)
+        gname = hf_to_gguf_name(name, arch)
         if a.ndim == 2:
             qt = qtypes[k % len(qtypes)]
             k += 1
@@ -190,13 +225,25 @@ def write_gguf(path, hf_model, qtypes, extra_tensors=None, rope_freqs=None):
                 data = a.astype(np.float16)
                 back = data.astype(np.float32)
             else:
-                data = gguf.quants.quantize(a, qt)
-                back = gguf.quants.dequantize(data, qt)
+                try:
+                    data = gguf.quants.quantize(a, qt)
+                except NotImplementedError:  # K-quants: the package only decodes them
+                    data = random_blocks(a.shape[0], a.shape[1], qt, seed=k)
+                try:
+                    back = gguf.quants.dequantize(data, qt)
+                except NotImplementedError:  # a type nothing decodes (tests of the error): no reference
+                    back = None
             w.add_tensor(gname, data, raw_dtype=None if qt in (gguf.GGMLQuantizationType.F32,
                                                                gguf.GGMLQuantizationType.F16) else qt)
+        elif gemma and name.endswith("norm.weight"):  # convert_hf_to_gguf's norm_shift; the loader subtracts it
+            data = a + np.float32(1.0)
+            back = data - np.float32(1.0)
+            w.add_tensor(gname, data)
         else:
             back = a
             w.add_tensor(gname, a)
+        if back is None:
+            continue
         if arch == "llama" and (".q_proj." in name or ".k_proj." in name):  # undo for the reference
             n = cfg.num_attention_heads if ".q_proj." in name else cfg.num_key_value_heads
             back = back.reshape(n, back.shape[0] // n // 2, 2, *back.shape[1:]).swapaxes(1, 2).reshape(back.shape)

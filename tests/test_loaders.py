@@ -192,6 +192,7 @@ def test_preset_configs():
 @pytest.mark.parametrize("name,published", [
     ("qwen3-0.6b", 596_049_920), ("qwen3-1.7b", 1_720_574_976), ("qwen3-4b", 4_022_468_096),
     ("llama3.2-1b", 1_235_814_400), ("llama3.2-3b", 3_212_749_824), ("smollm3-3b", 3_075_098_624),
+    ("gemma3-1b", 999_885_952),
 ])
 def test_new_family_presets_have_the_published_parameter_counts(name, published):
     """Counted from the shapes the model would be built with (tied embeddings once), before any weight exists;

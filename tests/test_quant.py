@@ -23,7 +23,7 @@ from helpers import assert_grads_close, make_batch, randomize_lora_b, relative_e
 import mesp
 from mesp import quant
 from mesp.errors import MespError
-from mesp.formats.gguf import q4_weight, q8_0_weight
+from mesp.formats.gguf_blocks import q4_weight, q8_0_weight
 from mesp.formats.safetensors import LazyWeight
 from mesp.loaders import load_random
 from mesp.model import set_weight

@@ -6,12 +6,19 @@
     gguf_tensors(reader, cfg, where, ...) (Hugging Face name, tensor or quantized weight) of every tensor
 
 What differs from a Hugging Face checkpoint, and where it is undone here:
-- names: GGUF_LAYER_NAMES / GGUF_TOP_NAMES map llama.cpp's tensor names to transformers' (gguf_to_hf_name);
-- q/k rows: convert_hf_to_gguf permutes llama's q and k projections for llama.cpp's rope (unpermute);
+- names: GGUF_LAYER_NAMES / GGUF_TOP_NAMES map llama.cpp's tensor names to transformers' (gguf_to_hf_name),
+  plus q/k norms and Gemma's sandwich norms in LAYER_NAMES_OF (Gemma's ffn_norm is the pre-feedforward norm);
+- architectures: llama.cpp's "gemma3" is mesp's (and transformers') "gemma3_text" (GGUF_ARCHES);
+- q/k rows: convert_hf_to_gguf permutes the q and k projections of llama (and SmolLM3, a LlamaModel there) for
+  llama.cpp's rope (unpermute); Qwen and Gemma are written unpermuted;
+- norms: convert_hf_to_gguf writes Gemma's (1 + w) norm weights as 1 + w (every tensor named *norm.weight);
+  mesp's family computes with w, so 1 is subtracted on loading (NORM_SHIFT);
 - metadata: sizes under "<arch>.*" keys, float32 values, llama3 rope scaling stored as a rope_freqs tensor of
-  per-frequency divisors (llama3_rope_scaling recovers the parameters);
-- blocks: Q8_0 / Q4_0 / Q4_1 blocks decode into mesp.quant's Int8Weight / Int4Weight form (q8_0_codes,
-  q4_codes): kept resident (gguf_weight), left in the memory-mapped file and decoded rows at a time
+  per-frequency divisors (llama3_rope_scaling recovers the parameters); what llama.cpp hard-codes for Gemma 3
+  (local RoPE base 10000, every 6th layer global, query_pre_attn_scalar) is filled in as llama.cpp does;
+- blocks (mesp.formats.gguf_blocks): Q8_0 / Q4_0 / Q4_1 decode into mesp.quant's Int8Weight / Int4Weight
+  form, Q5_0 / Q5_1 and the K-quants Q4_K / Q5_K / Q6_K stay in their own blocks (mesp.quant.BlockWeight);
+  either kind is kept resident (gguf_weight), left in the memory-mapped file and decoded rows at a time
   (mapped_weight, mesp.streamed), or decoded dense; other types are dequantized by the gguf package.
 
 mesp.formats.gguf_writer writes files by inverting these same tables and the permutation, so each fact about
@@ -32,8 +39,8 @@ import torch
 
 from ..errors import MespError, one_line
 from ..families import FAMILIES, ModelConfig, expected_shapes
-from ..quant import Int4Weight, Int8Weight, int4_dense, int4_layout, int8_dense
-from ..streamed import MappedFile, MappedWeight
+from ..streamed import MappedFile
+from .gguf_blocks import gguf_weight, mapped_weight
 
 log = logging.getLogger(__name__)
 
@@ -45,15 +52,35 @@ GGUF_LAYER_NAMES = {
     "attn_output": "self_attn.o_proj", "ffn_gate": "mlp.gate_proj", "ffn_up": "mlp.up_proj",
     "ffn_down": "mlp.down_proj", "attn_norm": "input_layernorm", "ffn_norm": "post_attention_layernorm",
 }
+QK_NORM_NAMES = {"attn_q_norm": "self_attn.q_norm", "attn_k_norm": "self_attn.k_norm"}
+LAYER_NAMES_OF = {  # families whose layers hold more tensors than llama's (every other: GGUF_LAYER_NAMES)
+    "qwen3": {**GGUF_LAYER_NAMES, **QK_NORM_NAMES},
+    "gemma3_text": {**GGUF_LAYER_NAMES, **QK_NORM_NAMES, "post_attention_norm": "post_attention_layernorm",
+                    "ffn_norm": "pre_feedforward_layernorm", "post_ffw_norm": "post_feedforward_layernorm"},
+}
 GGUF_TOP_NAMES = {"token_embd": "model.embed_tokens", "output_norm": "model.norm", "output": "lm_head"}
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling as a tensor; folded into the config
+GGUF_ARCHES = {"gemma3": "gemma3_text"}  # llama.cpp's general.architecture -> mesp family, where they differ
+PERMUTED_ARCHS = ("llama", "smollm3")  # families whose q/k rows convert_hf_to_gguf permutes
+NORM_SHIFT = {"gemma3_text": 1.0}  # what convert_hf_to_gguf adds to every norm weight of a family
+GEMMA3_LOCAL_ROPE_BASE = 10000.0  # llama.cpp's rope base of Gemma 3's sliding-window layers
+GEMMA3_SLIDING_PATTERN = 6  # llama.cpp: every 6th Gemma 3 layer attends fully
+GEMMA3_27B_LAYERS = 62  # llama.cpp scales Gemma 3 27B's scores by hidden / heads, every other size by head_dim
 
 
-def gguf_to_hf_name(name: str) -> str | None:
-    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight'; None if not a model tensor."""
+def family_of(gguf_arch) -> str | None:
+    """mesp's family key of a GGUF general.architecture, or None when mesp has no such family."""
+    arch = GGUF_ARCHES.get(gguf_arch, gguf_arch)
+    return arch if arch in FAMILIES else None
+
+
+def gguf_to_hf_name(name: str, arch: str = "llama") -> str | None:
+    """'blk.3.attn_q.weight' -> 'model.layers.3.self_attn.q_proj.weight' (names of mesp family `arch`); None if
+    not a model tensor."""
     parts = name.split(".")
-    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in GGUF_LAYER_NAMES:
-        return f"model.layers.{parts[1]}.{GGUF_LAYER_NAMES[parts[2]]}.{parts[3]}"
+    layer_names = LAYER_NAMES_OF.get(arch, GGUF_LAYER_NAMES)
+    if len(parts) == 4 and parts[0] == "blk" and parts[1].isdigit() and parts[2] in layer_names:
+        return f"model.layers.{parts[1]}.{layer_names[parts[2]]}.{parts[3]}"
     if len(parts) == 2 and parts[0] in GGUF_TOP_NAMES:
         return f"{GGUF_TOP_NAMES[parts[0]]}.{parts[1]}"
     return None
@@ -67,7 +94,7 @@ def unpermute(w: torch.Tensor, n_head: int) -> torch.Tensor:
 
 def permuted_heads(cfg: ModelConfig, hf_name: str) -> int | None:
     """The head count whose permutation a tensor's rows carry (llama q and k projections), else None."""
-    if cfg.arch != "llama":
+    if cfg.arch not in PERMUTED_ARCHS:
         return None
     if ".self_attn.q_proj." in hf_name:
         return cfg.num_attention_heads
@@ -260,8 +287,10 @@ def llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> dict:
 def gguf_config(reader, where: str) -> dict:
     """The transformers config.json dict that a GGUF file's metadata describes."""
     arch = metadata_value(reader, "general.architecture")
-    if arch not in FAMILIES:  # llama.cpp's general.architecture names families as mesp's ModelConfig.arch does
-        raise MespError(f"{where}: unsupported architecture {arch!r} (supported: {', '.join(sorted(FAMILIES))})")
+    family = family_of(arch)
+    if family is None:
+        known = sorted({a for a in FAMILIES if a not in GGUF_ARCHES.values()} | set(GGUF_ARCHES))
+        raise MespError(f"{where}: unsupported architecture {arch!r} (supported: {', '.join(known)})")
     names = {t.name for t in reader.tensors}
 
     def need(key):
@@ -283,8 +312,8 @@ def gguf_config(reader, where: str) -> dict:
         vocab = int(emb.shape[-1])
     eps = metadata_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     hf = {
-        "architectures": [FAMILIES[arch].hf_class],
-        "model_type": arch,
+        "architectures": [FAMILIES[family].hf_class],
+        "model_type": family,
         "vocab_size": vocab,
         "hidden_size": hidden,
         "intermediate_size": need("feed_forward_length"),
@@ -301,6 +330,8 @@ def gguf_config(reader, where: str) -> dict:
     }
     if arch == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in names
+    if family == "gemma3_text":
+        hf.update(gemma3_config(reader, hf))
     if isinstance(hf["max_position_embeddings"], int) and hf["max_position_embeddings"] <= 0:
         hf["max_position_embeddings"] = 2048
     scaling_type = metadata_value(reader, f"{arch}.rope.scaling.type")
@@ -317,6 +348,22 @@ def gguf_config(reader, where: str) -> dict:
         except MespError as e:
             raise MespError(f"{where}: {e}") from e
     return hf
+
+
+def gemma3_config(reader, hf: dict) -> dict:
+    """Gemma 3's config.json fields beyond the common ones: from the metadata where llama.cpp writes them,
+    else what llama.cpp hard-codes (it reads no local RoPE base, sliding pattern or score scale from the file)."""
+    head_dim, heads = hf["head_dim"], hf["num_attention_heads"]
+    scalar = head_dim
+    if hf["num_hidden_layers"] == GEMMA3_27B_LAYERS and isinstance(heads, int) and heads > 0:
+        scalar = hf["hidden_size"] // heads
+    out = {"hidden_activation": "gelu_pytorch_tanh", "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
+           "sliding_window_pattern": GEMMA3_SLIDING_PATTERN, "query_pre_attn_scalar": scalar,
+           "sliding_window": metadata_value(reader, "gemma3.attention.sliding_window")}
+    cap = metadata_value(reader, "gemma3.final_logit_softcapping")
+    if cap is not None:
+        out["final_logit_softcapping"] = float(str(np.float32(cap)))
+    return out
 
 
 # ---- tensors --------------------------------------------------------------------------------------------
@@ -338,120 +385,21 @@ def dequantize(t, where: str) -> torch.Tensor:
     return torch.from_numpy(arr.reshape(shape))
 
 
-def _fp16_field(blocks: torch.Tensor, at: int) -> torch.Tensor:
-    """The fp16 field at byte `at` of every block of uint8 blocks [rows, n, bytes], as fp32 [rows, n]."""
-    return blocks[:, :, at:at + 2].contiguous().view(torch.float16)[..., 0].to(torch.float32)
-
-
-def q8_0_codes(blocks: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Q8_0 blocks uint8 [rows, in / 32, 34] (fp16 d, then 32 int8 codes; w = d q) -> (q int8 [rows, in],
-    d fp32 [rows, in / 32]): Int8Weight's form (mesp.quant.int8_dense)."""
-    rows = blocks.shape[0]
-    return blocks[:, :, 2:].contiguous().view(torch.int8).reshape(rows, -1), _fp16_field(blocks, 0)
-
-
-def q4_codes(blocks: torch.Tensor, with_min: bool) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Q4_0 (fp16 d, 16 bytes; w = d (q - 8)) or Q4_1 (fp16 d, fp16 m, 16 bytes; w = d q + m) blocks, uint8
-    [rows, in / 32, 18 or 20] -> (codes uint8 [rows, in] in 0..15, scale, zero fp32 [rows, in / 32]):
-    Int4Weight's form (mesp.quant.int4_dense), zero = m + 8 d for Q4_1, 0 for Q4_0. Byte j of a block holds
-    code j (low nibble) and code j + 16 (high nibble)."""
-    rows = blocks.shape[0]
-    head = 4 if with_min else 2
-    q = blocks[:, :, head:]
-    codes = torch.cat([q & 15, q >> 4], dim=-1).view(rows, -1)  # uint8: a quarter of int32's bytes per value
-    d = _fp16_field(blocks, 0)
-    zero = _fp16_field(blocks, 2) + 8.0 * d if with_min else torch.zeros_like(d)
-    return codes, d, zero
-
-
-def _blocks(raw, perm: torch.Tensor | None, block_bytes: int) -> torch.Tensor:
-    """Raw rows (numpy uint8 [out, in / 32 * block_bytes]) as torch blocks [out, in / 32, block_bytes], rows
-    reordered by `perm` (llama q/k un-permutation)."""
-    raw = np.asarray(raw)
-    if perm is not None:
-        raw = raw[perm.numpy()]
-    return torch.from_numpy(np.array(raw, dtype=np.uint8)).view(raw.shape[0], -1, block_bytes)
-
-
-def q8_0_weight(raw: np.ndarray, perm: torch.Tensor | None = None, dtype: torch.dtype = torch.float32) -> Int8Weight:
-    """GGUF Q8_0 rows (raw uint8 [out, in / 32 * 34]) as a resident Int8Weight; `perm` reorders rows."""
-    q, d = q8_0_codes(_blocks(raw, perm, 34))
-    return Int8Weight(q, d, dtype)
-
-
-def q4_weight(raw: np.ndarray, with_min: bool, perm: torch.Tensor | None = None,
-              dtype: torch.dtype = torch.float32) -> Int4Weight:
-    """GGUF Q4_0 / Q4_1 rows (raw uint8 [out, in / 32 * block bytes], out a multiple of 16) as a resident
-    Int4Weight (see q4_codes); `perm` reorders rows."""
-    blocks = _blocks(raw, perm, 20 if with_min else 18)
-    N, K = blocks.shape[0], blocks.shape[1] * 32
-    return Int4Weight.pack(lambda n0, n1: q4_codes(blocks[n0:n1], with_min), (N, K), 32, dtype)
-
-
-def gguf_weight(tensor, perm: torch.Tensor | None, dtype: torch.dtype):
-    """A GGUF Q4_0 / Q4_1 / Q8_0 matrix kept in its own quantization (rows reordered by `perm` if given), or
-    None for any other tensor type (and for 4-bit matrices whose rows are not a multiple of 16)."""
-    Q = gguf.GGMLQuantizationType
-    kind = tensor.tensor_type
-    if kind not in (Q.Q4_0, Q.Q4_1, Q.Q8_0) or len(tensor.shape) != 2:
-        return None
-    raw = np.asarray(tensor.data)
-    if kind == Q.Q8_0:
-        return q8_0_weight(raw, perm, dtype)
-    if raw.shape[0] % 16:
-        return None
-    return q4_weight(raw, kind == Q.Q4_1, perm, dtype)
-
-
-# ---- streamed rows --------------------------------------------------------------------------------------
-
-def _row_decoder(qtype):
-    """decode(raw uint8 [rows, row bytes], dtype) -> dense rows, for the tensor types a streamed weight reads;
-    None for any other. The block types decode through Int8Weight's / Int4Weight's formulas."""
-    Q = gguf.GGMLQuantizationType
-    floats = {Q.F32: torch.float32, Q.F16: torch.float16, Q.BF16: torch.bfloat16}
-    if qtype in floats:
-        stored = floats[qtype]
-        return lambda raw, dtype: raw.view(stored).to(dtype)
-    if qtype == Q.Q8_0:
-        return lambda raw, dtype: int8_dense(*q8_0_codes(raw.view(raw.shape[0], -1, 34)), dtype)
-    if qtype in (Q.Q4_0, Q.Q4_1):
-        with_min, size = qtype == Q.Q4_1, 20 if qtype == Q.Q4_1 else 18
-        return lambda raw, dtype: int4_dense(*q4_codes(raw.view(raw.shape[0], -1, size), with_min), dtype)
-    return None
-
-
-def mapped_weight(mapped: MappedFile, tensor, perm: torch.Tensor | None, dtype: torch.dtype):
-    """A 2-D F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 tensor left in the mapped file (mesp.streamed.MappedWeight,
-    rows reordered by `perm`), or None for any other tensor."""
-    decode = _row_decoder(tensor.tensor_type)
-    if decode is None or len(tensor.shape) != 2:
-        return None
-    N, K = int(tensor.shape[1]), int(tensor.shape[0])  # GGUF lists dims fastest-first
-    block, size = gguf.GGML_QUANT_SIZES[tensor.tensor_type]
-    if K % block:
-        return None
-    Q = gguf.GGMLQuantizationType
-    align = int4_layout()[0] if tensor.tensor_type in (Q.Q4_0, Q.Q4_1) and N % 16 == 0 else 1  # as Int4Weight
-    return MappedWeight(mapped, int(tensor.data_offset), (N, K), K // block * size, decode, perm, dtype,
-                        row_align=align)
-
-
 def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dtype: torch.dtype,
                  stream: bool = False):
     """Yield (Hugging Face name, tensor or weight object) for every model tensor of the file, q/k rows
-    un-permuted.
+    un-permuted, norm weights unshifted (NORM_SHIFT).
 
-    stream: 2-D F32 / F16 / BF16 / Q8_0 / Q4_0 / Q4_1 matrices stay in the memory-mapped file
-    (mesp.streamed.MappedWeight, decoded rows at a time at each use); keep_quantized (when not streaming):
-    Q4_0 / Q4_1 / Q8_0 matrices come as Int4Weight / Int8Weight in their own quantization (when their shape
-    allows). Everything else comes as fp32 tensors, matrices decoded a block of rows at a time through the
+    stream: 2-D F32 / F16 / BF16 and block-type (Q8_0 / Q4_0 / Q4_1 / Q5_0 / Q5_1 / Q4_K / Q5_K / Q6_K)
+    matrices stay in the memory-mapped file (mesp.streamed.MappedWeight, decoded rows at a time at each use);
+    keep_quantized (when not streaming): block-type matrices stay in their own quantization (Int4Weight /
+    Int8Weight for Q4_0 / Q4_1 / Q8_0 when their shape allows, BlockWeight for the others). Everything else comes as fp32 tensors, matrices decoded a block of rows at a time through the
     same formulas as the streamed and quantized forms (so every form of a file computes the same weights)."""
     mapped = None
     for t in reader.tensors:
         if t.name == ROPE_FREQS:
             continue  # folded into config.rope_scaling
-        name = gguf_to_hf_name(t.name)
+        name = gguf_to_hf_name(t.name, cfg.arch)
         if name is None:
             raise MespError(f"{where}: unknown tensor {t.name!r}")
         heads = permuted_heads(cfg, name)
@@ -461,7 +409,7 @@ def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dty
             raise MespError(f"{where}: tensor {t.name!r} has shape {shape}, expected {expected_shapes(cfg).get(name)}")
         perm = unpermute(torch.arange(rows), heads) if heads else None
         if keep_quantized and not stream:
-            w = gguf_weight(t, perm, dtype)  # None: not Q4_0/Q4_1/Q8_0, so it loads dense below
+            w = gguf_weight(t, perm, dtype)  # None: not a block type it keeps, so it loads dense below
             if w is not None:
                 yield name, w
                 continue
@@ -480,4 +428,9 @@ def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dty
             raise
         except Exception as e:
             raise MespError(f"{where}: tensor {t.name!r} is unreadable ({one_line(e)})") from e
-        yield name, unpermute(w, heads) if heads else w
+        if heads:
+            w = unpermute(w, heads)
+        shift = NORM_SHIFT.get(cfg.arch)
+        if shift and name.endswith("norm.weight"):
+            w = w - shift
+        yield name, w
