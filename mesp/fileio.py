@@ -11,6 +11,8 @@ import os
 import tempfile
 from pathlib import Path
 
+from .errors import MespError, one_line
+
 
 def current_umask() -> int:
     """The process's umask, read without changing it where Linux allows (os.umask can only be read by setting it,
@@ -74,6 +76,16 @@ def atomic_write(path: str | os.PathLike, write) -> None:
             os.unlink(tmp)
         raise
     fsync_dir(path.parent)
+
+
+def open_for_reading(path) -> tuple:
+    """(binary file object, size in bytes) of `path`, for a reader that checks a header against the size before
+    reading it; a one-line MespError naming the file when it cannot be opened."""
+    try:
+        size = os.path.getsize(path)
+        return open(path, "rb"), size
+    except OSError as e:
+        raise MespError(f"{path}: cannot read ({one_line(e)})") from e
 
 
 def write_json(path, obj) -> None:

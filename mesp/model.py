@@ -53,6 +53,10 @@ class Norm(nn.Module):
     def forward(self, x):
         return self.kind.forward(x, self.weight, self.eps)
 
+    def backward(self, gy, x):
+        """dL/dx from dL/dy and the norm's input x (the weight is frozen): the kind's hand-derived backward."""
+        return self.kind.backward(gy, x, self.weight, self.eps)
+
 
 class Embedding(nn.Module):
     def __init__(self):

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import struct
 from pathlib import Path
 
@@ -38,6 +37,7 @@ import numpy as np
 import torch
 
 from ..errors import MespError, one_line
+from ..fileio import open_for_reading
 from ..families import FAMILIES, ModelConfig, expected_shapes
 from ..streamed import MappedFile
 from .gguf_blocks import gguf_weight, mapped_weight
@@ -193,11 +193,7 @@ def check_gguf_header(path: Path) -> None:
     and key/value counts within what the remaining bytes could hold; every string, array and tensor info
     inside the file; every tensor's type known, its dims sane, and its data (offset + bytes its shape and type
     need) inside the file. MespError naming the file and the fault; nothing is read beyond the header."""
-    try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
-    except OSError as e:
-        raise MespError(f"{path}: cannot read ({one_line(e)})") from e
+    f, size = open_for_reading(path)
     with f:
         c = _HeaderCursor(f, path, size)
         magic = c.take(4, "magic")

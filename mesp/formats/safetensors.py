@@ -21,7 +21,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from ..errors import MespError, one_line
-from ..fileio import atomic_write, write_json
+from ..fileio import atomic_write, open_for_reading, write_json
 from ..quant import FrozenWeight, contiguous_range
 
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
@@ -42,11 +42,7 @@ def safetensors_header(path: Path) -> dict[str, tuple[str, tuple[int, ...], int,
     safetensors' own 100 MiB limit) before it is read, and every tensor's dtype known, shape a list of
     non-negative integers, byte range [start, end) inside the data, exactly shape x dtype bytes, and not
     overlapping another tensor's. A MespError names the file (and the tensor) at fault."""
-    try:
-        size = os.path.getsize(path)
-        f = open(path, "rb")
-    except OSError as e:
-        raise MespError(f"{path}: cannot read ({one_line(e)})") from e
+    f, size = open_for_reading(path)
     with f:
         head = f.read(8)
         if len(head) != 8:

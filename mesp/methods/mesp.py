@@ -138,7 +138,6 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     Returns dL/dx (or None). Peak working set: x and the Saved intermediates of this layer only, each freed
     after its last use."""
     attn, mlp, spec = layer.self_attn, layer.mlp, layer.spec
-    ln1, ln2 = layer.input_layernorm, layer.mlp_norm
     B, T, _ = x.shape
     Hq, Hkv, D = attn.num_heads, attn.num_kv_heads, attn.head_dim
     s = layer_recompute(layer, x, rope, key_mask, attn_block, store_h)
@@ -148,11 +147,8 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     del s
 
     # ---- MLP --------------------------------------------------------------------------------------------
-    gd = g
-    if spec.sandwich_norms:  # y = h1 + norm(d)
-        post = layer.post_feedforward_layernorm
-        gd = spec.norm.backward(g, d, post.weight, post.eps)
-        del d
+    gd = layer.post_feedforward_layernorm.backward(g, d) if spec.sandwich_norms else g  # y = h1 + norm(d)
+    del d
     gM, gA, gB = lora_backward(gd, M, mlp.down_proj, h=hs.pop("down_proj", None))
     del gd
     grads.add("mlp.down_proj", mlp.down_proj, gA, gB)
@@ -166,16 +162,13 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     grads.add("mlp.up_proj", mlp.up_proj, gA, gB)
     gn2.add_(gn2_up)
     del gU, gn2_up, n2
-    gh1 = spec.norm.backward(gn2, h1, ln2.weight, ln2.eps)
+    gh1 = layer.mlp_norm.backward(gn2, h1)
     gh1.add_(g)  # residual: h1 feeds both the MLP branch and the output
     del gn2, h1
 
     # ---- attention --------------------------------------------------------------------------------------
-    ga = gh1
-    if spec.sandwich_norms:  # h1 = x + norm(a)
-        post = layer.post_attention_layernorm
-        ga = spec.norm.backward(gh1, a, post.weight, post.eps)
-        del a
+    ga = layer.post_attention_layernorm.backward(gh1, a) if spec.sandwich_norms else gh1  # h1 = x + norm(a)
+    del a
     go_flat, gA, gB = lora_backward(ga, o_flat, attn.o_proj, h=hs.pop("o_proj", None))
     del ga
     grads.add("self_attn.o_proj", attn.o_proj, gA, gB)
@@ -186,8 +179,7 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     del go, go_flat, q, k, v, o, lse
     gq, gk = unrotate(gq, rope), unrotate(gk, rope)
     if spec.qk_norm:  # the norms' weights are frozen: their input gradients only
-        gq = spec.norm.backward(gq, q_pre, attn.q_norm.weight, attn.q_norm.eps)
-        gk = spec.norm.backward(gk, k_pre, attn.k_norm.weight, attn.k_norm.eps)
+        gq, gk = attn.q_norm.backward(gq, q_pre), attn.k_norm.backward(gk, k_pre)
     del q_pre, k_pre
     gq = gq.transpose(1, 2).reshape(B, T, Hq * D)
     gk = gk.transpose(1, 2).reshape(B, T, Hkv * D)
@@ -205,7 +197,7 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     del gk, gv, n1
     if not need_input_grad:
         return None
-    gx = spec.norm.backward(gn1, x, ln1.weight, ln1.eps)
+    gx = layer.input_layernorm.backward(gn1, x)
     gx.add_(gh1)
     return gx
 
@@ -236,7 +228,7 @@ def gradients(model, batch: LossBatch, loss_chunk: int | None = None, attn_block
         with torch.no_grad(), stage("loss"):
             norm = model.model.norm
             loss, g_norm = chunked_loss(norm(x), model, batch, loss_chunk)
-            g = norm.kind.backward(g_norm, x, norm.weight, norm.eps)
+            g = norm.backward(g_norm, x)
             del g_norm, x
 
         all_grads = {}
