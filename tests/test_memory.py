@@ -6,12 +6,14 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import mmap
 import os
 import subprocess
 import sys
 import threading
 import time
 
+import numpy as np
 import pytest
 import torch
 from helpers import write_gguf
@@ -48,24 +50,26 @@ def test_private_footprint_is_anon_swap_shmem():
 
 @linux_only
 def test_meter_sees_a_known_allocation_in_its_stage():
-    """64 MiB allocated and touched inside stage("alloc") raise that stage's sampled peak by at least 60 MiB,
-    and the samples outside the stage (before and after it) do not see it."""
+    """64 MiB of fresh anonymous pages, each touched, inside stage("alloc") raise that stage's sampled peak by at
+    least 60 MiB, and the samples outside the stage (before and after it) do not see it. An anonymous map rather
+    than a tensor: malloc may hand a tensor pages an earlier test freed but kept, which add nothing."""
     held = threading.Event()
     with FootprintMeter(interval=0.001) as meter:
         base = private_footprint_bytes()
         time.sleep(0.02)
         with stage("alloc"):
-            x = torch.ones(16 * MiB)  # 64 MiB of float32, every page written
+            x = mmap.mmap(-1, 64 * MiB)
+            np.frombuffer(x, dtype=np.uint8)[::4096] = 1  # one byte per page: every page becomes resident
             deadline = time.monotonic() + 5
             while meter.stage_private_peaks.get("alloc", 0) < base + 60 * MiB and time.monotonic() < deadline:
                 time.sleep(0.01)  # the thread samples on its own: no explicit sample() here
             held.set()
-            del x
+            x.close()
         time.sleep(0.02)
     assert held.is_set() and meter.samples > 3
     assert meter.stage_private_peaks["alloc"] - base >= 60 * MiB
     assert meter.private_peak_bytes == max(meter.stage_private_peaks.values())
-    assert meter.stage_private_peaks[NO_STAGE] < base + 30 * MiB  # freed at once (glibc returns big blocks)
+    assert meter.stage_private_peaks[NO_STAGE] < base + 30 * MiB  # unmapped at close
     assert meter.rss_peak_bytes >= meter.private_peak_bytes
     assert memory.current_stage == NO_STAGE
 
