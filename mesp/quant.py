@@ -133,6 +133,20 @@ class FrozenWeight:
     def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
         return self.dense_rows(0, self.shape[0], dtype or self.dtype)
 
+    def rows(self, ids: torch.Tensor) -> torch.Tensor:
+        """Rows `ids` (any shape) in self.dtype, [*ids.shape, in]: a contiguous range through dense_rows, anything
+        else by decoding each distinct row once (selected_rows) and gathering."""
+        r = contiguous_range(ids)
+        if r is not None:
+            return self.dense_rows(r[0], r[1], self.dtype)
+        uniq, inverse = torch.unique(ids.reshape(-1), return_inverse=True)
+        dense = self.selected_rows(uniq)
+        return dense[inverse.to(dense.device)].view(*ids.shape, self.shape[1])
+
+    def selected_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` (sorted, distinct) in self.dtype: what rows() gathers from."""
+        raise NotImplementedError
+
     def row_blocks(self):
         """(n0, n1) blocks of rows holding at most CHUNK_ELEMENTS values (aligned to row_align)."""
         N, K = self.shape
@@ -265,13 +279,8 @@ class BlockWeight(FrozenWeight):
     def dense_rows(self, n0, n1, dtype):
         return self.decode(self.raw[n0:n1], dtype)
 
-    def rows(self, ids):
-        r = contiguous_range(ids)
-        if r is not None:
-            return self.dense_rows(r[0], r[1], self.dtype)
-        flat = ids.reshape(-1)
-        uniq, inverse = torch.unique(flat, return_inverse=True)
-        return self.decode(self.raw[uniq], self.dtype)[inverse].view(*ids.shape, self.shape[1])
+    def selected_rows(self, idx):
+        return self.decode(self.raw[idx], self.dtype)
 
 
 # ---- int4 -----------------------------------------------------------------------------------------------

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .errors import MespError
-from .quant import FrozenWeight, contiguous_range
+from .quant import FrozenWeight
 
 
 # A fault on a file map maps more than the page asked for: the fault-around window, and on recent Linux the whole
@@ -110,15 +110,9 @@ class MappedWeight(FrozenWeight):
         """Rows [n0, n1) in fp32 on CPU: a row source for loaders that quantize or copy block by block."""
         return self._decoded(slice(n0, n1) if self.perm is None else self.perm[n0:n1], torch.float32).cpu()
 
-    def rows(self, ids):
-        r = contiguous_range(ids)
-        if r is not None:
-            return self.dense_rows(r[0], r[1], self.dtype)
-        flat = ids.reshape(-1)
-        uniq, inverse = torch.unique(flat.cpu(), return_inverse=True)
-        src = uniq.numpy() if self.perm is None else self.perm[uniq.numpy()]
-        dense = self._decoded(src, self.dtype)
-        return dense[inverse.to(dense.device)].view(*ids.shape, self.shape[1])
+    def selected_rows(self, idx):
+        idx = idx.cpu().numpy()
+        return self._decoded(idx if self.perm is None else self.perm[idx], self.dtype)
 
     def dequantize(self, dtype=None):
         """The whole matrix, filled block of rows by block (no second full-size intermediate)."""

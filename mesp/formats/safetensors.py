@@ -22,7 +22,7 @@ from safetensors.torch import save_file
 
 from ..errors import MespError, one_line
 from ..fileio import atomic_write, open_for_reading, write_json
-from ..quant import FrozenWeight, contiguous_range
+from ..quant import FrozenWeight
 
 FLOAT_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
 
@@ -127,15 +127,10 @@ class LazyWeight(FrozenWeight):
     def dense_rows(self, n0, n1, dtype):
         return self.read_rows(n0, n1).to(device=self._device, dtype=dtype)
 
-    def rows(self, ids):
-        r = contiguous_range(ids)
-        if r is not None:
-            return self.dense_rows(r[0], r[1], self.dtype)
-        flat = ids.reshape(-1)
-        uniq, inverse = torch.unique(flat, return_inverse=True)
+    def selected_rows(self, idx):
         with open(self.path, "rb", buffering=0) as f:
-            out = torch.cat([self._read(f, i, i + 1) for i in uniq.tolist()])
-        return out.to(device=self._device, dtype=self.dtype)[inverse.to(self._device)].view(*ids.shape, -1)
+            out = torch.cat([self._read(f, i, i + 1) for i in idx.tolist()])
+        return out.to(device=self._device, dtype=self.dtype)
 
 
 def lazy_safetensors(path: Path, dtype: torch.dtype, device) -> list[tuple[str, LazyWeight]]:
