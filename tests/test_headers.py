@@ -9,14 +9,17 @@ import shutil
 import struct
 import subprocess
 import sys
+import tracemalloc
 
 import gguf
+import numpy as np
 import pytest
 from test_loaders import run_cli_error
 
 import mesp
 from mesp.errors import MespError
 from mesp.formats.gguf import check_gguf_header
+from mesp.formats.gguf_header import GGUFHeader
 from mesp.formats.safetensors import safetensors_header
 
 T = gguf.GGUFValueType
@@ -89,7 +92,7 @@ LYING = {  # name -> (file bytes, the message's telling part)
     "array_count": (gguf_file([("tokenizer.ggml.tokens", struct.pack("<IIQ", T.ARRAY, T.STRING, 1 << 58))]),
                     "more than the file can hold"),
     "numeric_array": (gguf_file([("tokenizer.ggml.scores", struct.pack("<IIQ", T.ARRAY, T.FLOAT32, 1 << 58))]),
-                      "past the end of the file"),
+                      "more than the file can hold"),
 }
 
 
@@ -191,3 +194,38 @@ def test_valid_headers_pass(make_hf_model, tiny_gguf):
     header = safetensors_header(path / "model.safetensors")
     assert "model.embed_tokens.weight" in header
     check_gguf_header(tiny_gguf)
+
+
+def test_header_reads_what_the_gguf_package_reads(smollm2_gguf, tiny_gguf):
+    """GGUFHeader against gguf.GGUFReader on the shipped model and a quantized tiny one: every metadata value
+    (the vocabulary arrays included, read on demand) and every tensor's name, shape, type, offset and data."""
+    for path in (smollm2_gguf, tiny_gguf):
+        ours, ref = GGUFHeader(path), gguf.GGUFReader(str(path))
+        assert list(ours.fields) == [k for k in ref.fields if not k.startswith("GGUF.")]
+        for key, field in ours.fields.items():
+            assert field.types == ref.fields[key].types, key
+            assert field.contents() == ref.fields[key].contents(), key
+        assert len(ours.tensors) == len(ref.tensors)
+        for a, b in zip(ours.tensors, ref.tensors):
+            assert (a.name, a.tensor_type, a.data_offset, a.n_bytes) == (b.name, b.tensor_type, b.data_offset, b.n_bytes)
+            assert a.shape.tolist() == b.shape.tolist()
+            assert a.data.dtype == b.data.dtype and a.data.shape == b.data.shape
+            assert np.array_equal(a.data, b.data)
+
+
+def test_header_leaves_the_vocabulary_in_the_file(tmp_path):
+    """A 200k-token vocabulary is located, not read, when the header is: the header's own allocations stay far
+    below what reading the strings would take (the gguf package's reader builds a numpy view per string)."""
+    n = 200_000
+    tokens = struct.pack("<IIQ", T.ARRAY, T.STRING, n) + b"".join(gguf_string(b"tok%06d" % i) for i in range(n))
+    g = tmp_path / "vocab.gguf"
+    g.write_bytes(gguf_file([ARCH, ("tokenizer.ggml.tokens", tokens)]))
+    tracemalloc.start()
+    try:
+        header = GGUFHeader(g)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert header.fields["tokenizer.ggml.tokens"].count == n
+    assert peak < 1 << 20  # the 200k strings alone are several MiB as Python objects
+    assert header.metadata("tokenizer.ggml.tokens")[n - 1] == "tok%06d" % (n - 1)

@@ -1,7 +1,8 @@
-"""GGUF, llama.cpp's format: everything mesp knows about it, read through the `gguf` package.
+"""GGUF, llama.cpp's format: everything mesp knows about it (the header itself: mesp.formats.gguf_header).
 
-    open_gguf(path)                      the file's reader (a MespError, naming the file, if it is not GGUF)
-    check_gguf_header(path)              every count, length and tensor extent checked against the file's size
+    open_gguf(path)                      the file's header (a MespError, naming the file, if it is not GGUF or
+                                         any count, length or extent in its header does not fit the file)
+    check_gguf_header(path)              the same checks, nothing kept
     gguf_config(reader, where)           its metadata as the transformers config.json dict
     gguf_tensors(reader, cfg, where, ...) (Hugging Face name, tensor or quantized weight) of every tensor
 
@@ -29,7 +30,6 @@ from __future__ import annotations
 
 import logging
 import math
-import struct
 from pathlib import Path
 
 import gguf  # the PyPI package (this module is mesp.formats.gguf)
@@ -37,10 +37,10 @@ import numpy as np
 import torch
 
 from ..errors import MespError, one_line
-from ..fileio import open_for_reading
 from ..families import FAMILIES, ModelConfig, expected_shapes
 from ..streamed import MappedFile
 from .gguf_blocks import gguf_weight, mapped_weight
+from .gguf_header import GGUFHeader
 
 log = logging.getLogger(__name__)
 
@@ -105,147 +105,15 @@ def permuted_heads(cfg: ModelConfig, hf_name: str) -> int | None:
 
 # ---- metadata -------------------------------------------------------------------------------------------
 
-def open_gguf(path: Path):
-    """The gguf package's reader of `path`; a MespError naming the file when it is not a readable GGUF file.
-
-    check_gguf_header runs first: the package's reader sizes its work by the file's counts and lengths, so a
-    truncated or lying header must be refused before it sees the file."""
-    check_gguf_header(path)
-    try:
-        return gguf.GGUFReader(str(path))
-    except Exception as e:  # ValueError / struct errors / IndexError on a truncated or foreign file
-        raise MespError(f"{path}: unreadable GGUF file ({one_line(e)})") from e
-
-
-GGUF_MAGIC = b"GGUF"
-GGUF_VERSIONS = (2, 3)  # 64-bit counts and lengths (what the gguf package reads)
-GGML_MAX_DIMS = 4
-# smallest possible encodings, to bound counts by the bytes left: a key/value is a key length (8), a value
-# type (4) and a value of at least 1 byte; a tensor info a name length (8), a dim count (4), one dim (8), a
-# type (4) and an offset (8)
-MIN_KV_BYTES, MIN_TENSOR_INFO_BYTES = 13, 32
-_SCALAR_SIZES = {gguf.GGUFValueType.UINT8: 1, gguf.GGUFValueType.INT8: 1, gguf.GGUFValueType.BOOL: 1,
-                 gguf.GGUFValueType.UINT16: 2, gguf.GGUFValueType.INT16: 2, gguf.GGUFValueType.UINT32: 4,
-                 gguf.GGUFValueType.INT32: 4, gguf.GGUFValueType.FLOAT32: 4, gguf.GGUFValueType.UINT64: 8,
-                 gguf.GGUFValueType.INT64: 8, gguf.GGUFValueType.FLOAT64: 8}
-
-
-class _HeaderCursor:
-    """Reads a GGUF header front to back with every length checked against the bytes the file has left, so
-    nothing is read or allocated on a length's word alone."""
-
-    def __init__(self, f, path, size: int):
-        self.f, self.path, self.size, self.pos = f, path, size, 0
-
-    def fail(self, what: str):
-        raise MespError(f"{self.path}: unreadable GGUF file: {what} (file of {self.size} bytes)")
-
-    def take(self, n: int, what: str) -> bytes:
-        if n > self.size - self.pos:
-            self.fail(f"{what} at byte {self.pos} needs {n} bytes, past the end of the file")
-        data = self.f.read(n)
-        self.pos += n
-        return data
-
-    def skip(self, n: int, what: str) -> None:
-        if n > self.size - self.pos:
-            self.fail(f"{what} at byte {self.pos} needs {n} bytes, past the end of the file")
-        self.f.seek(n, 1)
-        self.pos += n
-
-    def u32(self, what: str) -> int:
-        return struct.unpack("<I", self.take(4, what))[0]
-
-    def u64(self, what: str) -> int:
-        return struct.unpack("<Q", self.take(8, what))[0]
-
-    def string(self, what: str, keep: bool = True) -> str | None:
-        n = self.u64(f"{what} length")
-        if not keep:
-            self.skip(n, what)
-            return None
-        return self.take(n, what).decode("utf-8", errors="replace")
-
-    def value(self, vtype: int, what: str, depth: int = 0):
-        """Skip (or, for scalars, return) one value of type `vtype`."""
-        T = gguf.GGUFValueType
-        if vtype in _SCALAR_SIZES:
-            raw = self.take(_SCALAR_SIZES[vtype], what)
-            return int.from_bytes(raw, "little") if vtype in (T.UINT8, T.UINT16, T.UINT32, T.UINT64) else None
-        if vtype == T.STRING:
-            return self.string(what, keep=False)
-        if vtype == T.ARRAY and depth < 2:
-            item = self.u32(f"{what} item type")
-            count = self.u64(f"{what} count")
-            if item in _SCALAR_SIZES:
-                self.skip(count * _SCALAR_SIZES[item], f"{what} ({count} items)")
-            elif count > (self.size - self.pos) // 8:  # every string or array item takes at least 8 bytes
-                self.fail(f"{what} claims {count} items, more than the file can hold")
-            else:
-                for _ in range(count):
-                    self.value(item, what, depth + 1)
-            return None
-        self.fail(f"{what} has unknown value type {vtype}")
+def open_gguf(path: Path) -> GGUFHeader:
+    """The header of GGUF file `path` (metadata, tensor table, tensors mapped on demand); a MespError naming the
+    file when it is not GGUF or its header does not fit the file."""
+    return GGUFHeader(path)
 
 
 def check_gguf_header(path: Path) -> None:
-    """Check a GGUF file's header against its size before anything else reads it: magic and version; tensor
-    and key/value counts within what the remaining bytes could hold; every string, array and tensor info
-    inside the file; every tensor's type known, its dims sane, and its data (offset + bytes its shape and type
-    need) inside the file. MespError naming the file and the fault; nothing is read beyond the header."""
-    f, size = open_for_reading(path)
-    with f:
-        c = _HeaderCursor(f, path, size)
-        magic = c.take(4, "magic")
-        if magic != GGUF_MAGIC:
-            raise MespError(f"{path}: unreadable GGUF file: not GGUF (magic {magic!r})")
-        version = c.u32("version")
-        if version not in GGUF_VERSIONS:
-            c.fail(f"unsupported version {version}")
-        n_tensors, n_kv = c.u64("tensor count"), c.u64("key/value count")
-        left = size - c.pos
-        if n_kv > left // MIN_KV_BYTES or n_tensors > left // MIN_TENSOR_INFO_BYTES or \
-                n_kv * MIN_KV_BYTES + n_tensors * MIN_TENSOR_INFO_BYTES > left:
-            c.fail(f"{n_tensors} tensors and {n_kv} key/values cannot fit in the {left} bytes after the header")
-        alignment = gguf.GGUF_DEFAULT_ALIGNMENT
-        for i in range(n_kv):
-            key = c.string(f"key {i}")
-            vtype = c.u32(f"type of {key!r}")
-            v = c.value(vtype, f"value of {key!r}")
-            if key == "general.alignment":
-                if not v or v & (v - 1):
-                    c.fail(f"general.alignment {v} is not a power of two")
-                alignment = v
-        tensors = []
-        for i in range(n_tensors):
-            name = c.string(f"tensor {i} name")
-            n_dims = c.u32(f"tensor {name!r} dim count")
-            if not 1 <= n_dims <= GGML_MAX_DIMS:
-                c.fail(f"tensor {name!r} has {n_dims} dims")
-            dims = [c.u64(f"tensor {name!r} dims") for _ in range(n_dims)]
-            kind = c.u32(f"tensor {name!r} type")
-            offset = c.u64(f"tensor {name!r} offset")
-            tensors.append((name, dims, kind, offset))
-        data_start = -(-c.pos // alignment) * alignment
-        for name, dims, kind, offset in tensors:
-            try:
-                block, type_bytes = gguf.GGML_QUANT_SIZES[gguf.GGMLQuantizationType(kind)]
-            except (ValueError, KeyError):
-                c.fail(f"tensor {name!r} has unknown type {kind}")
-            if dims[0] % block:
-                c.fail(f"tensor {name!r} rows of {dims[0]} are not whole blocks of {block}")
-            nbytes = math.prod(dims) // block * type_bytes
-            if data_start + offset + nbytes > size:
-                c.fail(f"tensor {name!r} data [{data_start + offset}, {data_start + offset + nbytes}) "
-                       f"extends past the end of the file")
-
-
-def metadata_value(reader, key, default=None):
-    """The value of metadata `key`, or `default` when the file lacks it."""
-    f = reader.fields.get(key)
-    if f is None:
-        return default
-    return f.contents()
+    """Check a GGUF file's header against its size (GGUFHeader's checks) without keeping anything."""
+    GGUFHeader(path)
 
 
 def llama3_rope_factors(head_dim: int, theta: float, factor: float, low: float, high: float,
@@ -282,7 +150,7 @@ def llama3_rope_scaling(freqs: np.ndarray, head_dim: int, theta: float) -> dict:
 
 def gguf_config(reader, where: str) -> dict:
     """The transformers config.json dict that a GGUF file's metadata describes."""
-    arch = metadata_value(reader, "general.architecture")
+    arch = reader.metadata("general.architecture")
     family = family_of(arch)
     if family is None:
         known = sorted({a for a in FAMILIES if a not in GGUF_ARCHES.values()} | set(GGUF_ARCHES))
@@ -290,7 +158,7 @@ def gguf_config(reader, where: str) -> dict:
     names = {t.name for t in reader.tensors}
 
     def need(key):
-        v = metadata_value(reader, f"{arch}.{key}")
+        v = reader.metadata(f"{arch}.{key}")
         if v is None:
             raise MespError(f"{where}: missing metadata {arch}.{key}")
         return v
@@ -298,15 +166,15 @@ def gguf_config(reader, where: str) -> dict:
     # Sizes pass through unconverted: ModelConfig.from_hf checks each (type and range) before anything is built.
     hidden = need("embedding_length")
     heads = need("attention.head_count")
-    kv = metadata_value(reader, f"{arch}.attention.head_count_kv", heads)
+    kv = reader.metadata(f"{arch}.attention.head_count_kv", heads)
     tokens = reader.fields.get("tokenizer.ggml.tokens")
-    vocab = len(tokens.data) if tokens is not None else metadata_value(reader, f"{arch}.vocab_size")
+    vocab = tokens.count if tokens is not None else reader.metadata(f"{arch}.vocab_size")
     if vocab is None:
         emb = next((t for t in reader.tensors if t.name == "token_embd.weight"), None)
         if emb is None:
             raise MespError(f"{where}: missing tensor 'token_embd.weight'")
         vocab = int(emb.shape[-1])
-    eps = metadata_value(reader, f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
+    eps = reader.metadata(f"{arch}.attention.layer_norm_rms_epsilon", 1e-6)
     hf = {
         "architectures": [FAMILIES[family].hf_class],
         "model_type": family,
@@ -316,13 +184,13 @@ def gguf_config(reader, where: str) -> dict:
         "num_hidden_layers": need("block_count"),
         "num_attention_heads": heads,
         "num_key_value_heads": kv,
-        "head_dim": metadata_value(reader, f"{arch}.attention.key_length"),
+        "head_dim": reader.metadata(f"{arch}.attention.key_length"),
         "rms_norm_eps": float(str(np.float32(eps))),  # metadata holds float32: 1e-5 reads 9.99999974e-06
-        "rope_theta": float(str(np.float32(metadata_value(reader, f"{arch}.rope.freq_base", 10000.0)))),
-        "max_position_embeddings": metadata_value(reader, f"{arch}.context_length", 2048),
+        "rope_theta": float(str(np.float32(reader.metadata(f"{arch}.rope.freq_base", 10000.0)))),
+        "max_position_embeddings": reader.metadata(f"{arch}.context_length", 2048),
         "tie_word_embeddings": "output.weight" not in names,
-        "bos_token_id": metadata_value(reader, "tokenizer.ggml.bos_token_id"),
-        "eos_token_id": metadata_value(reader, "tokenizer.ggml.eos_token_id"),
+        "bos_token_id": reader.metadata("tokenizer.ggml.bos_token_id"),
+        "eos_token_id": reader.metadata("tokenizer.ggml.eos_token_id"),
     }
     if arch == "llama":
         hf["attention_bias"] = "blk.0.attn_q.bias" in names
@@ -330,7 +198,7 @@ def gguf_config(reader, where: str) -> dict:
         hf.update(gemma3_config(reader, hf))
     if isinstance(hf["max_position_embeddings"], int) and hf["max_position_embeddings"] <= 0:
         hf["max_position_embeddings"] = 2048
-    scaling_type = metadata_value(reader, f"{arch}.rope.scaling.type")
+    scaling_type = reader.metadata(f"{arch}.rope.scaling.type")
     if scaling_type not in (None, "none"):
         if scaling_type != "linear":
             raise MespError(f"{where}: unsupported rope scaling {scaling_type!r}")
@@ -355,8 +223,8 @@ def gemma3_config(reader, hf: dict) -> dict:
         scalar = hf["hidden_size"] // heads
     out = {"hidden_activation": "gelu_pytorch_tanh", "rope_local_base_freq": GEMMA3_LOCAL_ROPE_BASE,
            "sliding_window_pattern": GEMMA3_SLIDING_PATTERN, "query_pre_attn_scalar": scalar,
-           "sliding_window": metadata_value(reader, "gemma3.attention.sliding_window")}
-    cap = metadata_value(reader, "gemma3.final_logit_softcapping")
+           "sliding_window": reader.metadata("gemma3.attention.sliding_window")}
+    cap = reader.metadata("gemma3.final_logit_softcapping")
     if cap is not None:
         out["final_logit_softcapping"] = float(str(np.float32(cap)))
     return out
@@ -411,7 +279,7 @@ def gguf_tensors(reader, cfg: ModelConfig, where: str, keep_quantized: bool, dty
                 continue
         if len(t.shape) == 2:
             if mapped is None:
-                mapped = MappedFile(reader.data.filename)
+                mapped = MappedFile(reader.path)
             w = mapped_weight(mapped, t, perm, dtype)
             if w is not None:
                 yield name, (w if stream else w.dequantize(torch.float32))
