@@ -319,8 +319,9 @@ def demo_run(args) -> int:
                   f"({event['seconds']:.1f} s/step)", flush=True)
         elif kind == "memory":
             samples, tokens = event["batch"]
-            print(f"\nmeasuring one {' and one '.join(event['methods'])} step on the same batch "
-                  f"({samples} samples x {tokens} tokens) ...", flush=True)
+            print(f"\nmeasuring the first step of {' and of '.join(event['methods'])} on the same batch "
+                  f"({samples} samples x {tokens} tokens), each in a fresh `mesp train --measure-memory` process ...",
+                  flush=True)
         elif kind == "process_memory":
             print(f"measuring the whole process: {event['steps']} training steps of "
                   f"{' and of '.join(event['methods'])}, each in a fresh `mesp train` process ...", flush=True)
@@ -336,7 +337,8 @@ def demo_run(args) -> int:
         print(f"  {m.method:5s} {format_mib(m.peak_bytes) + ' MiB':>12}")
     if peaks.get("mebp"):
         print(f"  MeSP needs {100 * (1 - peaks['mesp'] / peaks['mebp']):.0f}% less than MeBP")
-    print(f"process peak RSS: {format_mib(r.peak_rss_bytes)} MiB (weights, tokenizer, data and both steps included)")
+    print(f"this demo's own process peak RSS: {format_mib(r.peak_rss_bytes)} MiB (loading, answering and training "
+          "included; the measured runs are separate processes)")
     if r.process_memory:
         print(f"whole-process peak of a fresh `mesp train` process ({r.settings['process_steps']} steps; private "
               "footprint = RssAnon + VmSwap + RssShmem, what a device counts):")

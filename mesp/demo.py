@@ -5,9 +5,11 @@
 1. asks the held-out questions (paraphrases that never appear in the training data) before training;
 2. fine-tunes LoRA with `mesp.train` on the bundled chat data (method mesp, per-layer updates);
 3. asks them again with the trained adapter, and scores both rounds (answers containing the expected word);
-4. measures the allocator-level peak memory of one MeSP step beside one MeBP step on the same batch;
-5. measures what a device would see: the whole-process private-footprint peak of a short MeSP and a short MeBP
-   training run with the demo's settings, each in its own fresh `mesp train` process (mesp.wholeprocess).
+4. measures the allocator-level peak memory of one MeSP step beside one MeBP step on the same first batch, and
+   what a device would see: the whole-process private-footprint peak of a short MeSP and a short MeBP training
+   run with the demo's settings. Each figure comes from its own fresh `mesp train` process (mesp.wholeprocess):
+   the allocator peak needs the profiler, whose own records would inflate any process it runs in, and the demo's
+   process stays as lean as the training it shows.
 
 The bundled data lives in mesp/demo_data: demo_train.jsonl and demo_valid.jsonl (chat `messages`), and
 demo_heldout.jsonl ({"question", "answer"}: the key word a correct answer contains).
@@ -31,8 +33,7 @@ from .errors import MespError
 from .generate import generate
 from .loaders import load_model
 from .lora import load_adapter
-from .memory import RUNTIME_FLOOR_LABEL, PeakMemory, peak_rss_bytes, runtime_floor_bytes
-from .methods import compute_gradients
+from .memory import RUNTIME_FLOOR_LABEL, peak_rss_bytes, runtime_floor_bytes
 from .tokenizer import load_tokenizer
 from .train import train
 from .train_config import TrainConfig, resolve
@@ -91,9 +92,8 @@ class Answer:
 @dataclass
 class StepMemory:
     method: str
-    peak_bytes: int  # allocator-level peak above the step's start (PeakMemory)
-    stage_peaks: dict[str, int]
-    loss: float
+    peak_bytes: int  # allocator-level peak of the first step above its start (`mesp train --measure-memory`)
+    command: str
 
 
 @dataclass
@@ -146,17 +146,23 @@ def ask(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str
     return [generate(model, tokenizer, q, chat=True, max_new_tokens=max_new_tokens).strip() for q in questions]
 
 
-def step_memory(model, batch, device) -> list[StepMemory]:
-    """Allocator-level peak of one MeSP and one MeBP gradient step on the same batch (the adapter is unchanged:
-    compute_gradients only returns gradients)."""
+def train_args(s: DemoSettings, method: str, steps: int, device: str) -> list[str]:
+    """`mesp train` arguments of a measured run: the demo's own training settings, `steps` steps of `method`."""
+    return ["--model", s.model, "--data", s.train_file, "--method", method, "--rank", str(s.rank),
+            "--alpha", f"{s.alpha:g}", "--steps", str(steps), "--batch-size", str(s.batch_size),
+            "--seq-len", str(s.seq_len), "--lr", f"{s.lr:g}", "--optimizer", "adamw", "--seed", str(s.seed),
+            "--device", device] + (["--weights", s.weights] if s.weights else [])
 
+
+def step_memory(s: DemoSettings, device: str) -> list[StepMemory]:
+    """The allocator-level peak of the first step of MeSP and of MeBP (the same batch: same data, order and
+    seed), each measured in its own fresh `mesp train --measure-memory` process."""
     out = []
-    for method in MEMORY_METHODS:
-        with PeakMemory(device) as pm:
-            loss, grads = compute_gradients(model, batch.input_ids, batch.labels, batch.attention_mask,
-                                            method=method)
-            del grads
-        out.append(StepMemory(method, pm.peak_bytes, dict(pm.stage_peaks), float(loss)))
+    with tempfile.TemporaryDirectory(prefix="mesp-demo-step-") as tmp:
+        for method in MEMORY_METHODS:
+            args = train_args(s, method, 1, device) + ["--measure-memory"]
+            m = train_process_memory(args, Path(tmp) / method)
+            out.append(StepMemory(method, m["step_allocator_peak_bytes"], shown(args)))
     return out
 
 
@@ -166,10 +172,7 @@ def process_memory(s: DemoSettings, device: str) -> list[ProcessMemory]:
     out = []
     with tempfile.TemporaryDirectory(prefix="mesp-demo-process-") as tmp:
         for method in MEMORY_METHODS:
-            args = ["--model", s.model, "--data", s.train_file, "--method", method, "--rank", str(s.rank),
-                    "--alpha", f"{s.alpha:g}", "--steps", str(s.process_steps), "--batch-size", str(s.batch_size),
-                    "--seq-len", str(s.seq_len), "--lr", f"{s.lr:g}", "--optimizer", "adamw", "--seed", str(s.seed),
-                    "--device", device] + (["--weights", s.weights] if s.weights else [])
+            args = train_args(s, method, s.process_steps, device)
             m = train_process_memory(args, Path(tmp) / method)
             out.append(ProcessMemory(method, m["private_peak_bytes"], m["rss_peak_bytes"],
                                      m["stage_private_peaks"], shown(args)))
@@ -214,15 +217,15 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     for a, text in zip(answers, ask(model, tokenizer, questions, s.max_new_tokens)):
         a.after = text
     emit({"event": "answers", "phase": "after", "answers": answers})
+    del model  # the measured children load their own copies
 
     # the measured batch: the first training micro-batch of the run (same samples for both methods)
     data = load_jsonl(s.train_file, get_tokenizer=lambda: tokenizer, seq_len=s.seq_len)
-    batch = data.collate(MicroBatchStream(len(data), s.batch_size, s.seed).indices(0))
-    emit({"event": "memory", "methods": MEMORY_METHODS, "batch": tuple(batch.input_ids.shape)})
-    memory = step_memory(model, batch, device)
+    batch_shape = tuple(data.collate(MicroBatchStream(len(data), s.batch_size, s.seed).indices(0)).input_ids.shape)
+    emit({"event": "memory", "methods": MEMORY_METHODS, "batch": batch_shape})
+    memory = step_memory(s, device)
     whole = []
     if s.process_steps > 0:
-        del model  # the children load their own copies: this one is not needed any more
         emit({"event": "process_memory", "methods": MEMORY_METHODS, "steps": s.process_steps})
         whole = process_memory(s, device)
 
@@ -231,7 +234,7 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     log.info("demo: %d/%d held-out answers correct before training, %d/%d after",
              score["before"], score["total"], score["after"], score["total"])
     return DemoReport(settings=vars(s).copy(), answers=answers, train=vars(result).copy(), memory=memory,
-                      memory_batch=tuple(batch.input_ids.shape), peak_rss_bytes=peak_rss_bytes(),
+                      memory_batch=batch_shape, peak_rss_bytes=peak_rss_bytes(),
                       seconds=time.perf_counter() - started, adapter_dir=str(run_dir) if out else None,
                       device=device, score=score, process_memory=whole,
-                      runtime_floor_bytes=runtime_floor_bytes() if whole else None)
+                      runtime_floor_bytes=runtime_floor_bytes())

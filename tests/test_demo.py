@@ -108,6 +108,9 @@ def test_demo_plumbing_on_a_tiny_model(tiny_chat_model, tmp_path):
     mesp_peak, mebp_peak = (m.peak_bytes for m in report.memory)
     assert 0 < mesp_peak < mebp_peak  # MeBP holds full-vocabulary logits, MeSP never does
     assert report.memory_batch[0] == 2 and report.peak_rss_bytes > 0
+    for m in report.memory:  # each step peak from its own fresh `mesp train --measure-memory` process
+        assert m.command.startswith("mesp train --model ") and f"--method {m.method}" in m.command
+        assert "--measure-memory" in m.command and "--steps 1 " in m.command
     # each method's whole-process figure comes from its own fresh `mesp train` process
     assert [p.method for p in report.process_memory] == ["mesp", "mebp"]
     for p in report.process_memory:
