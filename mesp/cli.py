@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from . import __version__, bench
 from .checkpoint import load_run_config
-from .demo import DEFAULT_STEPS, DemoSettings, run_demo
+from .demo import DEFAULT_STEPS, MODEL, DemoSettings, run_demo
 from .errors import MespError, one_line
 from .fileio import write_json, write_text
 from .generate import check_sampling, generate_stream
@@ -282,6 +282,8 @@ def quantize_run(args) -> int:
 
 def demo_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--steps", type=int, help=f"training steps (default {DEFAULT_STEPS})")
+    p.add_argument("--model", help=f"the model taught the facts: a preset, HF directory or .gguf (default "
+                   f"{MODEL}; without a chat template it is taught plain question/answer text)")
     p.add_argument("--out", metavar="DIR", help="keep the trained adapter in DIR (default: a temporary directory)")
     p.add_argument("--overwrite", action="store_true", help="replace a run already in --out")
     add_weights_arg(p)
@@ -300,7 +302,8 @@ def _print_answers(title: str, answers, phase: str) -> None:
 def demo_run(args) -> int:
     if args.steps is not None and args.steps < 1:
         raise MespError(f"--steps: must be a positive integer, got {args.steps}")
-    settings = DemoSettings(weights=args.weights, **({} if args.steps is None else {"steps": args.steps}))
+    given = {"model": args.model, "steps": args.steps}
+    settings = DemoSettings(weights=args.weights, **{k: v for k, v in given.items() if v is not None})
     every = max(1, settings.steps // 10)
     print(f"mesp demo: LoRA r={settings.rank} on {settings.model}, {settings.steps} MeSP steps of "
           f"{settings.batch_size} samples; answering the held-out questions first...")

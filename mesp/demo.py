@@ -12,17 +12,19 @@
    process stays as lean as the training it shows.
 
 The bundled data lives in mesp/demo_data: demo_train.jsonl and demo_valid.jsonl (chat `messages`), and
-demo_heldout.jsonl ({"question", "answer"}: the key word a correct answer contains).
+demo_heldout.jsonl ({"question", "answer"}: the key word a correct answer contains). Another model can be
+taught the same facts (DemoSettings.model, `mesp demo --model`); a base model whose tokenizer has no chat
+template (Gemma 3 270M's GGUF) gets them as plain question/answer text (QA_PROMPT), asked the same way.
 """
 
 from __future__ import annotations
 
+import json
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -48,6 +50,7 @@ HELDOUT_FILE = DATA_DIR / "demo_heldout.jsonl"
 MODEL = "smollm2-135m-instruct"
 MEMORY_METHODS = ("mesp", "mebp")
 DEFAULT_STEPS = 40
+QA_PROMPT = "Question: {question}\nAnswer:"  # how a model without a chat template is taught and asked
 
 
 @dataclass
@@ -140,10 +143,30 @@ def load_heldout(path) -> list[Answer]:
     return out
 
 
-def ask(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
-    """Greedy answers through the chat template, as `mesp generate --chat` gives them."""
+def has_chat_template(tokenizer) -> bool:
+    return bool(getattr(tokenizer, "chat_template", None))
 
-    return [generate(model, tokenizer, q, chat=True, max_new_tokens=max_new_tokens).strip() for q in questions]
+
+def ask(model, tokenizer, questions: list[str], max_new_tokens: int) -> list[str]:
+    """Greedy answers, as `mesp generate --chat` gives them (QA_PROMPT text without a chat template; the answer
+    ends at its first line then)."""
+    if has_chat_template(tokenizer):
+        return [generate(model, tokenizer, q, chat=True, max_new_tokens=max_new_tokens).strip() for q in questions]
+    return [generate(model, tokenizer, QA_PROMPT.format(question=q), max_new_tokens=max_new_tokens).strip()
+            .split("\n")[0] for q in questions]
+
+
+def as_question_answer_text(src, dst: Path) -> str:
+    """The chat `messages` file `src` as prompt/completion pairs in QA_PROMPT form, written to `dst`."""
+    with open(dst, "w", encoding="utf-8") as f:
+        for _, where, obj in read_jsonl(src):
+            turns = obj.get("messages") or []
+            user = [m["content"] for m in turns if m.get("role") == "user"]
+            reply = [m["content"] for m in turns if m.get("role") == "assistant"]
+            if len(user) != 1 or len(reply) != 1:
+                raise MespError(f"{where}: expected one user and one assistant turn")
+            f.write(json.dumps({"prompt": QA_PROMPT.format(question=user[0]), "completion": " " + reply[0]}) + "\n")
+    return str(dst)
 
 
 def train_args(s: DemoSettings, method: str, steps: int, device: str) -> list[str]:
@@ -179,6 +202,15 @@ def process_memory(s: DemoSettings, device: str) -> list[ProcessMemory]:
     return out
 
 
+def train_config(s: DemoSettings, run_dir: Path, overwrite: bool, device: str) -> TrainConfig:
+    """The demo's own training run (method mesp, per-layer updates by default)."""
+    return TrainConfig(model=s.model, data=s.train_file, valid=s.valid_file, out=str(run_dir), method="mesp",
+                       rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
+                       lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,
+                       overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps,
+                       weights=s.weights)
+
+
 def run_demo(settings: DemoSettings | None = None, out: str | None = None, overwrite: bool = False,
              progress: Callable[[dict], None] | None = None) -> DemoReport:
     """Run the demo (see the module docstring). The adapter is kept in `out` when given, else trained in a
@@ -192,14 +224,10 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     device = "cuda" if torch.cuda.is_available() else "cpu"
     answers = load_heldout(s.heldout_file)
     questions = [a.question for a in answers]
-    run_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="mesp-demo-"))
-    config = TrainConfig(model=s.model, data=s.train_file, valid=s.valid_file, out=str(run_dir), method="mesp",
-                         rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
-                         lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,
-                         overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps,
-                         weights=s.weights)
-    try:
-        check_out_dir(resolve(config))  # a bad setting or an occupied --out fails now, not after the first answers
+    # scratch: the run when `out` is not given, and the question/answer text of a model without a chat template
+    with tempfile.TemporaryDirectory(prefix="mesp-demo-") as scratch:
+        run_dir = Path(out) if out else Path(scratch) / "run"
+        check_out_dir(resolve(train_config(s, run_dir, overwrite, device)))  # fails now, not after the answers
 
         model = load_model(s.model, device=device, weights=s.weights)
         tokenizer = load_tokenizer(model)
@@ -208,26 +236,29 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
         emit({"event": "answers", "phase": "before", "answers": answers})
         del model  # train() loads its own copy; holding this one too would only add to the process's peak
 
-        result = train(config, progress=emit)
+        taught = s
+        if not has_chat_template(tokenizer):
+            taught = replace(s, train_file=as_question_answer_text(s.train_file, Path(scratch) / "train.jsonl"),
+                             valid_file=s.valid_file and as_question_answer_text(s.valid_file,
+                                                                                 Path(scratch) / "valid.jsonl"))
+        result = train(train_config(taught, run_dir, overwrite, device), progress=emit)
         model = load_model(s.model, device=device, weights=s.weights)
         load_adapter(model, run_dir)
-    finally:
-        if out is None:
-            shutil.rmtree(run_dir, ignore_errors=True)
-    for a, text in zip(answers, ask(model, tokenizer, questions, s.max_new_tokens)):
-        a.after = text
-    emit({"event": "answers", "phase": "after", "answers": answers})
-    del model  # the measured children load their own copies
+        for a, text in zip(answers, ask(model, tokenizer, questions, s.max_new_tokens)):
+            a.after = text
+        emit({"event": "answers", "phase": "after", "answers": answers})
+        del model  # the measured children load their own copies
 
-    # the measured batch: the first training micro-batch of the run (same samples for both methods)
-    data = load_jsonl(s.train_file, get_tokenizer=lambda: tokenizer, seq_len=s.seq_len)
-    batch_shape = tuple(data.collate(MicroBatchStream(len(data), s.batch_size, s.seed).indices(0)).input_ids.shape)
-    emit({"event": "memory", "methods": MEMORY_METHODS, "batch": batch_shape})
-    memory = step_memory(s, device)
-    whole = []
-    if s.process_steps > 0:
-        emit({"event": "process_memory", "methods": MEMORY_METHODS, "steps": s.process_steps})
-        whole = process_memory(s, device)
+        # the measured batch: the first training micro-batch of the run (same samples for both methods)
+        data = load_jsonl(taught.train_file, get_tokenizer=lambda: tokenizer, seq_len=s.seq_len)
+        batch_shape = tuple(data.collate(MicroBatchStream(len(data), s.batch_size, s.seed).indices(0))
+                            .input_ids.shape)
+        emit({"event": "memory", "methods": MEMORY_METHODS, "batch": batch_shape})
+        memory = step_memory(taught, device)
+        whole = []
+        if s.process_steps > 0:
+            emit({"event": "process_memory", "methods": MEMORY_METHODS, "steps": s.process_steps})
+            whole = process_memory(taught, device)
 
     score = {"before": sum(a.correct_before for a in answers), "after": sum(a.correct_after for a in answers),
              "total": len(answers)}

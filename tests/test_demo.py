@@ -11,8 +11,8 @@ import pytest
 import mesp
 from mesp.cli import main
 from mesp.data import load_jsonl
-from mesp.demo import (HELDOUT_FILE, TRAIN_FILE, VALID_FILE, Answer, DemoSettings, ask, contains_answer,
-                       load_heldout, run_demo)
+from mesp.demo import (HELDOUT_FILE, QA_PROMPT, TRAIN_FILE, VALID_FILE, Answer, DemoSettings, as_question_answer_text,
+                       ask, contains_answer, load_heldout, run_demo)
 from mesp.errors import MespError
 
 
@@ -131,14 +131,42 @@ def test_demo_refuses_an_out_holding_another_run_before_any_work(tiny_chat_model
 
 
 def test_cli_demo_prints_answers_score_and_memory(tiny_chat_model, tmp_path, capsys, monkeypatch):
-    import mesp.demo
+    import mesp.cli
 
     base = tiny_settings(tiny_chat_model, tmp_path, n_questions=2)
-    monkeypatch.setattr(mesp.demo, "DemoSettings", lambda **kw: dataclasses.replace(base, **kw))
+    monkeypatch.setattr(mesp.cli, "DemoSettings", lambda **kw: dataclasses.replace(base, **kw))
     assert main(["demo", "--steps", "1"]) == 0
     printed = capsys.readouterr().out
-    for text in ("Before training", "After training", "score: ", "mesp ", "mebp ", "process peak RSS",
+    for text in ("Before training", "After training", "score: ", "mesp ", "mebp ", "own process peak RSS",
                  "pass --out DIR", "whole-process peak of a fresh `mesp train` process",
                  "runtime floor (python + torch import)"):
         assert text in printed
     assert printed.index("Before training") < printed.index("step    1/1") < printed.index("After training")
+
+
+def test_demo_teaches_a_model_without_chat_template_plain_question_answer_text(tiny_chat_model, tmp_path):
+    """A base model (Gemma 3 270M's GGUF has no chat template) is taught and asked in QA_PROMPT form."""
+    plain = tmp_path / "plain"
+    shutil.copytree(tiny_chat_model, plain)
+    (plain / "chat_template.jinja").unlink(missing_ok=True)
+    config = json.loads((plain / "tokenizer_config.json").read_text())
+    config.pop("chat_template", None)
+    (plain / "tokenizer_config.json").write_text(json.dumps(config))
+    assert not mesp.load_tokenizer(plain).chat_template
+
+    qa = as_question_answer_text(TRAIN_FILE, tmp_path / "qa.jsonl")
+    rows = [json.loads(line) for line in open(qa)]
+    assert len(rows) == len(assistant_texts(TRAIN_FILE))
+    assert rows[0] == {"prompt": QA_PROMPT.format(question=user_texts(TRAIN_FILE)[0]),
+                       "completion": " " + assistant_texts(TRAIN_FILE)[0]}
+
+    settings = dataclasses.replace(tiny_settings(plain, tmp_path), model=str(plain), process_steps=0)
+    out = tmp_path / "run"
+    report = run_demo(settings, out=str(out))
+    assert report.train["steps"] == 2
+    model = mesp.load_model(plain)
+    tok = mesp.load_tokenizer(model)
+    mesp.load_adapter(model, out)
+    asked = [mesp.generate(model, tok, QA_PROMPT.format(question=a.question), max_new_tokens=3).strip().split("\n")[0]
+             for a in report.answers]
+    assert [a.after for a in report.answers] == asked
