@@ -31,6 +31,7 @@ from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, loa
 from .lora import load_adapter
 from .memory import format_mib, return_freed_memory_to_os
 from .merge import merge_adapter
+from .planner import EstimateSettings, estimate_text, run_estimate
 from .methods import METHODS
 from .presets import PRESETS
 from .quantize import quantize_model
@@ -236,6 +237,18 @@ def memory_line(m: dict) -> str:
     return (f"memory: private footprint peak {format_mib(m.get('private_peak_bytes'))} MiB{floor_text}, "
             f"RSS peak {format_mib(m.get('rss_peak_bytes'))} MiB, {step_text}"
             + (f"\nprivate footprint peak by stage (MiB): {by_stage}" if by_stage else ""))
+
+
+# ---- estimate ------------------------------------------------------------------------------------------
+
+@command("estimate", lambda p: add_arguments(p, EstimateSettings), "Predict a training step's peak memory and "
+         "the process's private peak from the model's config alone, split into terms, before loading a weight.")
+def estimate_run(args) -> int:
+    s = EstimateSettings(**given(EstimateSettings, args))
+    e, longest = run_estimate(s)
+    print(json.dumps({**e.as_json(), "longest_seq_len": longest} if s.budget is not None else e.as_json())
+          if s.json else estimate_text(e, longest, s.budget))
+    return 0
 
 
 # ---- merge ---------------------------------------------------------------------------------------------

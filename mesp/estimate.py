@@ -44,9 +44,10 @@ CHECKPOINTS = "layer checkpoints"
 KEPT = "kept layer intermediates"
 WORKING = "layer working set"
 LOSS = "loss chunk"
+LOGITS = "full-vocabulary logits"
 GRADS = "LoRA gradients"
 DECODE = "weight decode buffer"
-STEP_TERMS = (CHECKPOINTS, KEPT, WORKING, LOSS, GRADS, DECODE)
+STEP_TERMS = (CHECKPOINTS, KEPT, WORKING, LOSS, LOGITS, GRADS, DECODE)
 
 
 def default_token_chunk(seq_len: int) -> int:
@@ -125,6 +126,7 @@ class Shapes:
     e: int  # compute dtype bytes
     qk_norm: bool
     sandwich: bool
+    activation: str  # the MLP activation's config.json name
 
     def X(self, tokens=None):
         return self.B * (self.T if tokens is None else tokens) * self.d * self.e
@@ -153,7 +155,7 @@ def shapes_of(config: ModelConfig, seq_len: int, batch_size: int, element: int) 
     return Shapes(B=batch_size, T=seq_len, d=config.hidden_size, F=config.intermediate_size,
                   qd=config.num_attention_heads * config.head_dim, kvd=config.num_key_value_heads * config.head_dim,
                   Hq=config.num_attention_heads, L=config.num_hidden_layers, V=config.vocab_size, e=element,
-                  qk_norm=bool(spec.qk_norm), sandwich=bool(spec.sandwich_norms))
+                  qk_norm=bool(spec.qk_norm), sandwich=bool(spec.sandwich_norms), activation=spec.activation.hf_name)
 
 
 def lora_bytes_per_layer(config: ModelConfig, rank: int, targets, element: int) -> int:
@@ -208,9 +210,11 @@ def attention_saved(s: Shapes, tokens=None) -> int:
 
 
 def activation_backward_transient(s: Shapes, tokens) -> int:
-    """swiglu/geglu_backward's fp32 temporaries beside their inputs: sigma(G) (or tanh), g_up and the slope,
-    plus G upcast when the compute dtype is not fp32."""
-    return (3 + (s.e != ACC_BYTES)) * s.Fm(tokens, ACC_BYTES)
+    """The activation backward's fp32 temporaries beside its inputs: swiglu_backward's sigma(G), g_up and the
+    slope; geglu_backward's tanh, g_up, the slope's polynomial and the slope; plus G upcast when the compute
+    dtype is not fp32."""
+    temporaries = 3 if s.activation == "silu" else 4
+    return (temporaries + (s.e != ACC_BYTES)) * s.Fm(tokens, ACC_BYTES)
 
 
 def mesp_stages(s: Shapes, chunk: int, keep: int, attn_block: int, offload: bool, grads_layer: int,
@@ -279,7 +283,7 @@ def mebp_stages(s: Shapes, offload: bool, grads_layer: int, keep_grads: bool) ->
     L, X = s.L, s.X()
     ckpt_all = X if offload else L * X
     forward = {CHECKPOINTS: ckpt_all, WORKING: module_forward_working(s)}
-    loss = {CHECKPOINTS: ckpt_all, WORKING: 0, LOSS: 2 * X + full_logits_bytes(s)}
+    loss = {CHECKPOINTS: ckpt_all, WORKING: 2 * X, LOGITS: full_logits_bytes(s)}
     working = X + autograd_layer_saved(s) + 3 * s.Fm()  # g; the layer's graph; gM, gG, gU
     first = {CHECKPOINTS: ckpt_all, WORKING: working, GRADS: 0}
     last = {CHECKPOINTS: X, WORKING: working, GRADS: (L - 1) * grads_layer if keep_grads else 0}
@@ -290,16 +294,16 @@ def autograd_stages(s: Shapes, grads_layer: int) -> dict[str, dict[str, int]]:
     """Autograd over the whole model: every layer's graph until the backward frees it."""
     graph = s.L * autograd_layer_saved(s) + s.X()
     return {"forward": {KEPT: graph, WORKING: module_forward_working(s)},
-            "loss": {KEPT: graph, LOSS: full_logits_bytes(s)},
-            "backward": {KEPT: graph, LOSS: s.logits(ACC_BYTES), WORKING: 3 * s.Fm(), GRADS: grads_layer}}
+            "loss": {KEPT: graph, LOGITS: full_logits_bytes(s)},
+            "backward": {KEPT: graph, LOGITS: s.logits(ACC_BYTES), WORKING: 3 * s.Fm(), GRADS: grads_layer}}
 
 
 def mezo_stages(s: Shapes, loss_tokens: int, grads_layer: int, keep_grads: bool) -> dict[str, dict[str, int]]:
     """MeZO: two inference passes (the modules, no graph) and the chunked loss without its gradient; the
     gradient estimate's buffers (mesp.methods.mezo.gradients; training's update keeps none)."""
     estimate_buffers = s.L * grads_layer if keep_grads else 0  # the estimate, returned as the gradients
-    # x, the layer's output and its forward; SDPA's causal score rows for the whole sequence at worst
-    return {"forward": {WORKING: s.X() + module_forward_working(s) + s.score_block(s.T), GRADS: estimate_buffers},
+    # x, the layer's output and its forward (SDPA holds no score matrix)
+    return {"forward": {WORKING: s.X() + module_forward_working(s), GRADS: estimate_buffers},
             "loss": {LOSS: loss_chunk_bytes(s, loss_tokens) - s.X(), GRADS: estimate_buffers}}
 
 
