@@ -9,6 +9,8 @@ a third of MeSP's compute for that layer); the whole sequence before token chunk
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 from dataclasses import dataclass
 
 from .errors import MespError
@@ -16,6 +18,7 @@ from .estimate import CHECKPOINTING, METHODS, Estimate, estimate, longest_fittin
 from .lora import ALL_TARGETS
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS
 from .memory import MiB, format_mib
+from .methods import mesp as mesp_engine
 from .precision import AUTO, resolve_dtype
 from .settings import setting
 
@@ -76,7 +79,8 @@ def estimate_text(e: Estimate, longest: int | None = None, budget_mib: float | N
              f"{format_mib(e.private_peak_bytes)} MiB"]
     width = max(map(len, e.terms))
     for name, b in sorted(e.terms.items(), key=lambda kv: -kv[1]):
-        lines.append(f"  {name:<{width}}  {format_mib(b):>9} MiB")
+        if b:
+            lines.append(f"  {name:<{width}}  {format_mib(b):>9} MiB")
     lines.append(f"dominant: {e.dominant}")
     if budget_mib is not None:
         lines.append(f"longest sequence within {budget_mib:g} MiB: " +
@@ -97,6 +101,11 @@ class Plan:
     estimate: Estimate
     budget_bytes: int
 
+    def engine_options(self, n_layers: int) -> dict:
+        """compute_gradients' options for MeSP under this plan (keep_layers as the set of the last layers)."""
+        return {"token_chunk": self.token_chunk, "keep_layers": frozenset(range(n_layers - self.keep_layers, n_layers)),
+                "loss_chunk": self.loss_chunk, "attn_block": self.attn_block}
+
     def describe(self) -> str:
         """The plan as the CLI prints it (one line, then the estimate's terms)."""
         e = self.estimate
@@ -109,30 +118,44 @@ class Plan:
         return head + "\n" + estimate_text(e)
 
 
-def _candidates(method: str, n_layers: int, offload_allowed: bool):
+PLANNED_KNOBS = ("keep_layers", "token_chunk")  # the MeSP engine options the planner varies besides the chunks
+
+
+def engine_knobs() -> frozenset[str]:
+    """The PLANNED_KNOBS the MeSP engine accepts (mesp.methods.mesp.gradients' parameters): a plan uses no other."""
+    params = inspect.signature(mesp_engine.gradients).parameters
+    return frozenset(k for k in PLANNED_KNOBS if k in params)
+
+
+def _candidates(method: str, n_layers: int, offload_allowed: bool, knobs):
     """Engine settings, fastest first (module docstring): (offload, keep, token_chunk, loss_chunk, attn_block)."""
     offloads = (False, True) if offload_allowed and method in CHECKPOINTING else (False,)
+    keeps = range(n_layers, -1, -1) if "keep_layers" in knobs else (0,)
+    chunks = TOKEN_CHUNKS if "token_chunk" in knobs else (0,)
     for offload in offloads:
         if method != "mesp":
             for loss_chunk in LOSS_CHUNKS:
                 yield offload, 0, 0, loss_chunk, ATTN_BLOCKS[0]
             continue
-        for keep in range(n_layers, -1, -1):
-            for chunk in TOKEN_CHUNKS:
+        for keep in keeps:
+            for chunk in chunks:
                 for loss_chunk in LOSS_CHUNKS:
                     for block in ATTN_BLOCKS:
                         yield offload, keep, chunk, loss_chunk, block
 
 
 def plan_memory(config, budget_bytes: int, seq_len: int, measure: str = "private", offload_allowed: bool = True,
-                **options) -> Plan:
+                knobs=None, **options) -> Plan:
     """The fastest settings whose estimate fits `budget_bytes` (measure "private": the private peak; "step": the
-    step's allocator peak). `options`: estimate()'s other arguments (method, rank, dtype, ...). Nothing fits:
+    step's allocator peak). knobs: which of PLANNED_KNOBS may vary (default: those the engine has,
+    engine_knobs()). `options`: estimate()'s other arguments (method, rank, dtype, ...). Nothing fits:
     MespError naming the dominant term of the smallest plan and what would fit."""
+    knobs = engine_knobs() if knobs is None else frozenset(knobs)
     key = "private_peak_bytes" if measure == "private" else "step_peak_bytes"
     method = options.get("method", "mesp")
     smallest = None
-    for offload, keep, chunk, loss_chunk, block in _candidates(method, config.num_hidden_layers, offload_allowed):
+    for offload, keep, chunk, loss_chunk, block in _candidates(method, config.num_hidden_layers, offload_allowed,
+                                                                           knobs):
         e = estimate(config, seq_len, offload_checkpoints=offload, keep_layers=keep, token_chunk=chunk,
                      loss_chunk=loss_chunk, attn_block=block, **options)
         if getattr(e, key) <= budget_bytes:
@@ -162,8 +185,10 @@ def what_would_fit(config, budget_bytes: int, seq_len: int, key: str, options: d
             fits.append(f"--rank {r}")
             break
     if options.get("weights", "resident") != "stream":
-        streamed = {**options, "weights": "stream"}
-        if getattr(estimate(config, seq_len, **streamed), key) <= budget_bytes:
+        if not options.get("quantize") and getattr(estimate(config, seq_len, **{**options, "quantize": "int4"}),
+                                                   key) <= budget_bytes:
+            fits.append("--quantize int4")
+        if getattr(estimate(config, seq_len, **{**options, "weights": "stream"}), key) <= budget_bytes:
             fits.append("--weights stream (a GGUF file; `mesp quantize` writes one)")
     return ("would fit: " + ", or ".join(fits)) if fits else "no shorter sequence, smaller rank or streamed " \
                                                              "weights fits either: a larger budget is needed"
@@ -178,3 +203,12 @@ def plan_train(c, device: str = "cpu") -> Plan:
                    weights=c.weights or ("stream" if str(c.model).lower().endswith(".gguf") else "resident"),
                    targets=c.targets or ALL_TARGETS, optimizer=c.optimizer or "adamw", per_layer_update=per_layer)
     return plan_memory(config, int(c.memory_budget * MiB), c.seq_len, offload_allowed=True, **options)
+
+
+def apply_plan(c, plan: Plan):
+    """A copy of TrainConfig `c` with the plan's settings: checkpoint placement and kept layers, and the token
+    chunk, loss chunk and attention block where the config has those fields (the engine's knobs)."""
+    chosen = {"offload_checkpoints": plan.offload_checkpoints, "keep_layers": plan.keep_layers,
+              "token_chunk": plan.token_chunk, "loss_chunk": plan.loss_chunk, "attn_block": plan.attn_block}
+    names = {f.name for f in dataclasses.fields(c)}
+    return dataclasses.replace(c, **{k: v for k, v in chosen.items() if k in names})
