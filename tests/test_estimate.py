@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from mesp.cli import main
+from mesp.errors import MespError
 from mesp.estimate import (CHECKPOINTS, KEPT, METHODS, STEP_TERMS, WORKING, estimate, longest_fitting,
                            model_config)
 from mesp.families import ModelConfig
@@ -128,3 +129,24 @@ def test_estimate_cli_bad_input_is_one_line(argv, match, capsys):
 ])
 def test_auto_dtype_picks_bf16_only_where_native(flags, device, expected):
     assert auto_dtype(device, flags=flags) == expected
+
+
+def test_memory_bench_prints_the_estimate_beside_the_measured_peak():
+    from mesp.bench.sweep import MemoryCase, memory_table, predicted_peak
+
+    case = MemoryCase(model="qwen2.5-0.5b", seq_len=256, rank=8, method="mesp")
+    predicted = predicted_peak(model_config(case.model), case)
+    assert abs(predicted / (56.2 * MiB) - 1) < 0.15  # docs/results/memory.json's measured peak of this case
+    row = {"model": case.model, "seq_len": 256, "rank": 8, "dtype": "fp32", "method": "mesp",
+           "peak_bytes": int(56.2 * MiB), "estimated_peak_bytes": predicted, "stage_peaks": {}, "weights_bytes": 0,
+           "peak_rss_bytes": 0, "step_seconds": None}
+    head, line = memory_table({"rows": [row]}).splitlines()
+    assert head.split()[4] == "estimate" and f"{predicted / MiB:.1f}" in line.split()
+
+
+def test_auto_dtype_environment_override(monkeypatch):
+    monkeypatch.setenv("MESP_AUTO_DTYPE", "bfloat16")
+    assert auto_dtype("cpu") == "bfloat16" and auto_dtype("cpu", flags=["avx2"]) == "float32"
+    monkeypatch.setenv("MESP_AUTO_DTYPE", "int8")
+    with pytest.raises(MespError, match="MESP_AUTO_DTYPE"):
+        auto_dtype("cpu")
