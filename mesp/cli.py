@@ -222,6 +222,8 @@ def train_run(args) -> int:
     print("; ".join(parts))
     if result.n_truncated:
         print(f"{result.n_truncated} of {result.n_samples} samples were truncated to {config.seq_len} tokens")
+    if result.n_skipped:
+        print(f"{result.n_skipped} samples longer than {config.seq_len} tokens were skipped")
     print(memory_line(result.memory))
     print(f"adapter: {result.out}")
     use = shlex.join(["mesp", "generate", "--model", result.config["model"], "--adapter",

@@ -17,6 +17,7 @@ import torch
 
 from .errors import MespError
 from .lora import ALL_TARGETS, LoraConfig, naming_fields
+from .data import LONG_SAMPLES
 from .methods import CHECKPOINTING_METHODS, METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
@@ -54,7 +55,9 @@ class TrainConfig:
     epochs: int | None = setting(None, "passes over the data",
                                  default_text=f"default {DEFAULT_EPOCHS} when --steps is not given")
     batch_size: int = setting(4, "samples per micro-batch")
-    seq_len: int = setting(512, "longest sample in tokens; longer ones are truncated")
+    seq_len: int = setting(512, "longest sample in tokens; longer ones are truncated (or skipped: --long-samples)")
+    long_samples: str = setting("truncate", "a sample longer than --seq-len: truncate it to its first seq_len tokens "
+                                            "or skip it (counted either way)", choices=LONG_SAMPLES)
     lr: float | None = setting(None, "peak learning rate",
                                default_text="default " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()))
     optimizer: str | None = setting(None, "optimizer", choices=OPTIMIZERS,
@@ -106,7 +109,7 @@ class TrainConfig:
 # Settings that define the run: resuming with any of them changed would not continue the same run.
 SAME_RUN_KEYS = ("model", "data", "method", "rank", "alpha", "targets", "batch_size", "seq_len", "lr", "optimizer",
                  "momentum", "weight_decay", "schedule", "warmup", "grad_accum", "seed", "max_grad_norm",
-                 "train_on_prompt", "dtype", "mezo_eps", "quantize")
+                 "train_on_prompt", "dtype", "mezo_eps", "quantize", "long_samples")
 
 
 def lora_config(c: TrainConfig) -> LoraConfig:

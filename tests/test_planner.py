@@ -88,3 +88,22 @@ def test_train_memory_budget_dry_run_and_impossible_budget(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("mesp train: error: memory budget 900 MiB: nothing fits"), err
     assert "dominated by resident weights" in err[0] and "--quantize int4" in err[0]
     assert not out.exists()  # before any work
+
+
+def test_long_samples_are_skipped_and_counted(make_hf_model, tmp_path, capsys):
+    path, _ = make_hf_model("qwen2", num_key_value_heads=2)
+    data = write_pretokenized(tmp_path / "train.jsonl", n=10, lo=6, hi=20)
+    lengths = [len(json.loads(line)["input_ids"]) for line in open(data)]
+    longer = sum(n > 12 for n in lengths)
+    assert 0 < longer < len(lengths)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(path), "--data", data, "--out", str(out), "--seq-len", "12",
+                 "--batch-size", "2", "--steps", "2", "--long-samples", "skip", "--optimizer", "sgd"]) == 0
+    shown = capsys.readouterr().out
+    assert f"{longer} samples longer than 12 tokens were skipped" in shown and "truncated" not in shown
+    all_long = tmp_path / "long.jsonl"
+    all_long.write_text(json.dumps({"input_ids": list(range(30))}) + "\n")
+    assert main(["train", "--model", str(path), "--data", str(all_long), "--out", str(tmp_path / "r2"),
+                 "--seq-len", "12", "--long-samples", "skip"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "all 1 samples are longer than seq_len 12" in err[0], err
