@@ -1,5 +1,6 @@
 """mesp.estimate and `mesp estimate`: terms that add up, predictions against the allocator peaks mesp.memory
-measures on tiny models, the longest fitting sequence, the JSON schema, bad input, and auto_dtype's choice."""
+measures on tiny models, the longest fitting sequence, the JSON schema, bad input, and the memory bench's
+column."""
 
 from __future__ import annotations
 
@@ -9,7 +10,6 @@ import pytest
 import torch
 
 from mesp.cli import main
-from mesp.errors import MespError
 from mesp.estimate import (CHECKPOINTS, KEPT, METHODS, STEP_TERMS, WORKING, estimate, longest_fitting,
                            model_config)
 from mesp.families import ModelConfig
@@ -17,7 +17,6 @@ from mesp.loaders import load_random
 from mesp.lora import LoraConfig, add_lora
 from mesp.memory import MiB, PeakMemory
 from mesp.methods import compute_gradients
-from mesp.precision import auto_dtype
 
 # a tiny model whose MLP is wide, so a step's peak is dominated by the tensors the estimate counts
 WIDE = dict(architectures=["Qwen2ForCausalLM"], model_type="qwen2", vocab_size=512, hidden_size=64,
@@ -120,17 +119,6 @@ def test_estimate_cli_bad_input_is_one_line(argv, match, capsys):
     assert len(err) == 1 and err[0].startswith("mesp estimate: error: ") and match in err[0], err
 
 
-@pytest.mark.parametrize("flags, device, expected", [
-    (["avx2", "fma"], "cpu", "float32"),
-    (["avx512f", "avx512_bf16"], "cpu", "bfloat16"),
-    (["amx_tile", "amx_bf16"], "cpu", "bfloat16"),
-    ([], "cpu", "float32"),
-    ([], "cuda", "bfloat16"),
-])
-def test_auto_dtype_picks_bf16_only_where_native(flags, device, expected):
-    assert auto_dtype(device, flags=flags) == expected
-
-
 def test_memory_bench_prints_the_estimate_beside_the_measured_peak():
     from mesp.bench.sweep import MemoryCase, memory_table, predicted_peak
 
@@ -142,11 +130,3 @@ def test_memory_bench_prints_the_estimate_beside_the_measured_peak():
            "peak_rss_bytes": 0, "step_seconds": None}
     head, line = memory_table({"rows": [row]}).splitlines()
     assert head.split()[4] == "estimate" and f"{predicted / MiB:.1f}" in line.split()
-
-
-def test_auto_dtype_environment_override(monkeypatch):
-    monkeypatch.setenv("MESP_AUTO_DTYPE", "bfloat16")
-    assert auto_dtype("cpu") == "bfloat16" and auto_dtype("cpu", flags=["avx2"]) == "float32"
-    monkeypatch.setenv("MESP_AUTO_DTYPE", "int8")
-    with pytest.raises(MespError, match="MESP_AUTO_DTYPE"):
-        auto_dtype("cpu")
