@@ -49,17 +49,18 @@ def test_terms_sum_to_the_totals(method, options):
     assert all(isinstance(v, int) and v >= 0 for v in e.terms.values())
 
 
-@pytest.mark.parametrize("hf", [WIDE, QWEN3, GEMMA], ids=["qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("hf, dtype", [(WIDE, "float32"), (QWEN3, "float32"), (GEMMA, "float32"),
+                                       (WIDE, "bfloat16")], ids=["qwen2", "qwen3", "gemma3", "qwen2-bf16"])
 @pytest.mark.parametrize("method", METHODS)
-def test_estimate_within_15_percent_of_the_measured_allocator_peak(hf, method):
-    model = load_random("wide", dict(hf), torch.float32, "cpu")
+def test_estimate_within_15_percent_of_the_measured_allocator_peak(hf, dtype, method):
+    model = load_random("wide", dict(hf), getattr(torch, dtype), "cpu")
     add_lora(model, LoraConfig(r=4))
     T, B = 256, 2
     ids = torch.randint(0, hf["vocab_size"], (B, T), generator=torch.Generator().manual_seed(0))
     with PeakMemory() as pm:
         compute_gradients(model, ids, ids, method=method)
     # today's engine runs the whole sequence at once (token_chunk 0)
-    e = estimate(model.config, T, batch_size=B, rank=4, method=method, token_chunk=0, runtime_floor=0)
+    e = estimate(model.config, T, batch_size=B, rank=4, method=method, dtype=dtype, token_chunk=0, runtime_floor=0)
     assert abs(e.step_peak_bytes / pm.peak_bytes - 1) <= 0.15, (e.stage_peaks, pm.stage_peaks)
 
 
