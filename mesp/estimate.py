@@ -50,10 +50,27 @@ DECODE = "weight decode buffer"
 STEP_TERMS = (CHECKPOINTS, KEPT, WORKING, LOSS, LOGITS, GRADS, DECODE)
 
 
+# the MeSP engine's defaults (mesp.methods.mesp: token_chunks and attention_block state the same rules)
+WHOLE_UP_TO = 256  # token_chunk None: the whole sequence up to this many positions
+DEFAULT_TOKEN_CHUNK = 128  # ... and chunks of this many positions beyond
+DEFAULT_ATTN_BLOCK = 128  # attn_block None: this many query rows, fewer where a score block passes
+SCORE_BLOCK_BYTES = 8 << 20  # ... this many bytes
+MIN_ATTN_BLOCK = 16
+
+
 def default_token_chunk(seq_len: int) -> int:
-    """The engine's token chunk when token_chunk is None (the contract's rule): 256 tokens when T is longer,
-    the whole sequence otherwise."""
-    return 256 if seq_len > 256 else seq_len
+    """The engine's token chunk when token_chunk is None: the whole sequence (0) up to WHOLE_UP_TO positions,
+    DEFAULT_TOKEN_CHUNK positions beyond."""
+    return DEFAULT_TOKEN_CHUNK if seq_len > WHOLE_UP_TO else 0
+
+
+def attention_rows(attn_block: int | None, batch_size: int, heads: int, seq_len: int) -> int:
+    """Query rows per attention block: attn_block as given; None = DEFAULT_ATTN_BLOCK, or fewer (not under
+    MIN_ATTN_BLOCK) where one fp32 score block [B, heads, rows, T] would pass SCORE_BLOCK_BYTES."""
+    if attn_block is not None:
+        return attn_block
+    row_bytes = batch_size * heads * seq_len * ACC_BYTES
+    return max(MIN_ATTN_BLOCK, min(DEFAULT_ATTN_BLOCK, SCORE_BLOCK_BYTES // row_bytes))
 
 
 @dataclass
@@ -144,7 +161,7 @@ class Shapes:
         return self.B * self.Hq * self.T * ACC_BYTES
 
     def score_block(self, attn_block):
-        return self.B * self.Hq * min(attn_block, self.T) * self.T * ACC_BYTES
+        return self.B * self.Hq * min(attention_rows(attn_block, self.B, self.Hq, self.T), self.T) * self.T * ACC_BYTES
 
     def logits(self, element):
         return self.B * self.T * self.V * element
@@ -228,23 +245,34 @@ def mesp_stages(s: Shapes, chunk: int, keep: int, attn_block: int, offload: bool
     kept_before = max(0, min(keep, L) - 1) * saved  # every kept layer but the one running
 
     # forward: the last layer runs with every checkpoint put; a kept layer saves instead of dropping
-    mlp_forward = X + 4 * s.Fm(c) + (s.X(c) if chunked else 0)  # h1 (or y), G, U, act(G), M
-    attend = s.X() + 2 * s.Q() + 2 * s.K() + s.score_block(attn_block)  # n1, q, k, v, o, one score block
-    forward_working = max(mlp_forward, attend) + (saved if keep >= 1 else 0)
+    # n1, q, k, v, o, a score block and logsumexp's temporary of its size
+    attend = s.X() + 2 * s.Q() + 2 * s.K() + 2 * s.score_block(attn_block)
+    if chunked:  # y, q, k, v, o whole; one chunk's h1, n2, G, U, act(G), M
+        mlp_forward = X + 2 * s.Q() + 2 * s.K() + 2 * s.X(c) + 4 * s.Fm(c)
+    else:  # h1, G, U, act(G), M
+        mlp_forward = X + 4 * s.Fm()
+    # a kept layer builds its Saved as it goes: at worst all of it and its activation's temporary
+    forward_working = max(mlp_forward, attend, saved + s.Fm(c) if keep else 0)
     forward = {CHECKPOINTS: ckpt_all, KEPT: kept_before, WORKING: forward_working}
 
-    loss = {CHECKPOINTS: ckpt_all, WORKING: 0, LOSS: loss_chunk_bytes(s, loss_tokens)}
+    loss = {CHECKPOINTS: ckpt_all, KEPT: min(keep, L) * saved, WORKING: 0, LOSS: loss_chunk_bytes(s, loss_tokens)}
 
-    # backward: the worst of the MLP's activation backward and attention's backward, with g and gh1 alive
-    if chunked:  # attention's tensors whole, the token-wise ones for one chunk (the contract's description)
-        attention_part = 2 * s.Q() + 2 * s.K() + s.lse() + s.X()  # q, k, v, o, lse, gh1 accumulating
-        mlp_peak = attention_part + 3 * s.X(c) + 3 * s.Fm(c) + activation_backward_transient(s, c)
-    else:
-        mlp_peak = attention_saved(s) + X + 3 * s.Fm() + activation_backward_transient(s, None)  # n2 G U gM
-    attention_peak = (3 * X + 5 * s.Q() + 2 * s.K() + s.lse()  # gh1, n1 (x counted), q, o, go, go copy, gq
-                      + 2 * s.B * s.T * s.kvd * ACC_BYTES + 2 * s.score_block(attn_block))  # gk, gv; P, gS
+    # backward: the worst of the MLP's activation backward and attention's backward
+    if chunked:  # the engine's docstring: attention's tensors whole, the token-wise ones for one chunk
+        whole = 3 * s.Q() + 2 * s.K() + 2 * s.lse() + (s.Q() + s.K() if s.qk_norm else 0)  # q o go k v lse delta
+        per_chunk = (2 + 2 * s.sandwich) * s.X(c) + s.Q(c)  # n2, h1 (a, d), o_flat
+        mlp_peak = whole + per_chunk + 3 * s.Fm(c) + activation_backward_transient(s, c)  # G, U, gM
+        attention_peak = (3 * s.Q() + 2 * s.K() + 2 * s.lse()  # q, go, gq, k, v, lse, delta
+                          + 2 * s.B * s.T * s.kvd * ACC_BYTES + 2 * s.score_block(attn_block)  # gk gv; P, gS
+                          + s.B * s.T * s.qd * ACC_BYTES)  # k or v broadcast over a group's heads
+    else:  # the paper's layer: the whole Saved, then the MLP's backward (n2, G, U, gM), then attention's
+        mlp_peak = attention_saved(s) + X + 3 * s.Fm() + activation_backward_transient(s, None)
+        attention_peak = (3 * X + 5 * s.Q() + 2 * s.K() + s.lse()  # gh1, n1 (x counted), q, o, go, its copy, gq
+                          + 2 * s.B * s.T * s.kvd * ACC_BYTES + 2 * s.score_block(attn_block))  # gk, gv; P, gS
     backward_working = X + max(mlp_peak, attention_peak)  # + g
-    first = {CHECKPOINTS: ckpt_all, KEPT: kept_before, WORKING: backward_working, GRADS: 0}
+    # a kept layer's backward starts from its whole Saved (every chunk's tensors), a chunk's gM taking M's place
+    kept_working = X + saved + activation_backward_transient(s, c) if keep else 0
+    first = {CHECKPOINTS: ckpt_all, KEPT: kept_before, WORKING: max(backward_working, kept_working), GRADS: 0}
     last = {CHECKPOINTS: X, KEPT: 0, WORKING: backward_working,
             GRADS: (L - 1) * grads_layer if keep_grads else 0}
     backward = max(first, last, key=lambda t: sum(t.values()))
@@ -312,12 +340,13 @@ def mezo_stages(s: Shapes, loss_tokens: int, grads_layer: int, keep_grads: bool)
 def estimate(config: ModelConfig, seq_len: int, batch_size: int = 1, rank: int = 8, method: str = "mesp",
              dtype: str = "float32", quantize: str | None = None, weights: str = "resident",
              offload_checkpoints: bool = False, targets=ALL_TARGETS, token_chunk: int | None = None,
-             keep_layers: int = 0, loss_chunk: int | None = None, attn_block: int = 128,
+             keep_layers: int = 0, loss_chunk: int | None = None, attn_block: int | None = None,
              optimizer: str = "adamw", per_layer_update: bool = False,
              runtime_floor: int | None = None) -> Estimate:
     """Predict one training step's allocator peak and the whole process's private peak (module docstring).
 
-    token_chunk: None = the engine's default (default_token_chunk), 0 = whole sequence. keep_layers: how many of
+    token_chunk: None = the engine's default (default_token_chunk), 0 = whole sequence. attn_block: None = the
+    engine's default (attention_rows). keep_layers: how many of
     the last layers keep their intermediates. per_layer_update: gradients are consumed layer by layer (mesp
     train's default for MeSP) instead of all returned at the end (compute_gradients). runtime_floor: bytes;
     None measures it once (mesp.memory.runtime_floor_bytes), 0 where unknown."""
@@ -326,7 +355,8 @@ def estimate(config: ModelConfig, seq_len: int, batch_size: int = 1, rank: int =
     if dtype not in ELEMENT_BYTES:
         raise MespError(f"dtype: unknown {dtype!r}; choose from {', '.join(ELEMENT_BYTES)}")
     for name, value, least in (("seq_len", seq_len, 1), ("batch_size", batch_size, 1), ("rank", rank, 1),
-                               ("attn_block", attn_block, 1), ("keep_layers", keep_layers, 0)):
+                               ("attn_block", 1 if attn_block is None else attn_block, 1),
+                               ("keep_layers", keep_layers, 0), ("token_chunk", token_chunk or 0, 0)):
         if isinstance(value, bool) or not isinstance(value, int) or value < least:
             raise MespError(f"{name}: must be an integer >= {least}, got {value!r}")
     if offload_checkpoints and method not in CHECKPOINTING:
@@ -361,7 +391,8 @@ def estimate(config: ModelConfig, seq_len: int, batch_size: int = 1, rank: int =
     settings = {"rank": rank, "dtype": dtype, "quantize": quantize, "weights": weights,
                 "offload_checkpoints": offload_checkpoints, "token_chunk": chunk if method == "mesp" else None,
                 "keep_layers": keep_layers if method == "mesp" else 0, "loss_chunk": loss_tokens,
-                "attn_block": attn_block, "optimizer": optimizer, "per_layer_update": per_layer_update}
+                "attn_block": attention_rows(attn_block, batch_size, config.num_attention_heads, seq_len),
+                "optimizer": optimizer, "per_layer_update": per_layer_update}
     return Estimate(method=method, seq_len=seq_len, batch_size=batch_size, step_peak_bytes=totals[peak_stage],
                     private_peak_bytes=sum(terms.values()), terms=terms, stage=peak_stage, stage_peaks=totals,
                     settings=settings)

@@ -24,7 +24,7 @@ from .settings import setting
 
 TOKEN_CHUNKS = (0, 512, 256, 128, 64)  # 0: the whole sequence
 LOSS_CHUNKS = (1024, 256)
-ATTN_BLOCKS = (128, 64)
+ATTN_BLOCKS = (None, 64, 32)  # None: the engine's default rows
 
 
 @dataclass
@@ -46,7 +46,8 @@ class EstimateSettings:
                                       default_text="default: the engine's")
     keep_layers: int = setting(0, "mesp: how many of the last layers keep their intermediates")
     loss_chunk: int | None = setting(None, "tokens per LM-head chunk", default_text="default 1024")
-    attn_block: int = setting(128, "query rows per attention block")
+    attn_block: int | None = setting(None, "query rows per attention block",
+                                     default_text="default: the engine's (128, fewer at long T)")
     optimizer: str = setting("adamw", "optimizer whose state is counted", choices=("adamw", "sgd"))
     budget: float | None = setting(None, "a private-footprint budget in MiB: also print the longest sequence "
                                          "that fits", metavar="MB")
@@ -103,8 +104,9 @@ class Plan:
 
     def engine_options(self, n_layers: int) -> dict:
         """compute_gradients' options for MeSP under this plan (keep_layers as the set of the last layers)."""
-        return {"token_chunk": self.token_chunk, "keep_layers": frozenset(range(n_layers - self.keep_layers, n_layers)),
-                "loss_chunk": self.loss_chunk, "attn_block": self.attn_block}
+        options = {"token_chunk": self.token_chunk, "loss_chunk": self.loss_chunk, "attn_block": self.attn_block,
+                   "keep_layers": frozenset(range(n_layers - self.keep_layers, n_layers))}
+        return {k: v for k, v in options.items() if v is not None}
 
     def describe(self) -> str:
         """The plan as the CLI prints it (one line, then the estimate's terms)."""
@@ -114,7 +116,8 @@ class Plan:
         head = (f"memory plan for {format_mib(self.budget_bytes, 0)} MiB: {e.method}, checkpoints "
                 f"{'offloaded to a scratch file' if self.offload_checkpoints else 'in RAM'}, "
                 f"{self.keep_layers} of {e.settings.get('layers', '?')} layers keep their intermediates, "
-                f"{chunk}, loss chunk {self.loss_chunk}, attention block {self.attn_block}")
+                f"{chunk}, loss chunk {self.loss_chunk}, attention block "
+                f"{e.settings['attn_block']} rows")
         return head + "\n" + estimate_text(e)
 
 
