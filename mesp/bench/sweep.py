@@ -392,8 +392,7 @@ def method_label(row: dict) -> str:
 def memory_table(result: dict) -> str:
     """A plain-text table of a bench_memory result (what the CLI prints)."""
     head = ("config", "method", "peak MiB", "estimate", "forward", "loss", "backward", "weights MiB", "RSS MiB",
-            "private MiB",
-            "step s")
+            "private MiB", "step s")
     lines = [head]
     for r in result["rows"]:
         if "error" in r:
