@@ -20,6 +20,7 @@ from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS
 from .memory import MiB, format_mib
 from .methods import mesp as mesp_engine
 from .precision import AUTO, resolve_dtype
+from .presets import PRESETS
 from .settings import setting
 
 TOKEN_CHUNKS = (0, 512, 256, 128, 64)  # 0: the whole sequence
@@ -201,9 +202,11 @@ def plan_train(c, device: str = "cpu") -> Plan:
     """The plan for a resolved TrainConfig with memory_budget set (MiB of private footprint)."""
     config = model_config(c.model)
     per_layer = bool(getattr(c, "per_layer_update", False))
+    quantize = None if c.quantize in (None, "none") else c.quantize
+    is_gguf = str(c.model).lower().endswith(".gguf") or PRESETS.get(c.model, {}).get("kind") == "gguf"
     options = dict(batch_size=c.batch_size, rank=c.rank, method=c.method, dtype=resolve_dtype(c.dtype, device),
-                   quantize=None if c.quantize in (None, "none") else c.quantize,
-                   weights=c.weights or ("stream" if str(c.model).lower().endswith(".gguf") else "resident"),
+                   quantize=quantize,
+                   weights=c.weights or ("stream" if is_gguf and quantize is None else "resident"),  # load_model's
                    targets=c.targets or ALL_TARGETS, optimizer=c.optimizer or "adamw", per_layer_update=per_layer)
     return plan_memory(config, int(c.memory_budget * MiB), c.seq_len, offload_allowed=True, **options)
 
