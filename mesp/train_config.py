@@ -21,6 +21,7 @@ from .data import LONG_SAMPLES
 from .methods import CHECKPOINTING_METHODS, METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
+from .planner import engine_knobs
 from .precision import AUTO, resolve_dtype
 from .presets import PRESETS
 from .settings import read_toml, setting
@@ -217,6 +218,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
     require_int(c, ("keep_layers",), least=0)
     if c.keep_layers and c.method != "mesp":
         raise MespError(f"keep_layers: only method mesp recomputes layers; got method {c.method}")
+    if c.keep_layers and "keep_layers" not in engine_knobs():
+        raise MespError("keep_layers: this MeSP engine cannot keep a layer's intermediates; use 0")
     if c.memory_budget is not None and not (isinstance(c.memory_budget, (int, float)) and c.memory_budget > 0
                                             and not isinstance(c.memory_budget, bool)):
         raise MespError(f"memory_budget: must be a positive number of MiB, got {c.memory_budget!r}")
