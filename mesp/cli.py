@@ -31,6 +31,7 @@ from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, loa
 from .lora import load_adapter
 from .memory import format_mib, return_freed_memory_to_os
 from .merge import merge_adapter
+from .planner import EstimateSettings, apply_plan, estimate_text, plan_train, run_estimate
 from .methods import METHODS
 from .presets import PRESETS
 from .quantize import quantize_model
@@ -152,7 +153,8 @@ def generate_run(args) -> int:
 def train_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--config", metavar="FILE.toml", help="settings file: keys are these flags' names (dashes or "
                    "underscores); flags given here override it")
-    p.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON and exit")
+    p.add_argument("--dry-run", action="store_true", help="print the resolved settings as JSON (after the memory "
+                   "plan, with --memory-budget) and exit")
     # every flag defaults to None, so a --config file (or a resumed run) can fill what the command line leaves
     # out; the real defaults are TrainConfig's (see --dry-run)
     add_arguments(p, TrainConfig, defaults_to_none=True)
@@ -172,6 +174,10 @@ def resolve_train_args(args):
 @command("train", train_args, "Fine-tune a LoRA adapter on a JSONL file.")
 def train_run(args) -> int:
     config = resolve_train_args(args)
+    if config.memory_budget is not None:  # before any work: a budget nothing fits is one line here
+        plan = plan_train(config)
+        config = apply_plan(config, plan)
+        print(plan.describe(), flush=True)
     if args.dry_run:
         print(json.dumps(config.to_dict(), indent=2))
         return 0
@@ -216,6 +222,8 @@ def train_run(args) -> int:
     print("; ".join(parts))
     if result.n_truncated:
         print(f"{result.n_truncated} of {result.n_samples} samples were truncated to {config.seq_len} tokens")
+    if result.n_skipped:
+        print(f"{result.n_skipped} samples longer than {config.seq_len} tokens were skipped")
     print(memory_line(result.memory))
     print(f"adapter: {result.out}")
     use = shlex.join(["mesp", "generate", "--model", result.config["model"], "--adapter",
@@ -236,6 +244,18 @@ def memory_line(m: dict) -> str:
     return (f"memory: private footprint peak {format_mib(m.get('private_peak_bytes'))} MiB{floor_text}, "
             f"RSS peak {format_mib(m.get('rss_peak_bytes'))} MiB, {step_text}"
             + (f"\nprivate footprint peak by stage (MiB): {by_stage}" if by_stage else ""))
+
+
+# ---- estimate ------------------------------------------------------------------------------------------
+
+@command("estimate", lambda p: add_arguments(p, EstimateSettings), "Predict a training step's peak memory and "
+         "the process's private peak from the model's config alone, split into terms, before loading a weight.")
+def estimate_run(args) -> int:
+    s = EstimateSettings(**given(EstimateSettings, args))
+    e, longest = run_estimate(s)
+    print(json.dumps({**e.as_json(), "longest_seq_len": longest} if s.budget is not None else e.as_json())
+          if s.json else estimate_text(e, longest, s.budget))
+    return 0
 
 
 # ---- merge ---------------------------------------------------------------------------------------------

@@ -15,7 +15,9 @@ tokenizer has a template (as mlx-lm does, and as `mesp generate --chat` prompts)
 prompt and completion are tokenized one after the other and EOS is appended. `train_on_prompt` puts the loss
 on every token of the text, chat and prompt/completion formats (explicit pre-tokenized labels are kept).
 
-Samples longer than seq_len are cut to their first seq_len tokens and counted. A string longer than a bound
+Samples longer than seq_len are cut to their first seq_len tokens and counted (long_samples="truncate"), or
+left out and counted (long_samples="skip": a step never meets more tokens than its memory plan allows, and no
+sample is trained on half of its text). A string longer than a bound
 that depends on seq_len only (see `char_bound`) is cut before it is tokenized, so one huge line costs no more to
 tokenize than a long sample. A UTF-8 byte order mark at the start of the file is skipped. Labels follow transformers
 (same length as input_ids, shifted inside the loss), so a sample is trainable when some label after the
@@ -79,6 +81,7 @@ class Dataset:
     path: str
     samples: list[Sample]
     n_truncated: int = 0  # samples cut to seq_len
+    n_skipped: int = 0  # samples longer than seq_len left out (long_samples="skip")
     formats: dict[str, int] = field(default_factory=dict)  # format -> sample count
 
     def __len__(self) -> int:
@@ -184,9 +187,13 @@ def read_jsonl(path):
         yield lineno, where, obj
 
 
+LONG_SAMPLES = ("truncate", "skip")  # what load_jsonl does with a sample longer than seq_len
+
+
 def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len: int | None = None,
-               train_on_prompt: bool = False, vocab_size: int | None = None) -> Dataset:
-    """Read, tokenize, mask and truncate a JSONL file (see the module docstring).
+               train_on_prompt: bool = False, vocab_size: int | None = None,
+               long_samples: str = "truncate") -> Dataset:
+    """Read, tokenize, mask and truncate (or skip) a JSONL file (see the module docstring).
 
     get_tokenizer() is called only when a line needs a tokenizer, so pre-tokenized data works with models that
     have none. vocab_size, if given, bounds pre-tokenized ids."""
@@ -194,7 +201,9 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
     tokenizer = max_chars = None
     samples: list[Sample] = []
     formats: dict[str, int] = {}
-    n_truncated = 0
+    if long_samples not in LONG_SAMPLES:
+        raise MespError(f"long_samples: unknown {long_samples!r}; choose from {', '.join(LONG_SAMPLES)}")
+    n_truncated = n_skipped = 0
     for lineno, where, obj in read_jsonl(path):
         fmt = detect_format(obj, where)
         if fmt != "input_ids" and tokenizer is None:
@@ -207,6 +216,9 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
             max_chars = char_bound(tokenizer, seq_len) if seq_len is not None else None
         ids, labels = encode(obj, fmt, tokenizer, train_on_prompt, where, vocab_size, max_chars)
         if seq_len is not None and len(ids) > seq_len:
+            if long_samples == "skip":
+                n_skipped += 1
+                continue
             ids, labels = ids[:seq_len], labels[:seq_len]
             n_truncated += 1
         sample = Sample(torch.tensor(ids, dtype=torch.long), torch.tensor(labels, dtype=torch.long), lineno)
@@ -216,10 +228,16 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
         samples.append(sample)
         formats[fmt] = formats.get(fmt, 0) + 1
     if not samples:
+        if n_skipped:
+            raise MespError(f"{path}: all {n_skipped} samples are longer than seq_len {seq_len} and were skipped "
+                            f"(long_samples skip)")
         raise MespError(f"{path}: no samples (the file is empty)")
     if n_truncated:
         log.info("%s: %d of %d samples truncated to %d tokens", path, n_truncated, len(samples), seq_len)
-    return Dataset(str(path), samples, n_truncated, formats)
+    if n_skipped:
+        log.info("%s: %d of %d samples longer than %d tokens skipped", path, n_skipped, len(samples) + n_skipped,
+                 seq_len)
+    return Dataset(str(path), samples, n_truncated, formats=formats, n_skipped=n_skipped)
 
 
 def char_bound(tokenizer, seq_len: int) -> int | None:

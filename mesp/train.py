@@ -56,6 +56,7 @@ class TrainResult:
     tokens: int  # real tokens processed by this invocation
     seconds: float
     config: dict
+    n_skipped: int = 0  # samples longer than seq_len left out (long_samples skip)
     memory: dict = field(default_factory=dict)  # the run's memory summary (see train; also OUT/memory.json)
 
 
@@ -125,12 +126,15 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
     if c.seq_len > max_pos:
         raise MespError(f"seq_len {c.seq_len} exceeds the model's max_position_embeddings {max_pos}")
     read = dict(get_tokenizer=lambda: load_tokenizer(model), seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
-                vocab_size=model.config.vocab_size)
+                vocab_size=model.config.vocab_size, long_samples=c.long_samples)
     data = load_jsonl(c.data, **read)
     valid = load_jsonl(c.valid, **read) if c.valid else None
     if data.n_truncated:
         log.warning("%d of %d training samples were longer than seq_len %d and were truncated",
                     data.n_truncated, len(data), c.seq_len)
+    if data.n_skipped:
+        log.warning("%d of %d training samples were longer than seq_len %d and were skipped",
+                    data.n_skipped, len(data) + data.n_skipped, c.seq_len)
     data_sha = file_sha256(c.data)
 
     stream = MicroBatchStream(len(data), c.batch_size, c.seed)
@@ -161,7 +165,8 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
     write_text(out / METRICS, "".join(line + "\n" for line in metrics_lines))
     if progress:
         progress({"event": "start", "total_steps": total_steps, "start_step": step, "n_samples": len(data),
-                  "n_truncated": data.n_truncated, "device": device})
+                  "n_truncated": data.n_truncated, "n_skipped": data.n_skipped,
+                  "device": device})
 
     def trainer_state() -> dict:
         return {"step": step, "micro_batches": micro_batches, "epoch": micro_batches // stream.per_epoch,
@@ -224,7 +229,8 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
         valid_loss = evaluate(model, valid, c.batch_size)
     save_adapter(model, out)
     return TrainResult(out=str(out), steps=step, total_steps=total_steps, resumed_from=resumed_from, loss=loss,
-                       valid_loss=valid_loss, n_samples=len(data), n_truncated=data.n_truncated, tokens=tokens_run,
+                       valid_loss=valid_loss, n_samples=len(data), n_truncated=data.n_truncated,
+                       n_skipped=data.n_skipped, tokens=tokens_run,
                        seconds=time.perf_counter() - started, config=c.to_dict(),
                        memory={"step_allocator_peak_bytes": step_peak})
 

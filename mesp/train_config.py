@@ -17,9 +17,12 @@ import torch
 
 from .errors import MespError
 from .lora import ALL_TARGETS, LoraConfig, naming_fields
+from .data import LONG_SAMPLES
 from .methods import CHECKPOINTING_METHODS, METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
+from .planner import engine_knobs
+from .precision import AUTO, resolve_dtype
 from .presets import PRESETS
 from .settings import read_toml, setting
 
@@ -53,7 +56,9 @@ class TrainConfig:
     epochs: int | None = setting(None, "passes over the data",
                                  default_text=f"default {DEFAULT_EPOCHS} when --steps is not given")
     batch_size: int = setting(4, "samples per micro-batch")
-    seq_len: int = setting(512, "longest sample in tokens; longer ones are truncated")
+    seq_len: int = setting(512, "longest sample in tokens; longer ones are truncated (or skipped: --long-samples)")
+    long_samples: str = setting("truncate", "a sample longer than --seq-len: truncate it to its first seq_len tokens "
+                                            "or skip it (counted either way)", choices=LONG_SAMPLES)
     lr: float | None = setting(None, "peak learning rate",
                                default_text="default " + ", ".join(f"{v:g} {k}" for k, v in DEFAULT_LR.items()))
     optimizer: str | None = setting(None, "optimizer", choices=OPTIMIZERS,
@@ -74,7 +79,8 @@ class TrainConfig:
     save_every: int = setting(100, "steps between checkpoints")
     max_grad_norm: float | None = setting(None, "clip the global gradient norm", default_text="default off")
     train_on_prompt: bool = setting(False, "loss on prompt tokens too")
-    dtype: str = setting("float32", "compute dtype", choices=DTYPE_NAMES)
+    dtype: str = setting(AUTO, "compute dtype; auto: bfloat16 where the CPU has native bf16 (AVX512_BF16 or AMX) "
+                               "or on CUDA, float32 otherwise", choices=(AUTO, *DTYPE_NAMES))
     device: str = setting("auto", "cpu, cuda, cuda:N, or auto: cuda if available")
     # the allocator-level peak runs the profiler on CPU
     measure_memory: bool = setting(False, "record each step's allocator-level peak memory (slow on CPU)")
@@ -85,6 +91,11 @@ class TrainConfig:
                                                "file (in --out, or --scratch-dir) instead of RAM")
     scratch_dir: str | None = setting(None, "directory of the --offload-checkpoints scratch file "
                                             "(default: the run directory)", metavar="DIR")
+    memory_budget: float | None = setting(None, "private-footprint budget in MiB: choose the fastest engine "
+                                                "settings whose estimate fits it (mesp.planner), or stop before "
+                                                "any work when none does", metavar="MB")
+    keep_layers: int = setting(0, "mesp: the last N layers keep their forward's intermediates instead of "
+                                  "recomputing them (faster, more memory; --memory-budget chooses it)")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -99,7 +110,7 @@ class TrainConfig:
 # Settings that define the run: resuming with any of them changed would not continue the same run.
 SAME_RUN_KEYS = ("model", "data", "method", "rank", "alpha", "targets", "batch_size", "seq_len", "lr", "optimizer",
                  "momentum", "weight_decay", "schedule", "warmup", "grad_accum", "seed", "max_grad_norm",
-                 "train_on_prompt", "dtype", "mezo_eps", "quantize")
+                 "train_on_prompt", "dtype", "mezo_eps", "quantize", "long_samples")
 
 
 def lora_config(c: TrainConfig) -> LoraConfig:
@@ -162,8 +173,11 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.steps is None and c.epochs is None:
         c.epochs = DEFAULT_EPOCHS
     check_device(c.device)
-    if c.dtype not in DTYPE_NAMES:
-        raise MespError(f"dtype: unknown {c.dtype!r}; choose from {', '.join(DTYPE_NAMES)}")
+    if c.dtype not in (AUTO, *DTYPE_NAMES):
+        raise MespError(f"dtype: unknown {c.dtype!r}; choose from {AUTO}, {', '.join(DTYPE_NAMES)}")
+    # resolved once, so a resumed run (SAME_RUN_KEYS) keeps the precision it started with on any machine
+    c.dtype = resolve_dtype(c.dtype, "cuda" if c.device == "auto" and torch.cuda.is_available() else
+                            ("cpu" if c.device == "auto" else c.device))
     if c.method == "mezo":
         if c.optimizer not in (None, "sgd"):
             raise MespError(f"optimizer {c.optimizer}: MeZO trains with its own seed-trick SGD; use sgd")
@@ -201,6 +215,14 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if not c.offload_checkpoints:
             raise MespError("scratch_dir: only used with offload_checkpoints")
         c.scratch_dir = os.path.abspath(c.scratch_dir)
+    require_int(c, ("keep_layers",), least=0)
+    if c.keep_layers and c.method != "mesp":
+        raise MespError(f"keep_layers: only method mesp recomputes layers; got method {c.method}")
+    if c.keep_layers and "keep_layers" not in engine_knobs():
+        raise MespError("keep_layers: this MeSP engine cannot keep a layer's intermediates; use 0")
+    if c.memory_budget is not None and not (isinstance(c.memory_budget, (int, float)) and c.memory_budget > 0
+                                            and not isinstance(c.memory_budget, bool)):
+        raise MespError(f"memory_budget: must be a positive number of MiB, got {c.memory_budget!r}")
     if c.resume and c.overwrite:
         raise MespError("give resume or overwrite, not both")
     return c

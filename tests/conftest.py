@@ -22,6 +22,9 @@ from helpers import build_hf_model, smollm2_gguf_path
 # them orders of magnitude slower. Set for this process and, through the environment, for subprocesses.
 os.environ["OMP_NUM_THREADS"] = "1"
 torch.set_num_threads(1)
+# --dtype auto (TrainConfig's default) picks bf16 on CPUs with native bf16: the tests check fp32 exactness on every
+# machine, so "auto" means float32 here (and in subprocesses); tests of the choice itself pass the CPU's flags
+os.environ.setdefault("MESP_AUTO_DTYPE", "float32")
 
 _HF_CACHE: dict = {}
 

@@ -34,6 +34,8 @@ from ..presets import PRESETS
 from ..memory import (FootprintMeter, PeakMemory, current_rss_bytes, format_mib, peak_rss_since_reset,
                       reset_peak_rss, stage, tensor_bytes)
 from ..methods import compute_gradients
+from ..estimate import estimate
+from ..planner import engine_knobs
 from ..settings import setting
 from .machine import machine_info
 
@@ -90,13 +92,25 @@ def _engine_step(case: MemoryCase):
     facts = {"weights_bytes": tensor_bytes(w for _, w in model.base_weights())
              + tensor_bytes(model.lora_parameters().values()),
              "lora_bytes": tensor_bytes(model.lora_parameters().values()),
-             "lora_parameters": sum(p.numel() for p in model.lora_parameters().values())}
+             "lora_parameters": sum(p.numel() for p in model.lora_parameters().values()),
+             "estimated_peak_bytes": predicted_peak(model.config, case)}
 
     def step():
         loss, grads = compute_gradients(model, ids, ids, method=case.method, **options)
         return float(loss), tensor_bytes(grads.values())
 
     return step, facts
+
+
+def predicted_peak(config, case: MemoryCase) -> int | None:
+    """mesp.estimate's step peak for `case` (the engine's default chunks, every gradient returned), printed
+    beside the measured one; None for the store-h ablation, which the estimate does not model."""
+    if case.store_h:
+        return None
+    return estimate(config, case.seq_len, batch_size=case.batch_size, rank=case.rank, method=case.method,
+                    dtype=DTYPES[case.dtype], quantize=None if case.quantize == "none" else case.quantize,
+                    weights=case.weights or "resident", runtime_floor=0,
+                    token_chunk=None if "token_chunk" in engine_knobs() else 0).step_peak_bytes
 
 
 def _peer_step(case: MemoryCase):
@@ -377,8 +391,8 @@ def method_label(row: dict) -> str:
 
 def memory_table(result: dict) -> str:
     """A plain-text table of a bench_memory result (what the CLI prints)."""
-    head = ("config", "method", "peak MiB", "forward", "loss", "backward", "weights MiB", "RSS MiB", "private MiB",
-            "step s")
+    head = ("config", "method", "peak MiB", "estimate", "forward", "loss", "backward", "weights MiB", "RSS MiB",
+            "private MiB", "step s")
     lines = [head]
     for r in result["rows"]:
         if "error" in r:
@@ -386,6 +400,7 @@ def memory_table(result: dict) -> str:
             continue
         st = r.get("stage_peaks", {})
         lines.append((config_label(r), method_label(r), format_mib(r["peak_bytes"]),
+                      format_mib(r.get("estimated_peak_bytes")),
                       *(format_mib(st[s]) if s in st else "-" for s in ("forward", "loss", "backward")),
                       format_mib(r["weights_bytes"], 0), format_mib(r["peak_rss_bytes"], 0),
                       format_mib(r.get("private_peak_bytes"), 0),

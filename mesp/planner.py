@@ -1,0 +1,220 @@
+"""The memory planner: `mesp estimate` (the settings and the text it prints) and `plan_memory`, which picks the
+fastest engine settings whose estimate (mesp.estimate) fits a budget, for `mesp train --memory-budget MB`.
+
+Speed order of the knobs, fastest first (the planner takes the first plan that fits, scanning in this order):
+checkpoints in RAM before a scratch file (no disk traffic); more kept layers (each one skips its recompute,
+a third of MeSP's compute for that layer); the whole sequence before token chunks, large chunks before small
+(fewer, larger matmuls); a 1024-token loss chunk before a 256-token one; 128-row attention blocks before 64.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+from dataclasses import dataclass
+
+from .errors import MespError
+from .estimate import CHECKPOINTING, METHODS, Estimate, estimate, longest_fitting, model_config
+from .lora import ALL_TARGETS
+from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS
+from .memory import MiB, format_mib
+from .methods import mesp as mesp_engine
+from .precision import AUTO, resolve_dtype
+from .presets import PRESETS
+from .settings import setting
+
+TOKEN_CHUNKS = (0, 512, 256, 128, 64)  # 0: the whole sequence
+LOSS_CHUNKS = (1024, 256)
+ATTN_BLOCKS = (None, 64, 32)  # None: the engine's default rows
+
+
+@dataclass
+class EstimateSettings:
+    """`mesp estimate`: the run to predict (flags named as mesp train's)."""
+    model: str | None = setting(None, "HF model directory, .gguf file or preset name (only its config is read)")
+    seq_len: int = setting(512, "tokens per sample")
+    batch_size: int = setting(1, "samples per micro-batch")
+    rank: int = setting(8, "LoRA rank")
+    method: str = setting("mesp", "gradient method", choices=METHODS)
+    dtype: str = setting(AUTO, "compute dtype; auto: bf16 where the CPU has native bf16 (or CUDA), else fp32",
+                         choices=(AUTO, "float32", "bfloat16", "float16"))
+    device: str = setting("cpu", "where the step would run (decides --dtype auto)")
+    quantize: str = setting("none", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
+    weights: str = setting("resident", "base weights resident in memory or streamed from their file",
+                           choices=WEIGHTS)
+    offload_checkpoints: bool = setting(False, "mesp, mebp: layer inputs in a memory-mapped scratch file")
+    token_chunk: int | None = setting(None, "mesp: tokens per chunk of a layer's token-wise steps (0: whole)",
+                                      default_text="default: the engine's")
+    keep_layers: int = setting(0, "mesp: how many of the last layers keep their intermediates")
+    loss_chunk: int | None = setting(None, "tokens per LM-head chunk", default_text="default 1024")
+    attn_block: int | None = setting(None, "query rows per attention block",
+                                     default_text="default: the engine's (128, fewer at long T)")
+    optimizer: str = setting("adamw", "optimizer whose state is counted", choices=("adamw", "sgd"))
+    budget: float | None = setting(None, "a private-footprint budget in MiB: also print the longest sequence "
+                                         "that fits", metavar="MB")
+    json: bool = setting(False, "print one JSON object instead of text")
+
+    def options(self) -> dict:
+        """estimate()'s keyword arguments (beside the config and seq_len)."""
+        return dict(batch_size=self.batch_size, rank=self.rank, method=self.method,
+                    dtype=resolve_dtype(self.dtype, self.device),
+                    quantize=None if self.quantize == "none" else self.quantize, weights=self.weights,
+                    offload_checkpoints=self.offload_checkpoints, token_chunk=self.token_chunk,
+                    keep_layers=self.keep_layers, loss_chunk=self.loss_chunk, attn_block=self.attn_block,
+                    optimizer=self.optimizer)
+
+
+def run_estimate(s: EstimateSettings) -> tuple[Estimate, int | None]:
+    """The estimate of `s`, and with a budget the longest sequence length that fits it."""
+    if not s.model:
+        raise MespError("model: required")
+    config = model_config(s.model)
+    e = estimate(config, s.seq_len, **s.options())
+    longest = None if s.budget is None else longest_fitting(config, int(s.budget * MiB), **s.options())
+    return e, longest
+
+
+def estimate_text(e: Estimate, longest: int | None = None, budget_mib: float | None = None) -> str:
+    """What `mesp estimate` prints: both peaks, every term (largest first) and the dominant one."""
+    lines = [f"{e.method}, T={e.seq_len}, batch {e.batch_size}, {e.settings['dtype']}: step allocator peak "
+             f"{format_mib(e.step_peak_bytes)} MiB (at the {e.stage}), private peak "
+             f"{format_mib(e.private_peak_bytes)} MiB"]
+    width = max(map(len, e.terms))
+    for name, b in sorted(e.terms.items(), key=lambda kv: -kv[1]):
+        if b:
+            lines.append(f"  {name:<{width}}  {format_mib(b):>9} MiB")
+    lines.append(f"dominant: {e.dominant}")
+    if budget_mib is not None:
+        lines.append(f"longest sequence within {budget_mib:g} MiB: " +
+                     (f"{longest} tokens" if longest else "none (the fixed terms alone exceed it)"))
+    return "\n".join(lines)
+
+
+# ---- the budget planner -------------------------------------------------------------------------------------
+
+@dataclass
+class Plan:
+    """The engine settings chosen for a budget, and their estimate."""
+    offload_checkpoints: bool
+    keep_layers: int
+    token_chunk: int
+    loss_chunk: int
+    attn_block: int
+    estimate: Estimate
+    budget_bytes: int
+
+    def engine_options(self, n_layers: int) -> dict:
+        """compute_gradients' options for MeSP under this plan (keep_layers as the set of the last layers)."""
+        options = {"token_chunk": self.token_chunk, "loss_chunk": self.loss_chunk, "attn_block": self.attn_block,
+                   "keep_layers": frozenset(range(n_layers - self.keep_layers, n_layers))}
+        return {k: v for k, v in options.items() if v is not None}
+
+    def describe(self) -> str:
+        """The plan as the CLI prints it (one line, then the estimate's terms)."""
+        e = self.estimate
+        chunk = "whole sequence" if not self.token_chunk or self.token_chunk >= e.seq_len else \
+            f"{self.token_chunk}-token chunks"
+        head = (f"memory plan for {format_mib(self.budget_bytes, 0)} MiB: {e.method}, checkpoints "
+                f"{'offloaded to a scratch file' if self.offload_checkpoints else 'in RAM'}, "
+                f"{self.keep_layers} of {e.settings.get('layers', '?')} layers keep their intermediates, "
+                f"{chunk}, loss chunk {self.loss_chunk}, attention block "
+                f"{e.settings['attn_block']} rows")
+        return head + "\n" + estimate_text(e)
+
+
+PLANNED_KNOBS = ("keep_layers", "token_chunk")  # the MeSP engine options the planner varies besides the chunks
+
+
+def engine_knobs() -> frozenset[str]:
+    """The PLANNED_KNOBS the MeSP engine accepts (mesp.methods.mesp.gradients' parameters): a plan uses no other."""
+    params = inspect.signature(mesp_engine.gradients).parameters
+    return frozenset(k for k in PLANNED_KNOBS if k in params)
+
+
+def _candidates(method: str, n_layers: int, offload_allowed: bool, knobs):
+    """Engine settings, fastest first (module docstring): (offload, keep, token_chunk, loss_chunk, attn_block)."""
+    offloads = (False, True) if offload_allowed and method in CHECKPOINTING else (False,)
+    keeps = range(n_layers, -1, -1) if "keep_layers" in knobs else (0,)
+    chunks = TOKEN_CHUNKS if "token_chunk" in knobs else (0,)
+    for offload in offloads:
+        if method != "mesp":
+            for loss_chunk in LOSS_CHUNKS:
+                yield offload, 0, 0, loss_chunk, ATTN_BLOCKS[0]
+            continue
+        for keep in keeps:
+            for chunk in chunks:
+                for loss_chunk in LOSS_CHUNKS:
+                    for block in ATTN_BLOCKS:
+                        yield offload, keep, chunk, loss_chunk, block
+
+
+def plan_memory(config, budget_bytes: int, seq_len: int, measure: str = "private", offload_allowed: bool = True,
+                knobs=None, **options) -> Plan:
+    """The fastest settings whose estimate fits `budget_bytes` (measure "private": the private peak; "step": the
+    step's allocator peak). knobs: which of PLANNED_KNOBS may vary (default: those the engine has,
+    engine_knobs()). `options`: estimate()'s other arguments (method, rank, dtype, ...). Nothing fits:
+    MespError naming the dominant term of the smallest plan and what would fit."""
+    knobs = engine_knobs() if knobs is None else frozenset(knobs)
+    key = "private_peak_bytes" if measure == "private" else "step_peak_bytes"
+    method = options.get("method", "mesp")
+    smallest = None
+    for offload, keep, chunk, loss_chunk, block in _candidates(method, config.num_hidden_layers, offload_allowed,
+                                                                           knobs):
+        e = estimate(config, seq_len, offload_checkpoints=offload, keep_layers=keep, token_chunk=chunk,
+                     loss_chunk=loss_chunk, attn_block=block, **options)
+        if getattr(e, key) <= budget_bytes:
+            e.settings["layers"] = config.num_hidden_layers
+            return Plan(offload, keep, chunk, loss_chunk, block, e, budget_bytes)
+        if smallest is None or getattr(e, key) < getattr(smallest[1], key):
+            smallest = ((offload, keep, chunk, loss_chunk, block), e)
+    (offload, keep, chunk, loss_chunk, block), e = smallest
+    least = {"offload_checkpoints": offload, "keep_layers": keep, "token_chunk": chunk, "loss_chunk": loss_chunk,
+             "attn_block": block}
+    raise MespError(f"memory budget {format_mib(budget_bytes, 0)} MiB: nothing fits; the smallest plan needs "
+                    f"{format_mib(getattr(e, key), 0)} MiB, dominated by {e.dominant} "
+                    f"({format_mib(e.terms[e.dominant], 0)} MiB); " + what_would_fit(config, budget_bytes, seq_len,
+                                                                                   key, {**options, **least}))
+
+
+def what_would_fit(config, budget_bytes: int, seq_len: int, key: str, options: dict) -> str:
+    """The changes that would fit the budget: a shorter sequence, a smaller rank, streamed weights."""
+    fits = []
+    longest = longest_fitting(config, budget_bytes, "private" if key == "private_peak_bytes" else "step",
+                              **options)
+    if longest:
+        fits.append(f"--seq-len {longest}")
+    rank = options.get("rank", 8)
+    for r in (r for r in (rank // 2, rank // 4, 1) if 0 < r < rank):
+        if getattr(estimate(config, seq_len, **{**options, "rank": r}), key) <= budget_bytes:
+            fits.append(f"--rank {r}")
+            break
+    if options.get("weights", "resident") != "stream":
+        if not options.get("quantize") and getattr(estimate(config, seq_len, **{**options, "quantize": "int4"}),
+                                                   key) <= budget_bytes:
+            fits.append("--quantize int4")
+        if getattr(estimate(config, seq_len, **{**options, "weights": "stream"}), key) <= budget_bytes:
+            fits.append("--weights stream (a GGUF file; `mesp quantize` writes one)")
+    return ("would fit: " + ", or ".join(fits)) if fits else "no shorter sequence, smaller rank or streamed " \
+                                                             "weights fits either: a larger budget is needed"
+
+
+def plan_train(c, device: str = "cpu") -> Plan:
+    """The plan for a resolved TrainConfig with memory_budget set (MiB of private footprint)."""
+    config = model_config(c.model)
+    per_layer = bool(getattr(c, "per_layer_update", False))
+    quantize = None if c.quantize in (None, "none") else c.quantize
+    is_gguf = str(c.model).lower().endswith(".gguf") or PRESETS.get(c.model, {}).get("kind") == "gguf"
+    options = dict(batch_size=c.batch_size, rank=c.rank, method=c.method, dtype=resolve_dtype(c.dtype, device),
+                   quantize=quantize,
+                   weights=c.weights or ("stream" if is_gguf and quantize is None else "resident"),  # load_model's
+                   targets=c.targets or ALL_TARGETS, optimizer=c.optimizer or "adamw", per_layer_update=per_layer)
+    return plan_memory(config, int(c.memory_budget * MiB), c.seq_len, offload_allowed=True, **options)
+
+
+def apply_plan(c, plan: Plan):
+    """A copy of TrainConfig `c` with the plan's settings: checkpoint placement and kept layers, and the token
+    chunk, loss chunk and attention block where the config has those fields (the engine's knobs)."""
+    chosen = {"offload_checkpoints": plan.offload_checkpoints, "keep_layers": plan.keep_layers,
+              "token_chunk": plan.token_chunk, "loss_chunk": plan.loss_chunk, "attn_block": plan.attn_block}
+    names = {f.name for f in dataclasses.fields(c)}
+    return dataclasses.replace(c, **{k: v for k, v in chosen.items() if k in names})
