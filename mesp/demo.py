@@ -74,6 +74,7 @@ class DemoSettings:
     heldout_file: str = str(HELDOUT_FILE)
     process_steps: int = 2  # training steps of each whole-process measurement (0: leave it out)
     weights: str | None = None  # load_model's weights= (None: its default, stream for the shipped GGUF)
+    dtype: str = "float32"  # not "auto": the demo's answers and figures are then the same on every CPU
 
 
 @dataclass
@@ -174,7 +175,7 @@ def train_args(s: DemoSettings, method: str, steps: int, device: str) -> list[st
     return ["--model", s.model, "--data", s.train_file, "--method", method, "--rank", str(s.rank),
             "--alpha", f"{s.alpha:g}", "--steps", str(steps), "--batch-size", str(s.batch_size),
             "--seq-len", str(s.seq_len), "--lr", f"{s.lr:g}", "--optimizer", "adamw", "--seed", str(s.seed),
-            "--device", device] + (["--weights", s.weights] if s.weights else [])
+            "--dtype", s.dtype, "--device", device] + (["--weights", s.weights] if s.weights else [])
 
 
 def step_memory(s: DemoSettings, device: str) -> list[StepMemory]:
@@ -208,7 +209,7 @@ def train_config(s: DemoSettings, run_dir: Path, overwrite: bool, device: str) -
                        rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
                        lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,
                        overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps,
-                       weights=s.weights)
+                       weights=s.weights, dtype=s.dtype)
 
 
 def run_demo(settings: DemoSettings | None = None, out: str | None = None, overwrite: bool = False,
@@ -229,7 +230,7 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
         run_dir = Path(out) if out else Path(scratch) / "run"
         check_out_dir(resolve(train_config(s, run_dir, overwrite, device)))  # fails now, not after the answers
 
-        model = load_model(s.model, device=device, weights=s.weights)
+        model = load_model(s.model, dtype=s.dtype, device=device, weights=s.weights)
         tokenizer = load_tokenizer(model)
         for a, text in zip(answers, ask(model, tokenizer, questions, s.max_new_tokens)):
             a.before = text
@@ -242,7 +243,7 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
                              valid_file=s.valid_file and as_question_answer_text(s.valid_file,
                                                                                  Path(scratch) / "valid.jsonl"))
         result = train(train_config(taught, run_dir, overwrite, device), progress=emit)
-        model = load_model(s.model, device=device, weights=s.weights)
+        model = load_model(s.model, dtype=s.dtype, device=device, weights=s.weights)
         load_adapter(model, run_dir)
         for a, text in zip(answers, ask(model, tokenizer, questions, s.max_new_tokens)):
             a.after = text
