@@ -280,7 +280,7 @@ def export_run(args) -> int:
 
 def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="the model: HF directory, .gguf file or preset name")
-    p.add_argument("--to", required=True, metavar="q4_0|q4_1|q8_0",
+    p.add_argument("--to", required=True, metavar="q4_0|q4_1|q8_0|f16|f32",
                    help="block type of the matrices (norms, biases and matrices of other widths stay F32)")
     p.add_argument("--out", required=True, metavar="FILE.gguf", help="the GGUF file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

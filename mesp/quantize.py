@@ -1,4 +1,5 @@
-"""`mesp quantize`: any model source to a GGUF file in Q4_0, Q4_1 or Q8_0, never the whole model in memory.
+"""`mesp quantize`: any model source to a GGUF file in Q4_0, Q4_1 or Q8_0 (or F16 / F32), never the whole model
+in memory.
 
     quantize_model("path/to/hf_dir", "q4_0", "model.q4_0.gguf")     config.json + *.safetensors
     quantize_model("model.f16.gguf", "q8_0", "model.q8_0.gguf")     a GGUF file, re-quantized
@@ -32,7 +33,7 @@ import torch
 from .errors import MespError, one_line
 from .families import ModelConfig, expected_shapes
 from .formats.gguf import ROPE_FREQS, gguf_config, gguf_to_hf_name, open_gguf
-from .formats.gguf_writer import (TARGETS, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
+from .formats.gguf_writer import (OUT_TYPES, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
                                   gguf_arch, model_plan, tensor_type, write_gguf)
 from .formats.safetensors import INDEX_FILE, lazy_safetensors, safetensors_files
 from .loaders import read_hf_config
@@ -58,11 +59,11 @@ class QuantizeResult:
 
 def quantize_model(source, to: str, out, overwrite: bool = False) -> QuantizeResult:
     """Write model `source` (HF directory, .gguf file or preset name) as a GGUF file `out` with its matrices in
-    `to` ("q4_0", "q4_1" or "q8_0"). `out` is replaced only with overwrite=True, and never when it is one of
+    `to` ("q4_0", "q4_1", "q8_0", "f16" or "f32"). `out` is replaced only with overwrite=True, and never when it is one of
     the source's files."""
-    if to not in TARGETS:
-        raise MespError(f"unknown quantization {to!r} (choose from {', '.join(TARGETS)})")
-    target = TARGETS[to]
+    if to not in OUT_TYPES:
+        raise MespError(f"unknown quantization {to!r} (choose from {', '.join(OUT_TYPES)})")
+    target = OUT_TYPES[to]
     out = Path(out).expanduser()
     src = os.fspath(source)
     if src in PRESETS and PRESETS[src]["kind"] == "random":

@@ -87,7 +87,8 @@ def add_config_metadata(writer: gguf.GGUFWriter, cfg: ModelConfig, target: Q) ->
     writer.add_feed_forward_length(cfg.intermediate_size)
     writer.add_head_count(cfg.num_attention_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
-    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads:
+    if cfg.head_dim != cfg.hidden_size // cfg.num_attention_heads or cfg.arch == "gemma3_text":
+        # Gemma 3: llama.cpp's and mesp's readers take the score scale from key_length
         writer.add_key_length(cfg.head_dim)
         writer.add_value_length(cfg.head_dim)
     writer.add_rope_freq_base(cfg.rope_theta)
