@@ -176,6 +176,15 @@ def process_memory(s: DemoSettings, device: str) -> list[ProcessMemory]:
     return out
 
 
+def train_config(s: DemoSettings, out, overwrite: bool = False, device: str = "cpu") -> TrainConfig:
+    """The demo's training run (MeSP, AdamW, cosine schedule) writing its adapter to `out`."""
+    return TrainConfig(model=s.model, data=s.train_file, valid=s.valid_file, out=str(out), method="mesp",
+                       rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
+                       lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,
+                       overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps,
+                       weights=s.weights)
+
+
 def run_demo(settings: DemoSettings | None = None, out: str | None = None, overwrite: bool = False,
              progress: Callable[[dict], None] | None = None) -> DemoReport:
     """Run the demo (see the module docstring). The adapter is kept in `out` when given, else trained in a
@@ -190,11 +199,7 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
     answers = load_heldout(s.heldout_file)
     questions = [a.question for a in answers]
     run_dir = Path(out) if out else Path(tempfile.mkdtemp(prefix="mesp-demo-"))
-    config = TrainConfig(model=s.model, data=s.train_file, valid=s.valid_file, out=str(run_dir), method="mesp",
-                         rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
-                         lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,
-                         overwrite=overwrite, device=device, eval_every=max(1, s.steps // 4), save_every=s.steps,
-                         weights=s.weights)
+    config = train_config(s, run_dir, overwrite, device)
     try:
         check_out_dir(resolve(config))  # a bad setting or an occupied --out fails now, not after the first answers
 
