@@ -249,3 +249,21 @@ def test_interrupted_export_leaves_nothing(make_hf_model, tmp_path, monkeypatch)
     with pytest.raises(KeyboardInterrupt):
         export_gguf_lora(path, adapter, tmp_path / "out" / "a.gguf")
     assert not list((tmp_path / "out").iterdir())
+
+
+def test_adapter_of_a_random_preset_exports_without_its_weights(tmp_path):
+    """A preset's adapter is checked against the preset's shapes only: the base weights are never drawn."""
+    from mesp.families import ModelConfig
+    from mesp.model import Model
+    from mesp.presets import PRESETS
+
+    cfg = ModelConfig.from_hf(dict(PRESETS["qwen3-0.6b"]["config"]), where="preset")
+    model = random_adapter(Model(cfg), targets=["q_proj", "k_proj"], r=2)
+    mesp.save_adapter(model, tmp_path / "adapter")
+    r = export_gguf_lora("qwen3-0.6b", tmp_path / "adapter", tmp_path / "a.gguf", outtype="f16")
+    got = gguf_arrays(tmp_path / "a.gguf")
+    assert r.lora_modules == 2 * cfg.num_hidden_layers and field(tmp_path / "a.gguf", "general.architecture") == "qwen3"
+    tb, b = got["blk.3.attn_k.weight.lora_b"]
+    assert tb == Q.F16 and b.shape == (cfg.num_key_value_heads * cfg.head_dim, 2)
+    want = model.model.layers[3].self_attn.k_proj.lora_B.detach()  # Qwen: rows unpermuted
+    assert relative_error(torch.from_numpy(b), want) < 1e-3
