@@ -59,8 +59,8 @@ class QuantizeResult:
 
 def quantize_model(source, to: str, out, overwrite: bool = False) -> QuantizeResult:
     """Write model `source` (HF directory, .gguf file or preset name) as a GGUF file `out` with its matrices in
-    `to` ("q4_0", "q4_1", "q8_0", "f16" or "f32"). `out` is replaced only with overwrite=True, and never when it is one of
-    the source's files."""
+    `to` ("q4_0", "q4_1", "q8_0", "f16" or "f32"). `out` is replaced only with overwrite=True, and never when
+    it is one of the source's files."""
     if to not in OUT_TYPES:
         raise MespError(f"unknown quantization {to!r} (choose from {', '.join(OUT_TYPES)})")
     target = OUT_TYPES[to]

@@ -68,8 +68,9 @@ def test_lora_file_holds_the_peft_tensors(make_hf_model, tmp_path, arch, overrid
         if not getattr(m, "has_lora", False):
             continue
         _, _, layer, _, proj = name.split(".")  # model.layers.<i>.<self_attn|mlp>.<proj>
-        base = f"blk.{layer}." + {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
-                                  "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[proj] + ".weight"
+        gguf_name = {"q_proj": "attn_q", "k_proj": "attn_k", "v_proj": "attn_v", "o_proj": "attn_output",
+                     "gate_proj": "ffn_gate", "up_proj": "ffn_up", "down_proj": "ffn_down"}[proj]
+        base = f"blk.{layer}.{gguf_name}.weight"
         want_names |= {base + ".lora_a", base + ".lora_b"}
         (ta, a), (tb, b) = got[base + ".lora_a"], got[base + ".lora_b"]
         assert ta == tb == Q.F32

@@ -18,7 +18,9 @@ import torch
 import mesp
 from mesp.demo import DemoSettings, contains_answer, load_heldout, train_config
 from mesp.export import export_gguf_lora, merge_gguf
+from mesp.generate import generate
 from mesp.presets import preset_gguf_path
+from mesp.tokenizer import encode_prompt
 from mesp.train import train
 
 llama_cpp = pytest.importorskip("llama_cpp")
@@ -81,9 +83,7 @@ def test_llama_cpp_runs_the_exported_adapter(trained, smollm2_gguf):
     # one prompt's next-token logits, same token ids in both (mesp's tokenizer and chat template)
     model = mesp.load_adapter(mesp.load_model(MODEL), adapter_dir)
     tokenizer = mesp.load_tokenizer(model)
-    text = tokenizer.apply_chat_template([{"role": "user", "content": questions[0]}], tokenize=False,
-                                         add_generation_prompt=True)
-    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    ids = encode_prompt(tokenizer, questions[0], chat=True)
     with torch.no_grad():
         ours = mesp.forward(model, torch.tensor([ids]))[0, -1].double().numpy()
     llm.reset()
@@ -97,6 +97,9 @@ def test_llama_cpp_runs_the_exported_adapter(trained, smollm2_gguf):
     # llama.cpp multiplies Q4_1 weights by activations it rounds to 8 bits (Q8_1), mesp in fp32: close, not equal
     assert rel < 0.05 and int(np.argmax(theirs)) == int(top[0])
     del llm
+    ours_texts = [generate(model, tokenizer, q, chat=True, max_new_tokens=MAX_TOKENS).strip() for q in questions]
+    print(f"mesp (same adapter and base): {score(ours_texts, heldout)}/{len(heldout)} correct; llama.cpp's answer "
+          f"identical to mesp's for {sum(a == b for a, b in zip(ours_texts, texts))}/{len(heldout)}")
 
     merged = adapter_gguf.parent / "merged.q8_0.gguf"
     merge_gguf(MODEL, adapter_dir, merged, quantize="q8_0")
@@ -106,4 +109,5 @@ def test_llama_cpp_runs_the_exported_adapter(trained, smollm2_gguf):
     print(f"merged Q8_0 GGUF: {merged_score}/{len(heldout)} correct; same answers as base + adapter: "
           f"{sum(a == b for a, b in zip(merged_texts, texts))}/{len(heldout)}")
     assert merged_score >= len(heldout) - 1
-    print(f"time: training + export {train_seconds:.0f} s, llama.cpp checks + merge {time.perf_counter() - started:.0f} s")
+    print(f"time: training + export {train_seconds:.0f} s, llama.cpp checks + merge "
+          f"{time.perf_counter() - started:.0f} s")
