@@ -58,7 +58,7 @@ def answers(llm, questions) -> list[str]:
 
 
 def score(texts, heldout) -> int:
-    return sum(contains_answer(t, a.answer) for t, a in zip(texts, heldout))
+    return sum(contains_answer(t, a.expected) for t, a in zip(texts, heldout))
 
 
 def test_llama_cpp_runs_the_exported_adapter(trained, smollm2_gguf):
@@ -77,7 +77,7 @@ def test_llama_cpp_runs_the_exported_adapter(trained, smollm2_gguf):
     print(f"\nllama.cpp, shipped Q4_1 SmolLM2: {before}/{len(heldout)} held-out answers correct without the "
           f"adapter, {after}/{len(heldout)} with it")
     for a, t in zip(heldout, texts):
-        print(f"  {a.question!r} -> {t!r} (expected {a.answer})")
+        print(f"  {a.question!r} -> {t!r} (expected {a.expected})")
     assert after >= len(heldout) - 1 and after > before
 
     # one prompt's next-token logits, same token ids in both (mesp's tokenizer and chat template)
