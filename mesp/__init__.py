@@ -1,6 +1,7 @@
 """mesp: exact-gradient LoRA fine-tuning under tight memory (Memory-efficient Structured Backpropagation)."""
 
 from .errors import MespError
+from .export import export_gguf_lora, merge_gguf
 from .families import ModelConfig
 from .generate import generate, generate_stream
 from .loaders import load_model

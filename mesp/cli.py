@@ -25,6 +25,7 @@ from . import __version__, bench
 from .checkpoint import load_run_config
 from .demo import DEFAULT_STEPS, MODEL, DemoSettings, run_demo
 from .errors import MespError, one_line
+from .export import export_arguments, export_gguf_lora, merge_format_arguments, merge_gguf
 from .fileio import write_json, write_text
 from .generate import check_sampling, generate_stream
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, load_model
@@ -267,10 +268,17 @@ def merge_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                    help="dtype of the written weights (the merge itself is computed in fp32; default float32)")
     p.add_argument("--overwrite", action="store_true", help="replace a non-empty --out")
+    merge_format_arguments(p)
 
 
-@command("merge", merge_args, "Fold a LoRA adapter into the base weights and write a Hugging Face model directory.")
+@command("merge", merge_args, "Fold a LoRA adapter into the base weights and write a Hugging Face model directory "
+                              "(or, with --format gguf, one GGUF file).")
 def merge_run(args) -> int:
+    if args.format == "gguf":
+        g = merge_gguf(args.model, args.adapter, args.out, quantize=args.quantize, overwrite=args.overwrite)
+        print(f"merged {g.lora_modules} LoRA projections into {g.out}: {g.tensors} tensors, matrices in "
+              f"{g.outtype} ({format_mib(g.bytes)} MiB)")
+        return 0
     r = merge_adapter(args.model, args.adapter, args.out, dtype=args.dtype, overwrite=args.overwrite)
     files = ", ".join(r.shards) + (" + tokenizer" if r.tokenizer else "")
     print(f"merged {r.merged_modules} LoRA projections into {r.tensors} {r.dtype} tensors "
@@ -279,11 +287,20 @@ def merge_run(args) -> int:
     return 0
 
 
+@command("export", export_arguments, "Write a LoRA adapter as llama.cpp's LoRA GGUF file (llama-cli --lora, "
+                                    "Ollama's ADAPTER).")
+def export_run(args) -> int:
+    r = export_gguf_lora(args.model, args.adapter, args.out, outtype=args.outtype, overwrite=args.overwrite)
+    print(f"wrote {r.out}: LoRA of {r.lora_modules} projections, {r.tensors} {r.outtype} tensors "
+          f"({format_mib(r.bytes)} MiB)")
+    return 0
+
+
 # ---- quantize ------------------------------------------------------------------------------------------
 
 def quantize_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("source", help="the model: HF directory, .gguf file or preset name")
-    p.add_argument("--to", required=True, metavar="q4_0|q4_1|q8_0",
+    p.add_argument("--to", required=True, metavar="q4_0|q4_1|q8_0|f16|f32",
                    help="block type of the matrices (norms, biases and matrices of other widths stay F32)")
     p.add_argument("--out", required=True, metavar="FILE.gguf", help="the GGUF file to write")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")

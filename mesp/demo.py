@@ -203,8 +203,8 @@ def process_memory(s: DemoSettings, device: str) -> list[ProcessMemory]:
     return out
 
 
-def train_config(s: DemoSettings, run_dir: Path, overwrite: bool, device: str) -> TrainConfig:
-    """The demo's own training run (method mesp, per-layer updates by default)."""
+def train_config(s: DemoSettings, run_dir, overwrite: bool = False, device: str = "cpu") -> TrainConfig:
+    """The demo's own training run (MeSP, AdamW, cosine schedule) writing its adapter to `run_dir`."""
     return TrainConfig(model=s.model, data=s.train_file, valid=s.valid_file, out=str(run_dir), method="mesp",
                        rank=s.rank, alpha=s.alpha, steps=s.steps, batch_size=s.batch_size, seq_len=s.seq_len,
                        lr=s.lr, optimizer="adamw", schedule="cosine", warmup=s.warmup, seed=s.seed,

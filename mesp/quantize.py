@@ -1,4 +1,5 @@
-"""`mesp quantize`: any model source to a GGUF file in Q4_0, Q4_1 or Q8_0, never the whole model in memory.
+"""`mesp quantize`: any model source to a GGUF file in Q4_0, Q4_1 or Q8_0 (or F16 / F32), never the whole model
+in memory.
 
     quantize_model("path/to/hf_dir", "q4_0", "model.q4_0.gguf")     config.json + *.safetensors
     quantize_model("model.f16.gguf", "q8_0", "model.q8_0.gguf")     a GGUF file, re-quantized
@@ -31,9 +32,9 @@ import torch
 
 from .errors import MespError, one_line
 from .families import ModelConfig, expected_shapes
-from .formats.gguf import ROPE_FREQS, gguf_config, gguf_to_hf_name, open_gguf, permuted_heads
-from .formats.gguf_writer import (TARGETS, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
-                                  hf_to_gguf_name, tensor_type, write_gguf)
+from .formats.gguf import ROPE_FREQS, gguf_config, gguf_to_hf_name, open_gguf
+from .formats.gguf_writer import (OUT_TYPES, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
+                                  gguf_arch, model_plan, tensor_type, write_gguf)
 from .formats.safetensors import INDEX_FILE, lazy_safetensors, safetensors_files
 from .loaders import read_hf_config
 from .presets import PRESETS, preset_gguf_path
@@ -58,11 +59,11 @@ class QuantizeResult:
 
 def quantize_model(source, to: str, out, overwrite: bool = False) -> QuantizeResult:
     """Write model `source` (HF directory, .gguf file or preset name) as a GGUF file `out` with its matrices in
-    `to` ("q4_0", "q4_1" or "q8_0"). `out` is replaced only with overwrite=True, and never when it is one of
-    the source's files."""
-    if to not in TARGETS:
-        raise MespError(f"unknown quantization {to!r} (choose from {', '.join(TARGETS)})")
-    target = TARGETS[to]
+    `to` ("q4_0", "q4_1", "q8_0", "f16" or "f32"). `out` is replaced only with overwrite=True, and never when
+    it is one of the source's files."""
+    if to not in OUT_TYPES:
+        raise MespError(f"unknown quantization {to!r} (choose from {', '.join(OUT_TYPES)})")
+    target = OUT_TYPES[to]
     out = Path(out).expanduser()
     src = os.fspath(source)
     if src in PRESETS and PRESETS[src]["kind"] == "random":
@@ -77,20 +78,30 @@ def quantize_model(source, to: str, out, overwrite: bool = False) -> QuantizeRes
             raise MespError(f"{src}: no such file, directory or preset (presets: {', '.join(PRESETS)})")
         else:
             raise MespError(f"{path}: not a model directory, .gguf file or preset name")
+    check_out_file(out, inputs, overwrite)
+    size = write_gguf_file(out, arch, add_metadata, plans, target)
+    quantized = sum(tensor_type(p.shape, target) == target for p in plans)
+    log.info("%s: %d tensors, %d in %s, %d bytes", out, len(plans), quantized, to, size)
+    return QuantizeResult(str(out), to, size, len(plans), quantized)
+
+
+def check_out_file(out: Path, inputs, overwrite: bool) -> None:
+    """Refuse an --out that is one of the inputs, a directory, or an existing file without overwrite."""
     if out.exists():
-        if any(os.path.samefile(out, i) for i in inputs):
+        if any(os.path.samefile(out, i) for i in inputs if Path(i).exists()):
             raise MespError(f"{out}: is an input of this conversion; choose another --out")
         if out.is_dir():
             raise MespError(f"{out}: is a directory; --out names the .gguf file to write")
         if not overwrite:
             raise MespError(f"{out}: already exists (pass --overwrite to replace it)")
+
+
+def write_gguf_file(out: Path, arch: str, add_metadata, plans: list[TensorPlan], target) -> int:
+    """mesp.formats.gguf_writer.write_gguf with an OS error (unwritable --out, full disk) as a MespError."""
     try:
-        size = write_gguf(out, arch, add_metadata, plans, target)
+        return write_gguf(out, arch, add_metadata, plans, target)
     except OSError as e:
         raise MespError(f"{out}: cannot write ({one_line(e)})") from e
-    quantized = sum(tensor_type(p.shape, target) == target for p in plans)
-    log.info("%s: %d tensors, %d in %s, %d bytes", out, len(plans), quantized, to, size)
-    return QuantizeResult(str(out), to, size, len(plans), quantized)
 
 
 # ---- sources: (arch, add_metadata(writer), tensor plans, input files) ------------------------------------
@@ -99,17 +110,13 @@ def _as_rows(t: torch.Tensor):
     return lambda n0, n1: t[n0:n1]
 
 
-def _hf_plan(cfg: ModelConfig, name: str, shape, read_rows) -> TensorPlan:
-    return TensorPlan(hf_to_gguf_name(name), tuple(shape), read_rows, permuted_heads(cfg, name))
-
-
 def _random_source(name: str, target):
     """A random preset, drawn as load_model draws it (seed 0, fp32): the plans keep the drawing order, and each
     matrix's rows are drawn only when the writer asks for them."""
     cfg = ModelConfig.from_hf(dict(PRESETS[name]["config"]), where=f"preset {name}")
-    plans = [_hf_plan(cfg, n, w.shape, _as_rows(w) if isinstance(w, torch.Tensor) else w.read_rows)
+    plans = [model_plan(cfg, n, w.shape, _as_rows(w) if isinstance(w, torch.Tensor) else w.read_rows)
              for n, w in random_weights(cfg, seed=0, dtype=torch.float32)] + extra_tensors(cfg)
-    return cfg.arch, lambda writer: add_config_metadata(writer, cfg, target), plans, []
+    return gguf_arch(cfg.arch), lambda writer: add_config_metadata(writer, cfg, target), plans, []
 
 
 def _hf_source(directory: Path, target):
@@ -133,10 +140,10 @@ def _hf_source(directory: Path, target):
     missing = [n for n in expected if n not in found]
     if missing:
         raise MespError(f"{directory}: missing tensor {missing[0]!r}")
-    plans = [_hf_plan(cfg, name, w.shape, lambda n0, n1, w=w: w.read_rows(n0, n1).float())
+    plans = [model_plan(cfg, name, w.shape, lambda n0, n1, w=w: w.read_rows(n0, n1).float())
              for name, w in ((n, found[n]) for n in expected)] + extra_tensors(cfg)
     inputs = [*files, *(p for p in (directory / "config.json", directory / INDEX_FILE) if p.exists())]
-    return cfg.arch, lambda writer: add_config_metadata(writer, cfg, target), plans, inputs
+    return gguf_arch(cfg.arch), lambda writer: add_config_metadata(writer, cfg, target), plans, inputs
 
 
 def _gguf_rows(t, where: str):
@@ -160,25 +167,28 @@ def _gguf_source(path: Path, target):
     cfg = ModelConfig.from_hf(gguf_config(reader, where), where=where)
     plans = []
     for t in reader.tensors:
-        if t.name != ROPE_FREQS and gguf_to_hf_name(t.name) is None:
+        if t.name != ROPE_FREQS and gguf_to_hf_name(t.name, cfg.arch) is None:
             raise MespError(f"{where}: unknown tensor {t.name!r}")
         shape = tuple(int(n) for n in reversed(t.shape.tolist()))  # GGUF lists dims fastest-first
         plans.append(TensorPlan(t.name, shape, _gguf_rows(t, where)))
 
-    def add_metadata(writer):
-        for key, field in reader.fields.items():
-            if key.startswith(_NOT_COPIED):
-                continue
-            vtype = field.types[0]
-            if vtype == gguf.GGUFValueType.ARRAY:
-                if len(field.types) != 2:
-                    log.warning("%s: metadata %s (a nested array) is not copied", where, key)
-                    continue
-                value = field.contents()
-                if len(value):  # GGUF has no typed empty array to write
-                    writer.add_key_value(key, value, vtype, sub_type=field.types[1])
-            else:
-                writer.add_key_value(key, field.contents(), vtype)
-        add_file_type(writer, target)
+    return gguf_arch(cfg.arch), lambda writer: copy_metadata(writer, reader, target, where), plans, [path]
 
-    return cfg.arch, add_metadata, plans, [path]
+
+def copy_metadata(writer, reader, target, where: str) -> None:
+    """A GGUF file's metadata (tokenizer and chat template included) into `writer`, with general.file_type
+    that of `target`; what describes the old tensor data is left out (_NOT_COPIED)."""
+    for key, field in reader.fields.items():
+        if key.startswith(_NOT_COPIED):
+            continue
+        vtype = field.types[0]
+        if vtype == gguf.GGUFValueType.ARRAY:
+            if len(field.types) != 2:
+                log.warning("%s: metadata %s (a nested array) is not copied", where, key)
+                continue
+            value = field.contents()
+            if len(value):  # GGUF has no typed empty array to write
+                writer.add_key_value(key, value, vtype, sub_type=field.types[1])
+        else:
+            writer.add_key_value(key, field.contents(), vtype)
+    add_file_type(writer, target)
