@@ -31,7 +31,7 @@ import torch
 
 from .errors import MespError
 from .families import ModelConfig
-from .formats.gguf import gguf_config, metadata_value, open_gguf, permuted_heads
+from .formats.gguf import gguf_config, open_gguf, permuted_heads
 from .formats.gguf_writer import (OUT_TYPES, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
                                   gguf_arch, hf_to_gguf_name, model_plan, tensor_type)
 from .loaders import read_hf_config
@@ -101,7 +101,7 @@ def base_model(source) -> BaseModel:
     if path.suffix.lower() == ".gguf" and path.is_file():
         reader = open_gguf(path)
         cfg = ModelConfig.from_hf(gguf_config(reader, str(path)), where=str(path))
-        return BaseModel(cfg, metadata_value(reader, "general.architecture"), path, [path])
+        return BaseModel(cfg, reader.metadata("general.architecture"), path, [path])
     if not path.exists():
         raise MespError(f"{src}: no such file, directory or preset (presets: {', '.join(PRESETS)})")
     raise MespError(f"{path}: not a model directory, .gguf file or preset name")
