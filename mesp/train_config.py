@@ -85,6 +85,12 @@ class TrainConfig:
                                                "file (in --out, or --scratch-dir) instead of RAM")
     scratch_dir: str | None = setting(None, "directory of the --offload-checkpoints scratch file "
                                             "(default: the run directory)", metavar="DIR")
+    token_chunk: int | None = setting(None, "mesp: positions per token chunk of a layer's norms, projections and "
+                                            "MLP (0: whole sequence)",
+                                      default_text="default 256 when the sequence is longer, else whole")
+    attn_block: int = setting(128, "mesp: query rows per block of the blockwise attention")
+    loss_chunk: int | None = setting(None, "mesp, mezo: labelled tokens per chunk of the LM head's loss",
+                                     default_text="default 1024")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -100,6 +106,10 @@ class TrainConfig:
 SAME_RUN_KEYS = ("model", "data", "method", "rank", "alpha", "targets", "batch_size", "seq_len", "lr", "optimizer",
                  "momentum", "weight_decay", "schedule", "warmup", "grad_accum", "seed", "max_grad_norm",
                  "train_on_prompt", "dtype", "mezo_eps", "quantize")
+
+
+# the engine options TrainConfig carries, and the methods that take each
+ENGINE_OPTIONS = {"token_chunk": ("mesp",), "attn_block": ("mesp",), "loss_chunk": ("mesp", "mezo")}
 
 
 def lora_config(c: TrainConfig) -> LoraConfig:
@@ -136,6 +146,25 @@ def check_device(name: str) -> None:
             raise MespError(f"device: {name!r} is not available (PyTorch sees no CUDA GPU here); use cpu or auto")
         if device.index is not None and device.index >= count:
             raise MespError(f"device: {name!r} is not available (this machine has {count} CUDA GPU(s))")
+
+
+def check_engine_options(c: TrainConfig) -> None:
+    """token_chunk, attn_block and loss_chunk: whole numbers, each given only to a method that uses it."""
+    require_int(c, ("attn_block",), least=1)
+    require_int(c, [name for name in ("token_chunk",) if c.token_chunk is not None], least=0)
+    require_int(c, [name for name in ("loss_chunk",) if c.loss_chunk is not None], least=1)
+    if c.token_chunk is not None and c.method != "mesp":
+        raise MespError(f"token_chunk: only used by method mesp, not {c.method}")
+    if c.loss_chunk is not None and c.method not in ENGINE_OPTIONS["loss_chunk"]:
+        raise MespError(f"loss_chunk: only used by methods {' and '.join(ENGINE_OPTIONS['loss_chunk'])}, "
+                        f"not {c.method}")
+
+
+def engine_options(c: TrainConfig) -> dict:
+    """The compute_gradients options of a resolved config's method (its token chunk, attention block, loss
+    chunk), the engine's defaults where the config leaves them None."""
+    return {name: getattr(c, name) for name, methods in ENGINE_OPTIONS.items()
+            if c.method in methods and getattr(c, name) is not None}
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -201,6 +230,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if not c.offload_checkpoints:
             raise MespError("scratch_dir: only used with offload_checkpoints")
         c.scratch_dir = os.path.abspath(c.scratch_dir)
+    check_engine_options(c)
     if c.resume and c.overwrite:
         raise MespError("give resume or overwrite, not both")
     return c

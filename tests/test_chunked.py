@@ -8,16 +8,23 @@ test_engines), with random non-zero LoRA B: fp32 within 1e-5 relative per tensor
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
+from safetensors.torch import load_file
 from helpers import assert_grads_close, make_batch, randomize_lora_b, relative_error
 
 import mesp
 from mesp.errors import MespError
 from mesp.families import ModelConfig
 from mesp.memory import PeakMemory
+from mesp.model import DecoderLayer
 from mesp.methods.mesp import DEFAULT_TOKEN_CHUNK, layer_forward, token_chunks
+from mesp.methods import METHODS
+from mesp.methods import mesp as mesp_engine
 from mesp.random_init import init_random_weights
+from mesp.train import TrainConfig, resolve, train
 
 # (arch, extra config): every family the tiny presets cover, with q/k norms, sandwich norms and sliding windows
 FAMILY_CASES = {
@@ -77,6 +84,21 @@ def test_kept_layers_equal_recompute(make_hf_model, case):
                 assert set(grads) == set(ref)
                 for key, r in ref.items():
                     assert relative_error(grads[key], r) <= 1e-6, (case, token_chunk, store_h, keep, key)
+
+
+def test_kept_layers_are_not_recomputed(make_hf_model, monkeypatch):
+    """With every layer kept, each layer's steps run once (the forward) instead of twice, chunk by chunk."""
+    model = lora_model(make_hf_model, "qwen3")
+    ids, labels, mask = make_batch(2, 37, model.config.vocab_size, "left", seed=8)
+    calls = []
+    original = DecoderLayer.attention_inputs
+    monkeypatch.setattr(DecoderLayer, "attention_inputs", lambda self, x, run: calls.append(x.shape[1]) or
+                        original(self, x, run))
+    n_layers = model.config.num_hidden_layers
+    for keep, runs in ((None, 2), (frozenset(range(n_layers)), 1)):
+        calls.clear()
+        mesp.compute_gradients(model, ids, labels, mask, method="mesp", token_chunk=16, keep_layers=keep)
+        assert calls == [16, 16, 5] * n_layers * runs, (keep, calls)
 
 
 @pytest.mark.parametrize("case", sorted(FAMILY_CASES))
@@ -147,3 +169,41 @@ def test_chunked_step_peak_is_below_the_unchunked_one():
         peaks[token_chunk] = pm.peak_bytes
     assert peaks[0] >= 3 * T * 2048 * 4  # the unchunked MLP backward, as counted above
     assert peaks[32] < peaks[0] / 4, peaks
+
+
+@pytest.mark.parametrize("settings,match", [
+    (dict(token_chunk=-1), r"^token_chunk: must be a non-negative integer"),
+    (dict(attn_block=0), r"^attn_block: must be a positive integer"),
+    (dict(loss_chunk=0), r"^loss_chunk: must be a positive integer"),
+    (dict(method="mebp", token_chunk=8), r"^token_chunk: only used by method mesp, not mebp"),
+    (dict(method="autograd", loss_chunk=8), r"^loss_chunk: only used by methods mesp and mezo, not autograd"),
+])
+def test_train_config_checks_the_engine_options(tmp_path, settings, match):
+    with pytest.raises(MespError, match=match):
+        resolve(TrainConfig(model="m", data="d.jsonl", out=str(tmp_path / "o"), **settings))
+
+
+def test_train_passes_the_engine_options(make_hf_model, tmp_path, monkeypatch):
+    """`mesp train` hands token_chunk, attn_block and loss_chunk to the engine, and a chunked run trains the
+    same adapter as a whole-sequence one."""
+    path, _ = make_hf_model("qwen2", num_key_value_heads=2)
+    data = tmp_path / "train.jsonl"
+    g = torch.Generator().manual_seed(0)
+    data.write_text("".join(json.dumps({"input_ids": torch.randint(3, 96, (n,), generator=g).tolist()}) + "\n"
+                            for n in (30, 21, 32, 17)))
+    seen = []
+    original = mesp_engine.gradients
+    monkeypatch.setattr(mesp_engine, "gradients", lambda *a, **kw: seen.append(
+        {k: kw.get(k) for k in ("token_chunk", "attn_block", "loss_chunk")}) or original(*a, **kw))
+    monkeypatch.setitem(METHODS, "mesp", mesp_engine.gradients)
+    adapters = []
+    for token_chunk in (0, 7):
+        out = tmp_path / f"run{token_chunk}"
+        train(TrainConfig(model=str(path), data=str(data), out=str(out), seq_len=32, batch_size=2, steps=2,
+                          token_chunk=token_chunk, attn_block=8, loss_chunk=13))
+        adapters.append(load_file(str(out / "adapter_model.safetensors")))
+    assert seen == [{"token_chunk": 0, "attn_block": 8, "loss_chunk": 13}] * 2 + [
+        {"token_chunk": 7, "attn_block": 8, "loss_chunk": 13}] * 2
+    assert set(adapters[0]) == set(adapters[1])
+    for key, a in adapters[0].items():
+        assert relative_error(adapters[1][key], a) <= 1e-5, key
