@@ -281,7 +281,7 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
     recompute_chunks = kept is None and len(chunks) > 1
 
     # ---- MLP and o_proj, chunk by chunk; dL/dh1 is written over g ---------------------------------------
-    go = None
+    go = delta = None
     for s, (t0, t1) in zip(parts, chunks):
         if recompute_chunks:
             layer.after_attention(whole.o[:, :, t0:t1], x[:, t0:t1],
@@ -315,15 +315,19 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
         del ga
         grads.add("self_attn.o_proj", attn.o_proj, gA, gB)
         s.o_flat = None
-        go = place(go, go_flat.view(B, t1 - t0, Hq, D).transpose(1, 2), t0, t1, T, 2)
+        go_c = go_flat.view(B, t1 - t0, Hq, D).transpose(1, 2)
         del go_flat
+        delta = place(delta, blockwise.attention_delta(go_c, whole.o[:, :, t0:t1]), t0, t1, T, 2)
+        go = place(go, go_c, t0, t1, T, 2)
+        del go_c
+    whole.o = None  # attention's backward reads o only through delta
 
     # ---- attention, over the whole sequence -------------------------------------------------------------
-    gq, gk, gv = blockwise.attention_backward(go, whole.q, whole.k, whole.v, whole.o, whole.lse, key_mask,
+    gq, gk, gv = blockwise.attention_backward(go, whole.q, whole.k, whole.v, None, whole.lse, key_mask,
                                               scale=spec.attention.scale, block_size=attn_block,
-                                              window=spec.attention.window)
-    del go
-    whole.q = whole.k = whole.v = whole.o = whole.lse = None
+                                              window=spec.attention.window, delta=delta)
+    del go, delta
+    whole.q = whole.k = whole.v = whole.lse = None
 
     # ---- q/k/v projections and the input norm, chunk by chunk -------------------------------------------
     for s, (t0, t1) in zip(parts, chunks):
