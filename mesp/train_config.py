@@ -87,7 +87,7 @@ class TrainConfig:
                                             "(default: the run directory)", metavar="DIR")
     token_chunk: int | None = setting(None, "mesp: positions per token chunk of a layer's norms, projections and "
                                             "MLP (0: whole sequence)",
-                                      default_text="default 256 when the sequence is longer, else whole")
+                                      default_text="default: whole up to 256 positions, else 128")
     attn_block: int = setting(128, "mesp: query rows per block of the blockwise attention")
     loss_chunk: int | None = setting(None, "mesp, mezo: labelled tokens per chunk of the LM head's loss",
                                      default_text="default 1024")

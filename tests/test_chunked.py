@@ -20,7 +20,7 @@ from mesp.errors import MespError
 from mesp.families import ModelConfig
 from mesp.memory import PeakMemory
 from mesp.model import DecoderLayer
-from mesp.methods.mesp import DEFAULT_TOKEN_CHUNK, layer_forward, token_chunks
+from mesp.methods.mesp import DEFAULT_TOKEN_CHUNK, WHOLE_UP_TO, layer_forward, token_chunks
 from mesp.methods import METHODS
 from mesp.methods import mesp as mesp_engine
 from mesp.random_init import init_random_weights
@@ -125,10 +125,10 @@ def test_chunked_forward_equals_unchunked(make_hf_model, case):
 def test_token_chunks_rule():
     assert token_chunks(37, 5) == [(0, 5), (5, 10), (10, 15), (15, 20), (20, 25), (25, 30), (30, 35), (35, 37)]
     assert token_chunks(37, 0) == token_chunks(37, 37) == token_chunks(37, 100) == [(0, 37)]
-    T = DEFAULT_TOKEN_CHUNK
-    assert token_chunks(T) == [(0, T)]  # short sequences run whole by default
-    long = token_chunks(4 * T + 1)
-    assert long[0] == (0, T) and long[-1] == (4 * T, 4 * T + 1) and len(long) == 5
+    assert token_chunks(WHOLE_UP_TO) == [(0, WHOLE_UP_TO)]  # short sequences run whole by default
+    c, T = DEFAULT_TOKEN_CHUNK, WHOLE_UP_TO + 1
+    long = token_chunks(T)
+    assert long[0] == (0, c) and long[-1] == (T // c * c, T) and len(long) == -(-T // c)
     for bad in (-1, 2.5, True, "8"):
         with pytest.raises(MespError, match="token_chunk"):
             token_chunks(37, bad)

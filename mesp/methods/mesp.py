@@ -11,20 +11,21 @@ those of autograd.
 Token chunks. Everything in a layer but attention is token-wise (DecoderLayer.attention_inputs and
 after_attention), so those steps, forward and backward, run over chunks of `token_chunk` positions of every
 batch row (B * token_chunk tokens at a time); attention runs blockwise over the whole sequence. Rule
-(token_chunks): None = DEFAULT_TOKEN_CHUNK positions when T is longer than that, the whole sequence otherwise
-(short sequences run exactly as without chunks); 0 or a value >= T = the whole sequence. LoRA gradients are
-summed over the chunks.
+(token_chunks): None = the whole sequence up to WHOLE_UP_TO positions (short sequences run exactly as without
+chunks), chunks of DEFAULT_TOKEN_CHUNK positions beyond; 0 or a value >= T = the whole sequence. LoRA
+gradients are summed over the chunks.
 
 What lives at a layer's backward peak (B rows, T positions, c = the chunk's positions, c = T unchunked;
 d hidden, F intermediate, Hq/Hkv heads of D; all in the compute dtype unless said):
 - whole sequence, for the whole layer: the layer input x [B, T, d] (its checkpoint) and g = dL/dy [B, T, d],
-  whose storage becomes dL/dx (written in place, chunk by chunk); q, o [B, Hq, T, D]; k, v [B, Hkv, T, D];
+  whose storage becomes dL/dx (written in place, chunk by chunk); q [B, Hq, T, D]; k, v [B, Hkv, T, D];
   lse [B, Hq, T] (fp32); with q/k norms also q_pre, k_pre (q and k before their norms).
 - per chunk, one chunk at a time, while its MLP and o_proj are differentiated: n2, h1 [B, c, d], o_flat
   [B, c, Hq*D], G, U, M [B, c, F] (with sandwich norms also a, d [B, c, d]) and their gradients gM, gG, gU
-  [B, c, F] (at most three [B, c, F] at once); go [B, Hq, T, D] fills chunk by chunk.
-- attention's backward: go, gq [B, Hq, T, D], gk, gv [B, Hkv, T, D] (fp32), and one score block
-  [B, Hq, attn_block, T] in fp32 twice (P and its gradient), beside the whole-sequence tensors above.
+  [B, c, F] (at most three [B, c, F] at once); beside them o [B, Hq, T, D] (whole), and go [B, Hq, T, D] and
+  delta = rowsum(go * o) [B, Hq, T] (fp32), both filled chunk by chunk. o is freed after the last chunk.
+- attention's backward: go, gq [B, Hq, T, D], gk, gv [B, Hkv, T, D], delta, and one score block
+  [B, Hq, attn_block, T] in fp32 twice (P and its gradient), beside x, g, q, k, v, lse.
 - then per chunk: n1 [B, c, d] (recomputed by the input norm), the chunk's q/k/v gradients reshaped
   [B, c, *], and dL/dn1 [B, c, d].
 Unchunked (one chunk), the recompute keeps n1 and the other per-chunk tensors for all T at once, as the paper.
@@ -53,13 +54,17 @@ from ..model import DecoderLayer, Linear
 from ..scratch import LayerCheckpoints
 from .common import LossBatch, chunked_loss
 
-DEFAULT_TOKEN_CHUNK = 256  # positions per chunk when token_chunk is None and T is longer
+# token_chunk None: sequences up to WHOLE_UP_TO positions run whole, longer ones in chunks of DEFAULT_TOKEN_CHUNK
+# (a chunk's MLP backward holds about six [B, chunk, F] tensors at once; 128 rows keep them a few MiB for
+# sub-billion models while each product still has enough rows to run at full speed)
+WHOLE_UP_TO = 256
+DEFAULT_TOKEN_CHUNK = 128
 
 
 def token_chunks(T: int, token_chunk: int | None = None) -> list[tuple[int, int]]:
     """The position ranges [t0, t1) the token-wise steps run over (the module docstring states the rule)."""
     if token_chunk is None:
-        token_chunk = DEFAULT_TOKEN_CHUNK if T > DEFAULT_TOKEN_CHUNK else 0
+        token_chunk = DEFAULT_TOKEN_CHUNK if T > WHOLE_UP_TO else 0
     if isinstance(token_chunk, bool) or not isinstance(token_chunk, int) or token_chunk < 0:
         raise MespError(f"token_chunk: expected a whole number >= 0 (0 = no chunks), got {token_chunk!r}")
     if token_chunk == 0 or token_chunk >= T:
