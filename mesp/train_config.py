@@ -88,7 +88,8 @@ class TrainConfig:
     token_chunk: int | None = setting(None, "mesp: positions per token chunk of a layer's norms, projections and "
                                             "MLP (0: whole sequence)",
                                       default_text="default: whole up to 256 positions, else 128")
-    attn_block: int = setting(128, "mesp: query rows per block of the blockwise attention")
+    attn_block: int | None = setting(None, "mesp: query rows per block of the blockwise attention",
+                                     default_text="default 128, fewer where a score block would pass 8 MiB")
     loss_chunk: int | None = setting(None, "mesp, mezo: labelled tokens per chunk of the LM head's loss",
                                      default_text="default 1024")
 
@@ -150,11 +151,12 @@ def check_device(name: str) -> None:
 
 def check_engine_options(c: TrainConfig) -> None:
     """token_chunk, attn_block and loss_chunk: whole numbers, each given only to a method that uses it."""
-    require_int(c, ("attn_block",), least=1)
+    require_int(c, [name for name in ("attn_block",) if c.attn_block is not None], least=1)
     require_int(c, [name for name in ("token_chunk",) if c.token_chunk is not None], least=0)
     require_int(c, [name for name in ("loss_chunk",) if c.loss_chunk is not None], least=1)
-    if c.token_chunk is not None and c.method != "mesp":
-        raise MespError(f"token_chunk: only used by method mesp, not {c.method}")
+    for name in ("token_chunk", "attn_block"):
+        if getattr(c, name) is not None and c.method != "mesp":
+            raise MespError(f"{name}: only used by method mesp, not {c.method}")
     if c.loss_chunk is not None and c.method not in ENGINE_OPTIONS["loss_chunk"]:
         raise MespError(f"loss_chunk: only used by methods {' and '.join(ENGINE_OPTIONS['loss_chunk'])}, "
                         f"not {c.method}")

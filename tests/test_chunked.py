@@ -20,7 +20,8 @@ from mesp.errors import MespError
 from mesp.families import ModelConfig
 from mesp.memory import PeakMemory
 from mesp.model import DecoderLayer
-from mesp.methods.mesp import DEFAULT_TOKEN_CHUNK, WHOLE_UP_TO, layer_forward, token_chunks
+from mesp.methods.mesp import (DEFAULT_ATTN_BLOCK, DEFAULT_TOKEN_CHUNK, MIN_ATTN_BLOCK, SCORE_BLOCK_BYTES, WHOLE_UP_TO,
+                              attention_block, layer_forward, token_chunks)
 from mesp.methods import METHODS
 from mesp.methods import mesp as mesp_engine
 from mesp.random_init import init_random_weights
@@ -134,6 +135,20 @@ def test_token_chunks_rule():
             token_chunks(37, bad)
 
 
+def test_attention_block_rule():
+    """Default: 128 query rows, fewer where one fp32 score block [B, heads, rows, T] would pass 8 MiB, never
+    under 16; a given block is used as is."""
+    assert attention_block(None, 1, 14, 1024, torch.float32) == DEFAULT_ATTN_BLOCK == 128
+    rows = attention_block(None, 1, 14, 4096, torch.float32)
+    assert rows == SCORE_BLOCK_BYTES // (14 * 4096 * 4) == 36
+    assert attention_block(None, 1, 14, 4096, torch.bfloat16) == rows  # scores are fp32 in bf16 too
+    assert attention_block(None, 2, 14, 4096, torch.float64) == MIN_ATTN_BLOCK == 16
+    assert attention_block(64, 8, 64, 1 << 16, torch.float32) == 64
+    for bad in (0, -4, 2.0, True):
+        with pytest.raises(MespError, match="attn_block"):
+            attention_block(bad, 1, 14, 1024, torch.float32)
+
+
 def test_bad_keep_layers_is_one_line_error(make_hf_model):
     model = lora_model(make_hf_model, "llama")
     ids, labels, mask = make_batch(1, 9, model.config.vocab_size, None)
@@ -176,6 +191,7 @@ def test_chunked_step_peak_is_below_the_unchunked_one():
     (dict(attn_block=0), r"^attn_block: must be a positive integer"),
     (dict(loss_chunk=0), r"^loss_chunk: must be a positive integer"),
     (dict(method="mebp", token_chunk=8), r"^token_chunk: only used by method mesp, not mebp"),
+    (dict(method="mezo", attn_block=64), r"^attn_block: only used by method mesp, not mezo"),
     (dict(method="autograd", loss_chunk=8), r"^loss_chunk: only used by methods mesp and mezo, not autograd"),
 ])
 def test_train_config_checks_the_engine_options(tmp_path, settings, match):

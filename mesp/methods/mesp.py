@@ -25,7 +25,9 @@ d hidden, F intermediate, Hq/Hkv heads of D; all in the compute dtype unless sai
   [B, c, F] (at most three [B, c, F] at once); beside them o [B, Hq, T, D] (whole), and go [B, Hq, T, D] and
   delta = rowsum(go * o) [B, Hq, T] (fp32), both filled chunk by chunk. o is freed after the last chunk.
 - attention's backward: go, gq [B, Hq, T, D], gk, gv [B, Hkv, T, D], delta, and one score block
-  [B, Hq, attn_block, T] in fp32 twice (P and its gradient), beside x, g, q, k, v, lse.
+  [B, Hq, attn_block, T] in fp32 twice (P and its gradient), beside x, g, q, k, v, lse; the score blocks'
+  products also expand k or v to [B, Hq, attn_block or T, D] while they run (k/v broadcast over a group's
+  heads). attention_block's default keeps one score block within SCORE_BLOCK_BYTES.
 - then per chunk: n1 [B, c, d] (recomputed by the input norm), the chunk's q/k/v gradients reshaped
   [B, c, *], and dL/dn1 [B, c, d].
 Unchunked (one chunk), the recompute keeps n1 and the other per-chunk tensors for all T at once, as the paper.
@@ -59,6 +61,10 @@ from .common import LossBatch, chunked_loss
 # sub-billion models while each product still has enough rows to run at full speed)
 WHOLE_UP_TO = 256
 DEFAULT_TOKEN_CHUNK = 128
+# attn_block None: DEFAULT_ATTN_BLOCK query rows, fewer at long T so one score block stays within SCORE_BLOCK_BYTES
+DEFAULT_ATTN_BLOCK = 128
+SCORE_BLOCK_BYTES = 8 << 20
+MIN_ATTN_BLOCK = 16
 
 
 def token_chunks(T: int, token_chunk: int | None = None) -> list[tuple[int, int]]:
@@ -70,6 +76,19 @@ def token_chunks(T: int, token_chunk: int | None = None) -> list[tuple[int, int]
     if token_chunk == 0 or token_chunk >= T:
         return [(0, T)]
     return [(t0, min(t0 + token_chunk, T)) for t0 in range(0, T, token_chunk)]
+
+
+def attention_block(attn_block: int | None, B: int, heads: int, T: int, dtype: torch.dtype) -> int:
+    """Query rows per block of the blockwise attention: attn_block as given; None = DEFAULT_ATTN_BLOCK rows, or
+    fewer (not under MIN_ATTN_BLOCK) where one score block [B, heads, rows, T] in the accumulation dtype would
+    pass SCORE_BLOCK_BYTES: attention's backward holds two such blocks (P and its gradient), which would
+    otherwise grow with T."""
+    if attn_block is not None:
+        if isinstance(attn_block, bool) or not isinstance(attn_block, int) or attn_block < 1:
+            raise MespError(f"attn_block: expected a positive whole number, got {attn_block!r}")
+        return attn_block
+    row_bytes = B * heads * T * torch.finfo(ops.acc_dtype(dtype)).bits // 8
+    return max(MIN_ATTN_BLOCK, min(DEFAULT_ATTN_BLOCK, SCORE_BLOCK_BYTES // row_bytes))
 
 
 def check_keep_layers(keep_layers, n_layers: int) -> frozenset[int]:
@@ -370,16 +389,18 @@ def unrotate(g, rope):
     return g if rope is None else ops.rope_backward(g, *rope)
 
 
-def gradients(model, batch: LossBatch, loss_chunk: int | None = None, attn_block: int = 128,
+def gradients(model, batch: LossBatch, loss_chunk: int | None = None, attn_block: int | None = None,
               on_layer_grads: Callable[[int, dict], None] | None = None, store_h: bool = False,
               offload_checkpoints=None, token_chunk: int | None = None, keep_layers=None):
     """Loss and PEFT-keyed LoRA gradients, exactly as autograd computes them, without autograd.
     offload_checkpoints: a directory for the scratch file that then holds the layer inputs (mesp.scratch).
-    token_chunk: positions per token chunk (token_chunks' rule; None = the default). keep_layers: indices of the
-    layers whose forward keeps its intermediates for the backward instead of it recomputing them (None = none)."""
+    attn_block: query rows per attention block (attention_block's rule; None = the default). token_chunk:
+    positions per token chunk (token_chunks' rule; None = the default). keep_layers: indices of the layers whose
+    forward keeps its intermediates for the backward instead of it recomputing them (None = none)."""
     layers = model.model.layers
-    T = batch.input_ids.shape[1]
+    B, T = batch.input_ids.shape
     key_mask = batch.key_mask
+    attn_block = attention_block(attn_block, B, model.config.num_attention_heads, T, model.dtype)
     chunks = token_chunks(T, token_chunk)
     keep_layers = check_keep_layers(keep_layers, len(layers))
     with torch.no_grad(), stage("forward"):
