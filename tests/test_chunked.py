@@ -16,6 +16,7 @@ from safetensors.torch import load_file
 from helpers import assert_grads_close, make_batch, randomize_lora_b, relative_error
 
 import mesp
+from mesp import blockwise
 from mesp.errors import MespError
 from mesp.families import ModelConfig
 from mesp.memory import PeakMemory
@@ -223,3 +224,19 @@ def test_train_passes_the_engine_options(make_hf_model, tmp_path, monkeypatch):
     assert set(adapters[0]) == set(adapters[1])
     for key, a in adapters[0].items():
         assert relative_error(adapters[1][key], a) <= 1e-5, key
+
+
+def test_attention_backward_from_delta_equals_from_o():
+    """attention_backward given delta = rowsum(go * o) (so o can be freed first) equals it given o."""
+    g = torch.Generator().manual_seed(0)
+    q, go = (torch.randn(2, 4, 19, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    k, v = (torch.randn(2, 2, 19, 8, generator=g, dtype=torch.float64) for _ in range(2))
+    mask = torch.ones(2, 19, dtype=torch.bool)
+    mask[1, :5] = False
+    o, lse = blockwise.attention_forward(q, k, v, mask, block_size=6, window=7)
+    from_o = blockwise.attention_backward(go, q, k, v, o, lse, mask, block_size=6, window=7)
+    delta = torch.cat([blockwise.attention_delta(go[:, :, t0:t1], o[:, :, t0:t1]) for t0, t1 in token_chunks(19, 5)],
+                      dim=2)
+    from_delta = blockwise.attention_backward(go, q, k, v, None, lse, mask, block_size=6, window=7, delta=delta)
+    for a, b in zip(from_delta, from_o):
+        assert relative_error(a, b) <= 1e-14
