@@ -100,8 +100,17 @@ def attention_forward(q, k, v, key_mask=None, scale=None, block_size=128, window
 
 
 @torch.no_grad()
-def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_size=128, window=None):
+def attention_delta(go, o):
+    """delta = rowsum(go * o) [B, Hq, T] in the accumulation dtype, from go, o [B, Hq, T, D] (any slice of rows):
+    what attention_backward reads of o, so a caller that has it may drop o first."""
+    acc = acc_dtype(o.dtype)
+    return (go.to(acc) * o.to(acc)).sum(-1)
+
+
+@torch.no_grad()
+def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_size=128, window=None, delta=None):
     """Backward of :func:`attention_forward`.  Returns (gq, gk, gv) shaped/dtyped like q, k, v.
+    `delta` (attention_delta of go and o, [B, Hq, T]) may be given instead of o (then None).
 
     P is recomputed block by block from q, k and lse (never stored whole):
         delta = rowsum(go * o)  (== rowsum(gP * P))
@@ -112,7 +121,8 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
     """
     (B, Hq, Hkv, G, T, D), scale, acc, kf, vf, q5 = _attention_setup(q, k, v, scale)
     go5 = go.reshape(B, Hkv, G, T, D)
-    o5 = o.reshape(B, Hkv, G, T, D)
+    o5 = None if o is None else o.reshape(B, Hkv, G, T, D)
+    delta5 = None if delta is None else delta.reshape(B, Hkv, G, T, 1)
     lse5 = lse.reshape(B, Hkv, G, T)
     gq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     gq5 = gq.view(B, Hkv, G, T, D)
@@ -123,7 +133,10 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
         Tb = i1 - i0
         qb = q5[:, :, :, i0:i1].to(acc)  # [B, Hkv, G, Tb, D]
         gob = go5[:, :, :, i0:i1].to(acc)
-        delta = (gob * o5[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tb, 1]
+        if delta5 is None:
+            delta = (gob * o5[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tb, 1]
+        else:
+            delta = delta5[:, :, :, i0:i1].to(acc)
         S = _scores_block(qb, kf, i0, i1, key_mask, scale, window)
         P = S.sub_(lse5[:, :, :, i0:i1].to(acc).unsqueeze(-1)).exp_()  # masked entries -> 0
         del S

@@ -20,7 +20,8 @@ Adding a family (e.g. Gemma 3) touches:
 2. mesp.ops: the new forward/backward pairs (a (1+w) RMSNorm, GeGLU), each autograd-checked in
    tests/test_ops.py, entered in `NORMS` / `ACTIVATIONS`;
 3. a new kind of step only (as q/k norms and sliding windows were; sandwich norms are next): written once in
-   `DecoderLayer.forward`, once in reverse in `methods.mesp.layer_backward`, its weights in `layer_shapes` and
+   `DecoderLayer`'s steps (attention_inputs before attention, after_attention after it), once in reverse in
+   `methods.mesp.layer_backward`, its weights in `layer_shapes` and
    `DecoderLayer.__init__`; then take it off `LayerSpec.__post_init__`'s list of features without ops.
 """
 

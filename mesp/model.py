@@ -130,9 +130,23 @@ class DecoderLayer(nn.Module):
         makes of it). `run` says how projections and attention execute and what is kept for a backward
         (LayerRun here; MeSP's StructuredRun); methods.mesp.layer_backward walks these steps in reverse.
 
+        Everything but attention is token-wise: attention_inputs and after_attention may run on any slice of
+        positions (with the rope rows of those positions), which is how MeSP runs them over token chunks.
         Every intermediate is dropped after its last use (run.keep holds those a backward needs), so a run that
         keeps nothing holds at most a few [B, T, *] tensors at once."""
-        attn, mlp, spec = self.self_attn, self.mlp, self.spec
+        return self.after_attention(self.attention(x, run), x, run)
+
+    def attention(self, x, run: LayerRun):
+        """attention_inputs over all T positions, then attention: x [B, T, d] -> o [B, Hq, T, D]."""
+        q, k, v = self.attention_inputs(x, run)
+        o = run.attend(q, k, v, self.spec.attention)
+        run.keep(q=q, k=k, v=v, o=o)
+        return o
+
+    def attention_inputs(self, x, run: LayerRun):
+        """The token-wise steps before attention: x [B, T, d] -> q [B, Hq, T, D], k, v [B, Hkv, T, D] (the input
+        norm, the q/k/v projections, q/k norms, RoPE by run.rope, which covers these T positions)."""
+        attn, spec = self.self_attn, self.spec
         n1 = self.input_layernorm(x)
         q = attn.split_heads(run.project("q_proj", attn.q_proj, n1), attn.num_heads)
         k = attn.split_heads(run.project("k_proj", attn.k_proj, n1), attn.num_kv_heads)
@@ -142,14 +156,16 @@ class DecoderLayer(nn.Module):
         q, k = rotate(q, run.rope), rotate(k, run.rope)
         v = attn.split_heads(run.project("v_proj", attn.v_proj, n1), attn.num_kv_heads)
         run.keep(n1=n1)
-        del n1
-        o = run.attend(q, k, v, spec.attention)
-        run.keep(q=q, k=k, v=v, o=o)
-        del q, k, v
+        return q, k, v
+
+    def after_attention(self, o, x, run: LayerRun):
+        """The token-wise steps after attention: the attention output o [B, Hq, T, D] and the layer input x
+        [B, T, d] of the same positions -> y [B, T, d] (o_proj, its residual, the MLP and its residual)."""
+        mlp, spec = self.mlp, self.spec
         B, _, T, _ = o.shape
         o_flat = o.transpose(1, 2).reshape(B, T, -1)
         del o
-        a = run.project("o_proj", attn.o_proj, o_flat)
+        a = run.project("o_proj", self.self_attn.o_proj, o_flat)
         if spec.sandwich_norms:  # the attention output is normalized before the residual
             run.keep(a=a)
             a = self.post_attention_layernorm(a)

@@ -34,7 +34,7 @@ from .optim import clip_grad_norm, learning_rate
 from .scratch import require_scratch_directory
 from .seeds import mix_seed
 from .tokenizer import load_tokenizer
-from .train_config import DEFAULT_LR, TrainConfig, lora_config, optimizer_of, resolve
+from .train_config import DEFAULT_LR, TrainConfig, engine_options, lora_config, optimizer_of, resolve
 
 # TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
 __all__ = ["DEFAULT_LR", "NonFiniteGradient", "TrainConfig", "TrainResult", "TrainingInterrupted", "evaluate",
@@ -237,11 +237,12 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
 
 def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float, step: int) -> float:
     """One optimizer step over the micro-batches of `batches`. Returns the step's mean loss per label."""
+    options = engine_options(c, model.config.num_hidden_layers)
     if c.method == "mezo":
         (b,) = batches
         prepared = prepare_batch(model, b.input_ids, b.labels, b.attention_mask)
         return mezo.update(model, prepared, lr, seed=mix_seed(c.seed, step), eps=c.mezo_eps,
-                           weight_decay=c.weight_decay)
+                           weight_decay=c.weight_decay, **options)
     normalizer = float(sum(b.n_targets for b in batches))
     if c.per_layer_update:
         (b,) = batches
@@ -254,12 +255,13 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
 
         loss, _ = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method="mesp",
                                     normalizer=normalizer, offload_checkpoints=scratch_directory(c),
-                                    on_layer_grads=update_layer)
+                                    on_layer_grads=update_layer, **options)
         return float(loss)
     total_loss, total = 0.0, None
     for b in batches:
         loss, grads = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method=c.method,
-                                        normalizer=normalizer, offload_checkpoints=scratch_directory(c))
+                                        normalizer=normalizer, offload_checkpoints=scratch_directory(c),
+                                        **options)
         total_loss += float(loss)
         if total is None:
             total = grads

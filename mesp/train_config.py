@@ -21,7 +21,6 @@ from .data import LONG_SAMPLES
 from .methods import CHECKPOINTING_METHODS, METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
-from .planner import engine_knobs
 from .precision import AUTO, resolve_dtype
 from .presets import PRESETS
 from .settings import read_toml, setting
@@ -96,6 +95,13 @@ class TrainConfig:
                                                 "any work when none does", metavar="MB")
     keep_layers: int = setting(0, "mesp: the last N layers keep their forward's intermediates instead of "
                                   "recomputing them (faster, more memory; --memory-budget chooses it)")
+    token_chunk: int | None = setting(None, "mesp: positions per token chunk of a layer's norms, projections and "
+                                            "MLP (0: whole sequence)",
+                                      default_text="default: whole up to 256 positions, else 128")
+    attn_block: int | None = setting(None, "mesp: query rows per block of the blockwise attention",
+                                     default_text="default 128, fewer where a score block would pass 8 MiB")
+    loss_chunk: int | None = setting(None, "mesp, mezo: labelled tokens per chunk of the LM head's loss",
+                                     default_text="default 1024")
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -111,6 +117,10 @@ class TrainConfig:
 SAME_RUN_KEYS = ("model", "data", "method", "rank", "alpha", "targets", "batch_size", "seq_len", "lr", "optimizer",
                  "momentum", "weight_decay", "schedule", "warmup", "grad_accum", "seed", "max_grad_norm",
                  "train_on_prompt", "dtype", "mezo_eps", "quantize", "long_samples")
+
+
+# the engine options TrainConfig carries, and the methods that take each
+ENGINE_OPTIONS = {"token_chunk": ("mesp",), "attn_block": ("mesp",), "loss_chunk": ("mesp", "mezo")}
 
 
 def lora_config(c: TrainConfig) -> LoraConfig:
@@ -147,6 +157,30 @@ def check_device(name: str) -> None:
             raise MespError(f"device: {name!r} is not available (PyTorch sees no CUDA GPU here); use cpu or auto")
         if device.index is not None and device.index >= count:
             raise MespError(f"device: {name!r} is not available (this machine has {count} CUDA GPU(s))")
+
+
+def check_engine_options(c: TrainConfig) -> None:
+    """token_chunk, attn_block and loss_chunk: whole numbers, each given only to a method that uses it."""
+    require_int(c, [name for name in ("attn_block",) if c.attn_block is not None], least=1)
+    require_int(c, [name for name in ("token_chunk",) if c.token_chunk is not None], least=0)
+    require_int(c, [name for name in ("loss_chunk",) if c.loss_chunk is not None], least=1)
+    for name in ("token_chunk", "attn_block"):
+        if getattr(c, name) is not None and c.method != "mesp":
+            raise MespError(f"{name}: only used by method mesp, not {c.method}")
+    if c.loss_chunk is not None and c.method not in ENGINE_OPTIONS["loss_chunk"]:
+        raise MespError(f"loss_chunk: only used by methods {' and '.join(ENGINE_OPTIONS['loss_chunk'])}, "
+                        f"not {c.method}")
+
+
+def engine_options(c: TrainConfig, num_layers: int) -> dict:
+    """The compute_gradients options of a resolved config's method (its token chunk, attention block, loss
+    chunk, and for keep_layers the set of the last N of the model's `num_layers` layers), the engine's defaults
+    where the config leaves them None."""
+    out = {name: getattr(c, name) for name, methods in ENGINE_OPTIONS.items()
+           if c.method in methods and getattr(c, name) is not None}
+    if c.keep_layers and c.method == "mesp":
+        out["keep_layers"] = frozenset(range(max(0, num_layers - c.keep_layers), num_layers))
+    return out
 
 
 def resolve(config: TrainConfig) -> TrainConfig:
@@ -218,11 +252,10 @@ def resolve(config: TrainConfig) -> TrainConfig:
     require_int(c, ("keep_layers",), least=0)
     if c.keep_layers and c.method != "mesp":
         raise MespError(f"keep_layers: only method mesp recomputes layers; got method {c.method}")
-    if c.keep_layers and "keep_layers" not in engine_knobs():
-        raise MespError("keep_layers: this MeSP engine cannot keep a layer's intermediates; use 0")
     if c.memory_budget is not None and not (isinstance(c.memory_budget, (int, float)) and c.memory_budget > 0
                                             and not isinstance(c.memory_budget, bool)):
         raise MespError(f"memory_budget: must be a positive number of MiB, got {c.memory_budget!r}")
+    check_engine_options(c)
     if c.resume and c.overwrite:
         raise MespError("give resume or overwrite, not both")
     return c

@@ -19,8 +19,8 @@ def compute_gradients(model, input_ids: torch.Tensor, labels: torch.Tensor, atte
     labels follow transformers: same shape as input_ids, shifted inside, -100 ignored; the loss is the mean
     over counted tokens (or the sum divided by `normalizer`, for gradient accumulation). Returns
     (loss: scalar tensor, grads: dict keyed exactly like PEFT's adapter_model.safetensors).
-    Options by method: mesp: loss_chunk, attn_block, on_layer_grads, store_h (ablation); mezo: eps, n_directions, seed;
-    all but autograd/mebp: loss_chunk.
+    Options by method: mesp: loss_chunk, attn_block, token_chunk, keep_layers, on_layer_grads, store_h (ablation)
+    (see mesp.methods.mesp.gradients); mezo: eps, n_directions, seed; all but autograd/mebp: loss_chunk.
     offload_checkpoints: a directory (mesp and mebp): the layer inputs kept between the forward and the backward
     live in a memory-mapped scratch file there instead of RAM (mesp.scratch), with the same gradients bit for
     bit. autograd keeps its whole graph and MeZO keeps no checkpoints, so for them it is an error.
