@@ -40,8 +40,8 @@ class EstimateSettings:
                          choices=(AUTO, "float32", "bfloat16", "float16"))
     device: str = setting("cpu", "where the step would run (decides --dtype auto)")
     quantize: str = setting("none", QUANTIZE_HELP, choices=QUANTIZE_CHOICES)
-    weights: str = setting("resident", "base weights resident in memory or streamed from their file",
-                           choices=WEIGHTS)
+    weights: str | None = setting(None, "base weights resident in memory or streamed from their file",
+                                  choices=WEIGHTS, default_text="default: as load_model, stream for a GGUF")
     offload_checkpoints: bool = setting(False, "mesp, mebp: layer inputs in a memory-mapped scratch file")
     token_chunk: int | None = setting(None, "mesp: tokens per chunk of a layer's token-wise steps (0: whole)",
                                       default_text="default: the engine's")
@@ -58,10 +58,17 @@ class EstimateSettings:
         """estimate()'s keyword arguments (beside the config and seq_len)."""
         return dict(batch_size=self.batch_size, rank=self.rank, method=self.method,
                     dtype=resolve_dtype(self.dtype, self.device),
-                    quantize=None if self.quantize == "none" else self.quantize, weights=self.weights,
+                    quantize=None if self.quantize == "none" else self.quantize,
+                    weights=self.weights or default_weights(self.model, self.quantize),
                     offload_checkpoints=self.offload_checkpoints, token_chunk=self.token_chunk,
                     keep_layers=self.keep_layers, loss_chunk=self.loss_chunk, attn_block=self.attn_block,
                     optimizer=self.optimizer)
+
+
+def default_weights(model, quantize) -> str:
+    """What load_model does when weights= is not given: stream a GGUF file (unless re-quantized), else resident."""
+    is_gguf = str(model).lower().endswith(".gguf") or PRESETS.get(model, {}).get("kind") == "gguf"
+    return "stream" if is_gguf and quantize in (None, "none", "gguf") else "resident"
 
 
 def run_estimate(s: EstimateSettings) -> tuple[Estimate, int | None]:
@@ -203,10 +210,8 @@ def plan_train(c, device: str = "cpu") -> Plan:
     config = model_config(c.model)
     per_layer = bool(getattr(c, "per_layer_update", False))
     quantize = None if c.quantize in (None, "none") else c.quantize
-    is_gguf = str(c.model).lower().endswith(".gguf") or PRESETS.get(c.model, {}).get("kind") == "gguf"
     options = dict(batch_size=c.batch_size, rank=c.rank, method=c.method, dtype=resolve_dtype(c.dtype, device),
-                   quantize=quantize,
-                   weights=c.weights or ("stream" if is_gguf and quantize is None else "resident"),  # load_model's
+                   quantize=quantize, weights=c.weights or default_weights(c.model, quantize),
                    targets=c.targets or ALL_TARGETS, optimizer=c.optimizer or "adamw", per_layer_update=per_layer)
     return plan_memory(config, int(c.memory_budget * MiB), c.seq_len, offload_allowed=True, **options)
 
