@@ -45,6 +45,7 @@ class ProcessCase:
     steps: int = 2
     offload_checkpoints: bool = False
     threads: int | None = None
+    dtype: str = "float32"  # pinned, not "auto": the table's figures then mean the same on every CPU
 
 
 @dataclass
@@ -132,7 +133,7 @@ def train_args(case: ProcessCase, model_file: Path, data: Path) -> list[str]:
     """The `mesp train` arguments of a case (--out aside)."""
     args = ["--model", str(model_file), "--data", str(data), "--seq-len", str(case.seq_len), "--rank",
             str(case.rank), "--batch-size", "1", "--optimizer", "sgd", "--steps", str(case.steps), "--method",
-            case.method, "--overwrite"]
+            case.method, "--dtype", case.dtype, "--overwrite"]
     return args + (["--offload-checkpoints"] if case.offload_checkpoints else [])
 
 
