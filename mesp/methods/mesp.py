@@ -138,9 +138,14 @@ class LoraGrads:
                 else:
                     self.grads[key] = grad
 
-
-def lora_backward(g, x, proj: Linear, need_input_grad: bool = True, h=None):
-    return ops.lora_linear_backward(g, x, proj.weight, proj.lora_A, proj.lora_B, proj.scale, need_input_grad, h)
+    def backward(self, name: str, proj: Linear, g, x, hs: dict, need_input_grad: bool = True):
+        """One LoRA projection's backward (ops.lora_linear_backward; its stored h taken from `hs` under store-h):
+        its (gA, gB) added under `name` ("mlp.down_proj"), dL/d(input) returned (None without need_input_grad)."""
+        h = hs.pop(name.rsplit(".", 1)[-1], None)
+        gx, gA, gB = ops.lora_linear_backward(g, x, proj.weight, proj.lora_A, proj.lora_B, proj.scale,
+                                              need_input_grad, h)
+        self.add(name, proj, gA, gB)
+        return gx
 
 
 class Saved:
@@ -314,18 +319,15 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
         gy = g[:, t0:t1]
         gd = layer.post_feedforward_layernorm.backward(gy, s.d) if spec.sandwich_norms else gy  # y = h1 + norm(d)
         s.d = None
-        gM, gA, gB = lora_backward(gd, s.M, mlp.down_proj, h=hs.pop("down_proj", None))
+        gM = grads.backward("mlp.down_proj", mlp.down_proj, gd, s.M, hs)
         del gd
-        grads.add("mlp.down_proj", mlp.down_proj, gA, gB)
         s.M = None
         gG, gU = spec.activation.backward(gM, s.G, s.U)
         del gM
         s.G = s.U = None
-        gn2, gA, gB = lora_backward(gG, s.n2, mlp.gate_proj, h=hs.pop("gate_proj", None))
-        grads.add("mlp.gate_proj", mlp.gate_proj, gA, gB)
+        gn2 = grads.backward("mlp.gate_proj", mlp.gate_proj, gG, s.n2, hs)
         del gG
-        gn2_up, gA, gB = lora_backward(gU, s.n2, mlp.up_proj, h=hs.pop("up_proj", None))
-        grads.add("mlp.up_proj", mlp.up_proj, gA, gB)
+        gn2_up = grads.backward("mlp.up_proj", mlp.up_proj, gU, s.n2, hs)
         gn2.add_(gn2_up)
         del gU, gn2_up
         s.n2 = None
@@ -335,9 +337,8 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
         gh1 = gy
         ga = layer.post_attention_layernorm.backward(gh1, s.a) if spec.sandwich_norms else gh1  # h1 = x + norm(a)
         s.a = None
-        go_flat, gA, gB = lora_backward(ga, s.o_flat, attn.o_proj, h=hs.pop("o_proj", None))
+        go_flat = grads.backward("self_attn.o_proj", attn.o_proj, ga, s.o_flat, hs)
         del ga
-        grads.add("self_attn.o_proj", attn.o_proj, gA, gB)
         s.o_flat = None
         go_c = go_flat.view(B, t1 - t0, Hq, D).transpose(1, 2)
         del go_flat
@@ -367,13 +368,10 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
         x_c = x[:, t0:t1]
         n1 = s.n1 if s.n1 is not None else layer.input_layernorm(x_c)
         s.n1 = None
-        gn1, gA, gB = lora_backward(gq_c, n1, attn.q_proj, need_input_grad, h=hs.pop("q_proj", None))
-        grads.add("self_attn.q_proj", attn.q_proj, gA, gB)
+        gn1 = grads.backward("self_attn.q_proj", attn.q_proj, gq_c, n1, hs, need_input_grad)
         del gq_c
-        for name, proj, gp, h in (("self_attn.k_proj", attn.k_proj, gk_c, hs.pop("k_proj", None)),
-                                  ("self_attn.v_proj", attn.v_proj, gv_c, hs.pop("v_proj", None))):
-            gx_part, gA, gB = lora_backward(gp, n1, proj, need_input_grad, h=h)
-            grads.add(name, proj, gA, gB)
+        for name, proj, gp in (("self_attn.k_proj", attn.k_proj, gk_c), ("self_attn.v_proj", attn.v_proj, gv_c)):
+            gx_part = grads.backward(name, proj, gp, n1, hs, need_input_grad)
             if need_input_grad:
                 gn1.add_(gx_part)
             del gx_part
