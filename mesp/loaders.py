@@ -78,10 +78,9 @@ def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None =
     quantize = check_mode(quantize)
     src = os.fspath(source)
     kind = PRESETS[src]["kind"] if src in PRESETS else None
-    is_gguf = kind == "gguf" or src.lower().endswith(".gguf")
-    if quantize == "gguf" and not is_gguf:
+    if quantize == "gguf" and not is_gguf_source(src):
         raise MespError(f"quantize='gguf' keeps a GGUF file's own quantization; {src} is not a GGUF file")
-    stream = resolve_weights(src, weights, lazy, quantize, is_gguf, kind)
+    stream = resolve_weights(src, weights, lazy, quantize, kind)
     if src in PRESETS:
         preset = PRESETS[src]
         if preset["kind"] == "gguf":
@@ -104,8 +103,19 @@ def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None =
     raise MespError(f"{path}: not a model directory, .gguf file or preset name")
 
 
-def resolve_weights(src: str, weights: str | None, lazy: bool, quantize: str | None, is_gguf: bool,
-                    kind: str | None) -> bool:
+def is_gguf_source(src: str) -> bool:
+    """A .gguf file or a preset shipped as one."""
+    return PRESETS.get(src, {}).get("kind") == "gguf" or src.lower().endswith(".gguf")
+
+
+def default_weights(source, quantize=None) -> str:
+    """What load_model does with weights=None: "stream" for a GGUF source unless quantize asks for a resident
+    form, else "resident"."""
+    src = os.fspath(source)
+    return "stream" if is_gguf_source(src) and check_mode(quantize) is None else "resident"
+
+
+def resolve_weights(src: str, weights: str | None, lazy: bool, quantize: str | None, kind: str | None) -> bool:
     """Whether load_model streams the base weights from their file (see load_model); MespError on a
     contradiction (a random preset has no file; int8/int4 are resident forms)."""
     if weights not in (None, *WEIGHTS):
@@ -116,7 +126,7 @@ def resolve_weights(src: str, weights: str | None, lazy: bool, quantize: str | N
             raise MespError("lazy=True and weights='resident': choose one (lazy is weights='stream')")
         weights = "stream"
     if weights is None:
-        weights = "stream" if is_gguf and quantize is None else "resident"
+        weights = default_weights(src, quantize)
     if weights == "resident":
         return False
     if kind == "random":

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from .errors import MespError
 from .estimate import CHECKPOINTING, METHODS, Estimate, estimate, longest_fitting, model_config
 from .lora import ALL_TARGETS
-from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS
+from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, default_weights
 from .memory import MiB, format_mib
 from .methods import mesp as mesp_engine
 from .precision import AUTO, resolve_dtype
-from .presets import PRESETS
 from .settings import setting
 
 TOKEN_CHUNKS = (0, 512, 256, 128, 64)  # 0: the whole sequence
@@ -63,12 +62,6 @@ class EstimateSettings:
                     offload_checkpoints=self.offload_checkpoints, token_chunk=self.token_chunk,
                     keep_layers=self.keep_layers, loss_chunk=self.loss_chunk, attn_block=self.attn_block,
                     optimizer=self.optimizer)
-
-
-def default_weights(model, quantize) -> str:
-    """What load_model does when weights= is not given: stream a GGUF file (unless re-quantized), else resident."""
-    is_gguf = str(model).lower().endswith(".gguf") or PRESETS.get(model, {}).get("kind") == "gguf"
-    return "stream" if is_gguf and quantize in (None, "none", "gguf") else "resident"
 
 
 def run_estimate(s: EstimateSettings) -> tuple[Estimate, int | None]:

@@ -107,3 +107,20 @@ def test_long_samples_are_skipped_and_counted(make_hf_model, tmp_path, capsys):
                  "--seq-len", "12", "--long-samples", "skip"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "all 1 samples are longer than seq_len 12" in err[0], err
+
+
+@pytest.mark.parametrize("quantize,expected", [(None, "stream"), ("gguf", "resident")])
+def test_estimate_assumes_the_weights_load_model_gives(smollm2_gguf, quantize, expected):
+    """The estimate and the planner count resident weights exactly when load_model keeps them resident: a GGUF
+    streams by default, and quantize="gguf" (keep the file's blocks in memory) makes it resident."""
+    from mesp.loaders import default_weights, load_model
+    from mesp.planner import EstimateSettings
+    from mesp.streamed import MappedWeight
+
+    model = load_model("smollm2-135m-instruct", quantize=quantize)
+    streamed = isinstance(model.model.layers[0].mlp.down_proj.weight, MappedWeight)
+    assert ("stream" if streamed else "resident") == expected
+    assert default_weights("smollm2-135m-instruct", quantize) == ("stream" if streamed else "resident")
+    options = EstimateSettings(model="smollm2-135m-instruct", seq_len=64,
+                               quantize=quantize or "none").options()
+    assert options["weights"] == ("stream" if streamed else "resident")
