@@ -112,13 +112,9 @@ def model_config(source: str) -> ModelConfig:
     from .presets import PRESETS, preset_gguf_path
 
     src = str(source)
-    if src in PRESETS:
-        preset = PRESETS[src]
-        if preset["kind"] == "random":
-            return ModelConfig.from_hf(dict(preset["config"]), where=f"preset {src}")
-        path = preset_gguf_path(src)
-        return ModelConfig.from_hf(gguf_config(open_gguf(path), str(path)), where=str(path))
-    path = Path(src).expanduser()
+    if src in PRESETS and PRESETS[src]["kind"] == "random":
+        return ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
+    path = preset_gguf_path(src) if src in PRESETS else Path(src).expanduser()
     if path.is_dir():
         return read_hf_config(path)
     if path.suffix.lower() == ".gguf" and path.is_file():

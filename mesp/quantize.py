@@ -183,7 +183,7 @@ def copy_metadata(writer, reader, target, where: str) -> None:
             continue
         vtype = field.types[0]
         if vtype == gguf.GGUFValueType.ARRAY:
-            if len(field.types) != 2 or field.types[1] == gguf.GGUFValueType.ARRAY:
+            if field.types[1] == gguf.GGUFValueType.ARRAY:
                 log.warning("%s: metadata %s (a nested array) is not copied", where, key)
                 continue
             value = field.contents()
