@@ -193,19 +193,20 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
 
     Full [N, V] logits never exist. Counted rows go in blocks of at most chunk_size tokens, and each block
     meets the vocabulary in slices of Vc rows of W, with Vc chosen so one fp32 logits slice [n, Vc] stays
-    within chunk_bytes (and so do a slice's [Vc, d] rows of W, which a quantized or streamed W dequantizes). Slicing
-    the vocabulary rather than the tokens matters for speed: W (V x d, the
-    largest weight) is then read three times per block (log-sum-exp pass, then recompute + gradient pass)
-    instead of twice per handful of tokens.
-      pass 1: online log-sum-exp over slices: m = running max, s = running sum of exp(logit - m);
-              lse = m + log s; loss += sum(lse - logit[target])
-      pass 2: per slice, g_logits = (exp(logit - lse) - onehot) / normalizer, built in place;
-              g_hidden += g_logits W_slice
-    softcap (Gemma's final_logit_softcapping): logits become softcap * tanh(logits / softcap), and g_logits is
-    multiplied by that map's derivative 1 - tanh^2.
+    within chunk_bytes (and so do a slice's [Vc, d] rows of W, which a quantized or streamed W dequantizes).
+    One pass over the slices gives both the loss and the gradient, so W (V x d, the largest weight) meets each
+    block in two products, as in autograd (logits, then g_logits W), not three (a log-sum-exp pass first):
+    the softmax's normalizer is unknown until the last slice, so the gradient is accumulated unnormalized
+    against the running max and rescaled whenever the max grows, as flash attention does:
+      per slice: m' = max(m, rowmax(logits)); a = exp(m - m'); p = exp(logits - m')
+                 s = a s + rowsum(p);  acc = a acc + p W_slice;  m = m'
+      at the end: lse = m + log s; loss += sum(lse - logit[target])
+                  g_hidden = (acc / s - W[target]) / normalizer      (softmax W - onehot W)
+    softcap (Gemma's final_logit_softcapping): logits become softcap * tanh(logits / softcap), and both terms
+    of the gradient carry that map's derivative 1 - tanh^2 (p's per element, the target's at the target).
     """
-    acc = acc_dtype(hidden.dtype)
-    loss_sum = torch.zeros((), dtype=acc, device=hidden.device)
+    acc_dt = acc_dtype(hidden.dtype)
+    loss_sum = torch.zeros((), dtype=acc_dt, device=hidden.device)
     g_hidden = torch.zeros_like(hidden) if compute_grad else None
     rows = (targets != -100).nonzero().squeeze(1)
     V = weight.shape[0]
@@ -216,49 +217,52 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
         # a quantized or streamed head decodes each slice, so its [Vc, d] rows are bounded too; every form of
         # the head takes the same slices, so they all sum g_hidden in the same order (bit-identical results)
         vc = max(1, min(V, chunk_bytes // (n * 4), chunk_bytes // (h.shape[-1] * 4)))
-        slices = [(v0, min(V, v0 + vc)) for v0 in range(0, V, vc)]
-        m = torch.full((n,), float("-inf"), dtype=acc, device=h.device)
-        s = torch.zeros(n, dtype=acc, device=h.device)
-        target_logit = torch.zeros(n, dtype=acc, device=h.device)
-        for v0, v1 in slices:
-            logits, _ = _logits_slice(h, weight, v0, v1, acc, softcap)  # [n, v1-v0]
+        m = torch.full((n,), float("-inf"), dtype=acc_dt, device=h.device)
+        s = torch.zeros(n, dtype=acc_dt, device=h.device)
+        target_logit = torch.zeros(n, dtype=acc_dt, device=h.device)
+        target_slope = None if softcap is None else torch.zeros(n, dtype=acc_dt, device=h.device)
+        acc = torch.zeros(n, h.shape[-1], dtype=acc_dt, device=h.device) if compute_grad else None
+        for v0 in range(0, V, vc):
+            v1 = min(V, v0 + vc)
+            w = weight_rows(weight, v0, v1).to(h.dtype)
+            p, slope = _logits_slice(h, w, softcap)  # [n, v1-v0]
             inside = (t >= v0) & (t < v1)
-            target_logit[inside] = logits[inside, t[inside] - v0]
-            m_new = torch.maximum(m, logits.amax(dim=-1))
-            s.mul_(torch.exp(m - m_new)).add_(logits.sub_(m_new[:, None]).exp_().sum(dim=-1))
+            target_logit[inside] = p[inside, t[inside] - v0]
+            if slope is not None:
+                target_slope[inside] = slope[inside, t[inside] - v0]
+            m_new = torch.maximum(m, p.amax(dim=-1))
+            rescale = torch.exp(m - m_new)
+            p.sub_(m_new[:, None]).exp_()
+            s.mul_(rescale).add_(p.sum(dim=-1))
             m = m_new
-            del logits
-        lse = m.add_(s.log_())
+            if compute_grad:
+                if slope is not None:
+                    p.mul_(slope)
+                acc.mul_(rescale[:, None]).add_(torch.matmul(p.to(h.dtype), w).to(acc_dt))
+            del p, slope, w
+        lse = m.add_(s.log())
         loss_sum += (lse - target_logit).sum()
         if not compute_grad:
             continue
-        gh = torch.zeros(n, h.shape[-1], dtype=acc, device=h.device)
-        for v0, v1 in slices:
-            g, slope = _logits_slice(h, weight, v0, v1, acc, softcap)
-            g.sub_(lse[:, None]).exp_()  # softmax slice, in place
-            inside = (t >= v0) & (t < v1)
-            g[inside.nonzero().squeeze(1), t[inside] - v0] -= 1.0
-            g.div_(normalizer)
-            if slope is not None:
-                g.mul_(slope)
-            gh.add_(torch.matmul(g.to(h.dtype), weight_rows(weight, v0, v1).to(h.dtype)).to(acc))
-            del g
-        g_hidden[idx] = gh.to(hidden.dtype)
+        target_rows = weight_rows(weight, t).to(acc_dt)
+        if target_slope is not None:
+            target_rows.mul_(target_slope[:, None])
+        g_hidden[idx] = acc.div_(s[:, None]).sub_(target_rows).div_(normalizer).to(hidden.dtype)
     return loss_sum, g_hidden
 
 
-def weight_rows(weight, v0, v1):
-    """Rows [v0, v1) of a frozen [V, d] weight as a tensor: a view, or only those rows dequantized."""
+def weight_rows(weight, v0, v1=None):
+    """Rows [v0, v1) of a frozen [V, d] weight as a tensor (or, with v1 None, the rows whose indices v0 lists): a
+    view, or only those rows dequantized."""
     if isinstance(weight, torch.Tensor):
-        return weight[v0:v1]
-    return weight.rows(torch.arange(v0, v1, device=weight.device))
+        return weight[v0] if v1 is None else weight[v0:v1]
+    return weight.rows(v0 if v1 is None else torch.arange(v0, v1, device=weight.device))
 
 
-def _logits_slice(h, weight, v0, v1, acc, softcap=None):
-    """h [n, d] against vocabulary rows [v0, v1) -> (logits [n, v1-v0] in the accumulation dtype, None); with
+def _logits_slice(h, w, softcap=None):
+    """h [n, d] against vocabulary rows w [Vc, d] -> (logits [n, Vc] in the accumulation dtype, None); with
     softcap, the capped logits and d(capped)/d(logits)."""
-    w = weight_rows(weight, v0, v1)
-    logits = torch.matmul(h, w.to(h.dtype).t()).to(acc)
+    logits = torch.matmul(h, w.t()).to(acc_dtype(h.dtype))
     if softcap is None:
         return logits, None
     t = logits.div_(softcap).tanh_()

@@ -206,10 +206,11 @@ def weight_bytes(config: ModelConfig, element: int, quantize: str | None, weight
 
 # ---- per method: the tensors alive at each stage's worst moment ------------------------------------------
 
-def mesp_saved_bytes(s: Shapes) -> int:
-    """One layer's Saved (mesp.methods.mesp.Saved): n1, q, k, v, o, lse, o_flat, h1, n2, G, U, M (+ a and d with
-    sandwich norms, + q_pre and k_pre with q/k norms): what a kept layer holds from its forward to its backward."""
-    return attention_saved(s) + s.X() + 3 * s.Fm() + (s.X() if s.sandwich else 0)
+def kept_saved_bytes(s: Shapes) -> int:
+    """What a kept layer holds from its forward to its backward (mesp.methods.mesp.KEPT_SLOTS): its Saved but o
+    and M, i.e. n1, q, k, v, lse, o_flat, h1, n2, G, U (+ a and d with sandwich norms, + q_pre and k_pre with
+    q/k norms)."""
+    return attention_saved(s) - s.Q() + s.X() + 2 * s.Fm() + (s.X() if s.sandwich else 0)
 
 
 def attention_saved(s: Shapes, tokens=None) -> int:
@@ -237,7 +238,7 @@ def mesp_stages(s: Shapes, chunk: int, keep: int, attn_block: int, offload: bool
     c = min(chunk, s.T) if chunk else s.T
     chunked = c < s.T
     ckpt_all = X if offload else L * X  # a scratch file's slots are not allocator memory; x itself is
-    saved = mesp_saved_bytes(s)
+    saved = kept_saved_bytes(s)
     kept_before = max(0, min(keep, L) - 1) * saved  # every kept layer but the one running
 
     # forward: the last layer runs with every checkpoint put; a kept layer saves instead of dropping
@@ -247,8 +248,10 @@ def mesp_stages(s: Shapes, chunk: int, keep: int, attn_block: int, offload: bool
         mlp_forward = X + 2 * s.Q() + 2 * s.K() + 2 * s.X(c) + 4 * s.Fm(c)
     else:  # h1, G, U, act(G), M
         mlp_forward = X + 4 * s.Fm()
-    # a kept layer builds its Saved as it goes: at worst all of it and its activation's temporary
-    forward_working = max(mlp_forward, attend, saved + s.Fm(c) if keep else 0)
+    # a kept layer builds its Saved as it goes: at worst all of it, M and the activation's temporary (and o
+    # whole beside the chunks)
+    kept_forward = saved + 2 * s.Fm(c) + (s.Q() if chunked else 0)
+    forward_working = max(mlp_forward, attend, kept_forward if keep else 0)
     forward = {CHECKPOINTS: ckpt_all, KEPT: kept_before, WORKING: forward_working}
 
     loss = {CHECKPOINTS: ckpt_all, KEPT: min(keep, L) * saved, WORKING: 0, LOSS: loss_chunk_bytes(s, loss_tokens)}
@@ -266,8 +269,9 @@ def mesp_stages(s: Shapes, chunk: int, keep: int, attn_block: int, offload: bool
         attention_peak = (3 * X + 5 * s.Q() + 2 * s.K() + s.lse()  # gh1, n1 (x counted), q, o, go, its copy, gq
                           + 2 * s.B * s.T * s.kvd * ACC_BYTES + 2 * s.score_block(attn_block))  # gk, gv; P, gS
     backward_working = X + max(mlp_peak, attention_peak)  # + g
-    # a kept layer's backward starts from its whole Saved (every chunk's tensors), a chunk's gM taking M's place
-    kept_working = X + saved + activation_backward_transient(s, c) if keep else 0
+    # a kept layer's backward starts from what it kept (every chunk's tensors); a chunk's M recomputed, then gM
+    # in its place beside the activation backward's temporaries
+    kept_working = X + saved + s.Fm(c) + activation_backward_transient(s, c) if keep else 0
     first = {CHECKPOINTS: ckpt_all, KEPT: kept_before, WORKING: max(backward_working, kept_working), GRADS: 0}
     last = {CHECKPOINTS: X, KEPT: 0, WORKING: backward_working,
             GRADS: (L - 1) * grads_layer if keep_grads else 0}
@@ -276,7 +280,7 @@ def mesp_stages(s: Shapes, chunk: int, keep: int, attn_block: int, offload: bool
 
 
 def loss_chunk_bytes(s: Shapes, loss_tokens: int) -> int:
-    """chunked_loss's second pass: the final x, its norm and g_hidden [B, T, d]; one chunk's rows h, their fp32
+    """chunked_loss's pass over the vocabulary: the final x, its norm and g_hidden [B, T, d]; one chunk's rows h, their fp32
     gradient, a [n, d] product; one fp32 logits slice of at most LOSS_CHUNK_BYTES."""
     n = min(loss_tokens, s.B * s.T)
     vc = max(1, min(s.V, LOSS_CHUNK_BYTES // (n * ACC_BYTES), LOSS_CHUNK_BYTES // (s.d * ACC_BYTES)))

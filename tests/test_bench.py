@@ -175,3 +175,30 @@ def test_repeats_zero_measures_memory_only(tiny_dir):
     assert row["step_seconds"] is None and row["step_seconds_all"] == []
     assert row["peak_bytes"] > 0 and row["peak_rss_bytes"] >= row["weights_bytes"]
     assert "-" in bench.memory_table({"rows": [row]}).splitlines()[1].split()
+
+
+def test_frontier_plans_fit_and_are_timed_against_mebp(tiny_dir, tmp_path, capsys):
+    js, png = tmp_path / "frontier.json", tmp_path / "frontier.png"
+    assert main(["bench", "frontier", "--model", tiny_dir, "--seq-len", "128", "--rank", "4", "--points", "3",
+                 "--rounds", "2", "--threads", "1", "--json", str(js), "--plot", str(png)]) == 0
+    assert "vs MeBP" in capsys.readouterr().out
+    result = json.loads(js.read_text())
+    mebp, *plans = result["rows"]
+    assert mebp["method"] == "mebp" and plans and all(r["method"] == "mesp" for r in plans)
+    # the default budgets end at MeBP's own measured peak: MeSP given exactly MeBP's memory
+    assert max(r["budget_mib"] for r in plans) == pytest.approx(mebp["peak_mib"])
+    for r in result["rows"]:
+        assert len(r["seconds"]) == 2 and r["seconds_min"] == min(r["seconds"]) > 0
+        assert r["speedup"] == pytest.approx(mebp["seconds_min"] / r["seconds_min"])
+    for r in plans:
+        assert r["estimate_mib"] <= r["budget_mib"] and r["peak_mib"] <= 1.15 * r["budget_mib"], r
+    # more memory buys more kept layers (never fewer)
+    kept = [r["plan"]["keep_layers"] for r in sorted(plans, key=lambda r: r["budget_mib"])]
+    assert kept == sorted(kept) and len({tuple(r["plan"].values()) for r in plans}) == len(plans)
+    assert png.read_bytes()[:8] == PNG_MAGIC
+
+
+def test_frontier_bad_budgets_are_one_line(tiny_dir, capsys):
+    assert main(["bench", "frontier", "--model", tiny_dir, "--budgets", "12,abc"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--budgets" in err[0], err

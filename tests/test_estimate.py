@@ -65,6 +65,24 @@ def test_estimate_within_15_percent_of_the_measured_allocator_peak(hf, dtype, me
     assert abs(e.step_peak_bytes / pm.peak_bytes - 1) <= 0.15, (e.stage_peaks, pm.stage_peaks)
 
 
+@pytest.mark.parametrize("hf", [WIDE, QWEN3, GEMMA], ids=["qwen2", "qwen3", "gemma3"])
+@pytest.mark.parametrize("token_chunk", [0, 48])
+@pytest.mark.parametrize("keep", [1, 3])
+def test_kept_layers_estimate_within_5_percent(hf, token_chunk, keep):
+    """The planner's speed lever: layers keeping their intermediates (KEPT_SLOTS), whole or in token chunks."""
+    model = load_random("wide", dict(hf), torch.float32, "cpu")
+    add_lora(model, LoraConfig(r=4))
+    T, B = 256, 2
+    ids = torch.randint(0, hf["vocab_size"], (B, T), generator=torch.Generator().manual_seed(0))
+    L = model.config.num_hidden_layers
+    with PeakMemory() as pm:
+        compute_gradients(model, ids, ids, method="mesp", token_chunk=token_chunk,
+                          keep_layers=frozenset(range(L - keep, L)))
+    e = estimate(model.config, T, batch_size=B, rank=4, method="mesp", dtype="float32", token_chunk=token_chunk,
+                 keep_layers=keep, runtime_floor=0)
+    assert abs(e.step_peak_bytes / pm.peak_bytes - 1) <= 0.05, (e.stage_peaks, pm.stage_peaks)
+
+
 def test_estimate_follows_the_knobs():
     cfg = model_config("qwen2.5-0.5b")
     base = estimate(cfg, 1024, token_chunk=0, runtime_floor=0)

@@ -5,6 +5,7 @@
     process    bench_process: the whole-process private-footprint peak of `mesp train` on a quantized base,
                each run a fresh `mesp train` process (the device's measure)
     fidelity   bench_grads: gradient error of mesp/mebp against autograd; MeZO's cosine
+    frontier   bench_frontier: MeSP's step time under a range of memory budgets against MeBP's, in one process
     converge   bench_converge: loss curves of mesp, mebp and mezo on the bundled demo data
     plots      plot_memory / plot_converge: PNG figures
     plan       what the report measures, and the paper's figures beside it
@@ -13,10 +14,11 @@
     machine    machine_info: what the numbers were measured on
 
 Each `mesp bench` subcommand has a settings dataclass (MemorySettings, ProcessSettings, GradsSettings,
-ConvergeSettings, ReportSettings) from which the CLI's flags are generated.
+ConvergeSettings, FrontierSettings, ReportSettings) from which the CLI's flags are generated.
 """
 
 from .converge import ConvergeSettings, bench_converge, converge_csv
+from .frontier import FrontierSettings, bench_frontier, frontier_table, plot_frontier
 from .fidelity import GradsSettings, bench_grads, grads_table, spsa_cosine_theory
 from .machine import machine_info, machine_line
 from .plots import plot_converge, plot_memory
@@ -26,8 +28,8 @@ from .report import ReportSettings, bench_report
 from .sweep import PEER, MemoryCase, MemorySettings, bench_memory, measure_case, measure_here, memory_cases, \
     memory_table
 
-__all__ = ["ConvergeSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER", "ProcessCase", "ProcessSettings",
+__all__ = ["ConvergeSettings", "FrontierSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER", "ProcessCase", "ProcessSettings",
            "ReportSettings",
-           "bench_converge", "bench_grads", "bench_memory", "bench_report", "converge_csv", "grads_table",
+           "bench_converge", "bench_frontier", "bench_grads", "frontier_table", "plot_frontier", "bench_memory", "bench_report", "converge_csv", "grads_table",
            "bench_process", "machine_info", "machine_line", "measure_case", "measure_here", "memory_cases",
            "memory_table", "plot_converge", "plot_memory", "process_table", "render_report", "spsa_cosine_theory"]

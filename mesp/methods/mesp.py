@@ -35,7 +35,10 @@ The forward of a layer holds x, y [B, T, d], q, k, v, o whole and one chunk's ML
 
 keep_layers. A layer in keep_layers keeps its forward's Saved intermediates (LayerKept: the whole-sequence
 attention tensors plus every chunk's token-wise ones, n1 included) until its backward, which then recomputes
-nothing: the speed lever, costing per kept layer all of the per-chunk tensors above for all T at once.
+no product: the speed lever, costing per kept layer all of the per-chunk tensors above for all T at once.
+Two of them are not kept (KEPT_SLOTS): o, which the backward reads only through delta, taken from o_flat (the
+same values, heads merged); and M = act(G) ⊙ U, recomputed from G and U by one elementwise step (a quarter less
+memory per kept layer at the cost of no product).
 
 Beyond the paper, `on_layer_grads(layer_index, grads)` is called as soon as a layer's LoRA gradients exist
 (after its input gradient has been computed with the old weights), so a trainer can update that layer at once
@@ -180,6 +183,10 @@ class Saved:
         self.h = {} if store_h else None
 
 
+# what a kept layer's forward keeps (the module docstring says why o and M are not)
+KEPT_SLOTS = frozenset(Saved.__slots__) - {"o", "M"}
+
+
 class LayerKept:
     """A layer's Saved intermediates from its forward (keep_layers), consumed by its backward: `whole` holds
     attention's whole-sequence tensors (q, k, v, o, lse), `parts[i]` the token-wise ones of chunk `chunks[i]`
@@ -241,9 +248,11 @@ class StructuredRun:
 
 
 def chunked_attention(layer: DecoderLayer, x, rope, key_mask, attn_block: int, chunks, parts: list[Saved] | None,
-                      whole: Saved | None, keep_only: frozenset[str] | None = None):
-    """attention_inputs over each chunk (parts[i] keeps chunk i's intermediates), then attention over the whole
-    sequence (`whole` keeps q, k, v, o, lse): the layer's o [B, Hq, T, D]."""
+                      whole: Saved | None, keep_only: frozenset[str] | None = None,
+                      whole_keep_only: frozenset[str] | None = None):
+    """attention_inputs over each chunk (parts[i] keeps chunk i's intermediates, those in keep_only when given),
+    then attention over the whole sequence (`whole` keeps q, k, v, o, lse, those in whole_keep_only when given):
+    the layer's o [B, Hq, T, D]."""
     T = x.shape[1]
     q = k = v = None
     for i, (t0, t1) in enumerate(chunks):
@@ -252,7 +261,7 @@ def chunked_attention(layer: DecoderLayer, x, rope, key_mask, attn_block: int, c
         qc, kc, vc = layer.attention_inputs(x[:, t0:t1], run)
         q, k, v = (place(w, p, t0, t1, T, 2) for w, p in ((q, qc), (k, kc), (v, vc)))
         del qc, kc, vc
-    run = StructuredRun(rope, key_mask, attn_block, whole)
+    run = StructuredRun(rope, key_mask, attn_block, whole, keep_only=whole_keep_only)
     o = run.attend(q, k, v, layer.spec.attention)
     run.keep(q=q, k=k, v=v, o=o)
     return o
@@ -264,13 +273,14 @@ def layer_forward(layer: DecoderLayer, x, rope, key_mask, attn_block: int = 128,
     nothing, or with `kept` (made for token_chunks(T, token_chunk)) everything its backward reads."""
     chunks = token_chunks(x.shape[1], token_chunk) if kept is None else kept.chunks
     parts, whole = (None, None) if kept is None else (kept.parts, kept.whole)
+    keep_only = None if kept is None else KEPT_SLOTS
     if len(chunks) == 1:
-        return layer(x, StructuredRun(rope, key_mask, attn_block, whole, output=True))
-    o = chunked_attention(layer, x, rope, key_mask, attn_block, chunks, parts, whole)
+        return layer(x, StructuredRun(rope, key_mask, attn_block, whole, output=True, keep_only=keep_only))
+    o = chunked_attention(layer, x, rope, key_mask, attn_block, chunks, parts, whole, keep_only, keep_only)
     y = None
     for i, (t0, t1) in enumerate(chunks):
         run = StructuredRun(rope_rows(rope, t0, t1), key_mask, attn_block, None if parts is None else parts[i],
-                            output=True)
+                            output=True, keep_only=keep_only)
         y = place(y, layer.after_attention(o[:, :, t0:t1], x[:, t0:t1], run), t0, t1, x.shape[1], 1)
     return y
 
@@ -319,9 +329,10 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
         gy = g[:, t0:t1]
         gd = layer.post_feedforward_layernorm.backward(gy, s.d) if spec.sandwich_norms else gy  # y = h1 + norm(d)
         s.d = None
-        gM = grads.backward("mlp.down_proj", mlp.down_proj, gd, s.M, hs)
-        del gd
+        M = s.M if s.M is not None else spec.activation.forward(s.G, s.U)  # a kept layer recomputes M
         s.M = None
+        gM = grads.backward("mlp.down_proj", mlp.down_proj, gd, M, hs)
+        del gd, M
         gG, gU = spec.activation.backward(gM, s.G, s.U)
         del gM
         s.G = s.U = None
@@ -339,13 +350,15 @@ def layer_backward(layer: DecoderLayer, x, g, rope, key_mask, grads: LoraGrads, 
         s.a = None
         go_flat = grads.backward("self_attn.o_proj", attn.o_proj, ga, s.o_flat, hs)
         del ga
-        s.o_flat = None
         go_c = go_flat.view(B, t1 - t0, Hq, D).transpose(1, 2)
         del go_flat
-        delta = place(delta, blockwise.attention_delta(go_c, whole.o[:, :, t0:t1]), t0, t1, T, 2)
+        o_c = s.o_flat.view(B, t1 - t0, Hq, D).transpose(1, 2)  # o's values, as o_flat holds them
+        s.o_flat = None
+        delta = place(delta, blockwise.attention_delta(go_c, o_c), t0, t1, T, 2)
+        del o_c
         go = place(go, go_c, t0, t1, T, 2)
         del go_c
-    whole.o = None  # attention's backward reads o only through delta
+    whole.o = None  # attention's backward reads o only through delta (from o_flat)
 
     # ---- attention, over the whole sequence -------------------------------------------------------------
     gq, gk, gv = blockwise.attention_backward(go, whole.q, whole.k, whole.v, None, whole.lse, key_mask,
