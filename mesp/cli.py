@@ -18,7 +18,6 @@ import signal
 import sys
 import traceback
 
-import torch
 from tqdm import tqdm
 
 from . import __version__
@@ -27,7 +26,6 @@ from .checkpoint import load_run_config
 from .demo import DEFAULT_STEPS, MODEL, DemoSettings, run_demo
 from .errors import MespError, one_line
 from .export import export_arguments, export_gguf_lora, merge_format_arguments, merge_gguf
-from .fileio import write_json, write_text
 from .generate import check_sampling, generate_stream
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, load_model
 from .lora import load_adapter
