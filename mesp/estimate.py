@@ -22,9 +22,11 @@ import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import torch
+
 from .errors import MespError
 from .families import ModelConfig, expected_shapes
-from .lora import ALL_TARGETS
+from .lora import ALL_TARGETS, adapter_dtype
 from .memory import MiB, runtime_floor_bytes
 
 METHODS = ("mesp", "mebp", "autograd", "mezo")
@@ -137,6 +139,7 @@ class Shapes:
     L: int
     V: int
     e: int  # compute dtype bytes
+    adapter_e: int  # LoRA weights' dtype bytes (mesp.lora.adapter_dtype: fp32 under a bf16 base)
     qk_norm: bool
     sandwich: bool
     activation: str  # the MLP activation's config.json name
@@ -153,6 +156,11 @@ class Shapes:
     def Fm(self, tokens=None, element=None):
         return self.B * (self.T if tokens is None else tokens) * self.F * (element or self.e)
 
+    def upcast(self, width: int) -> int:
+        """A LoRA projection's input [B, T, width] cast to the adapter's dtype (0 when the dtypes agree): the
+        modules' LoRA branch runs in the adapter's dtype, as PEFT's does."""
+        return 0 if self.adapter_e == self.e else self.B * self.T * width * self.adapter_e
+
     def lse(self):
         return self.B * self.Hq * self.T * ACC_BYTES
 
@@ -163,16 +171,17 @@ class Shapes:
         return self.B * self.T * self.V * element
 
 
-def shapes_of(config: ModelConfig, seq_len: int, batch_size: int, element: int) -> Shapes:
+def shapes_of(config: ModelConfig, seq_len: int, batch_size: int, dtype: str) -> Shapes:
     spec = config.layer_spec(0)
     return Shapes(B=batch_size, T=seq_len, d=config.hidden_size, F=config.intermediate_size,
                   qd=config.num_attention_heads * config.head_dim, kvd=config.num_key_value_heads * config.head_dim,
-                  Hq=config.num_attention_heads, L=config.num_hidden_layers, V=config.vocab_size, e=element,
+                  Hq=config.num_attention_heads, L=config.num_hidden_layers, V=config.vocab_size,
+                  e=ELEMENT_BYTES[dtype], adapter_e=adapter_dtype(getattr(torch, dtype)).itemsize,
                   qk_norm=bool(spec.qk_norm), sandwich=bool(spec.sandwich_norms), activation=spec.activation.hf_name)
 
 
 def lora_bytes_per_layer(config: ModelConfig, rank: int, targets, element: int) -> int:
-    """One layer's LoRA A and B (r x in + out x r per targeted projection), in the model's dtype (mesp.lora)."""
+    """One layer's LoRA A and B (r x in + out x r per targeted projection), `element` bytes each."""
     shapes = expected_shapes(config)
     total = 0
     for name in targets:
@@ -296,14 +305,17 @@ def full_logits_bytes(s: Shapes) -> int:
 
 def autograd_layer_saved(s: Shapes) -> int:
     """What autograd keeps of one layer for its backward (transformers-style modules, mesp.model.LayerRun): n1,
-    q, k, v, attention's output and its merged heads, h1, n2 ([B, T, d]-sized) and G, U, act(G), M."""
-    return 3 * s.X() + 3 * s.Q() + 2 * s.K() + 4 * s.Fm()
+    q, k, v, attention's output and its merged heads, h1, n2 ([B, T, d]-sized) and G, U, act(G), M; under a
+    bf16 base also each LoRA projection's input cast to the fp32 adapter (q, k, v, gate, up, o, down)."""
+    upcasts = 5 * s.upcast(s.d) + s.upcast(s.qd) + s.upcast(s.F)
+    return 3 * s.X() + 3 * s.Q() + 2 * s.K() + 4 * s.Fm() + upcasts
 
 
-def module_forward_working(s: Shapes) -> int:
-    """A layer's forward through the modules without a graph: h1, G, U, act(G), M, and the LoRA branch's
-    output beside the frozen one for half of the MLP's projections on average."""
-    return s.X() + 4 * s.Fm() + s.Fm() // 2
+def module_forward_working(s: Shapes, graph: bool = False) -> int:
+    """A layer's forward through the modules: h1, G, U, act(G), M, and the LoRA branch's output beside the
+    frozen one for half of the MLP's projections on average; without a graph, under a bf16 base, also down's
+    input cast to the fp32 adapter (a graph keeps that cast, counted in autograd_layer_saved)."""
+    return s.X() + 4 * s.Fm() + s.Fm() // 2 + (0 if graph else s.upcast(s.F))
 
 
 def mebp_stages(s: Shapes, offload: bool, grads_layer: int, keep_grads: bool) -> dict[str, dict[str, int]]:
@@ -312,7 +324,8 @@ def mebp_stages(s: Shapes, offload: bool, grads_layer: int, keep_grads: bool) ->
     ckpt_all = X if offload else L * X
     forward = {CHECKPOINTS: ckpt_all, WORKING: module_forward_working(s)}
     loss = {CHECKPOINTS: ckpt_all, WORKING: 2 * X, LOGITS: full_logits_bytes(s)}
-    working = X + autograd_layer_saved(s) + 3 * s.Fm()  # g; the layer's graph; gM, gG, gU
+    # g; the layer's graph; gM, gG, gU (down's fp32 input, under a bf16 base, is freed by its backward first)
+    working = X + autograd_layer_saved(s) + 3 * s.Fm() - s.upcast(s.F)
     first = {CHECKPOINTS: ckpt_all, WORKING: working, GRADS: 0}
     last = {CHECKPOINTS: X, WORKING: working, GRADS: (L - 1) * grads_layer if keep_grads else 0}
     return {"forward": forward, "loss": loss, "backward": max(first, last, key=lambda t: sum(t.values()))}
@@ -321,7 +334,7 @@ def mebp_stages(s: Shapes, offload: bool, grads_layer: int, keep_grads: bool) ->
 def autograd_stages(s: Shapes, grads_layer: int) -> dict[str, dict[str, int]]:
     """Autograd over the whole model: every layer's graph until the backward frees it."""
     graph = s.L * autograd_layer_saved(s) + s.X()
-    return {"forward": {KEPT: graph, WORKING: module_forward_working(s)},
+    return {"forward": {KEPT: graph, WORKING: module_forward_working(s, graph=True)},
             "loss": {KEPT: graph, LOGITS: full_logits_bytes(s)},
             "backward": {KEPT: graph, LOGITS: s.logits(ACC_BYTES), WORKING: 3 * s.Fm(), GRADS: grads_layer}}
 
@@ -362,8 +375,8 @@ def estimate(config: ModelConfig, seq_len: int, batch_size: int = 1, rank: int =
     if offload_checkpoints and method not in CHECKPOINTING:
         raise MespError(f"offload_checkpoints: method {method} keeps no per-layer checkpoints; use mesp or mebp")
     e = ELEMENT_BYTES[dtype]
-    s = shapes_of(config, seq_len, batch_size, e)
-    grads_layer = lora_bytes_per_layer(config, rank, targets, e)
+    s = shapes_of(config, seq_len, batch_size, dtype)
+    grads_layer = lora_bytes_per_layer(config, rank, targets, s.adapter_e)
     keep_grads = not per_layer_update
     loss_tokens = loss_chunk or DEFAULT_LOSS_CHUNK
     chunk = default_token_chunk(seq_len) if token_chunk is None else token_chunk
@@ -385,9 +398,10 @@ def estimate(config: ModelConfig, seq_len: int, batch_size: int = 1, rank: int =
     step_terms = {k: v for k, v in stages[peak_stage].items()}
     lora = s.L * grads_layer
     states = OPTIMIZER_STATES.get(optimizer, 0) if method != "mezo" else 0
+    state_bytes = s.L * lora_bytes_per_layer(config, rank, targets, ACC_BYTES)  # mesp.optim: fp32 state
     floor = runtime_floor_bytes() if runtime_floor is None else runtime_floor
     terms = {RUNTIME: floor or 0, WEIGHTS: weight_bytes(config, e, quantize, weights),
-             LORA_STATE: lora * (1 + states), **step_terms}
+             LORA_STATE: lora + states * state_bytes, **step_terms}
     settings = {"rank": rank, "dtype": dtype, "quantize": quantize, "weights": weights,
                 "offload_checkpoints": offload_checkpoints, "token_chunk": chunk if method == "mesp" else None,
                 "keep_layers": keep_layers if method == "mesp" else 0, "loss_chunk": loss_tokens,

@@ -156,13 +156,21 @@ def check_rank(model: Model, config: LoraConfig) -> None:
                             f"({proj.out_features} x {proj.in_features})")
 
 
+def adapter_dtype(model_dtype: torch.dtype) -> torch.dtype:
+    """The LoRA weights' dtype: fp32 under a bf16 or fp16 base (as PEFT's autocast_adapter_dtype), so an update
+    far below a weight's bf16 spacing still lands (the optimizer's fp32 step would otherwise round back to the
+    old bf16 value); the model's own dtype otherwise (fp32, or fp64 for derivation checks)."""
+    return torch.float32 if model_dtype in (torch.bfloat16, torch.float16) else model_dtype
+
+
 def add_lora(model: Model, config: LoraConfig | None = None, seed: int = 0) -> Model:
     """Attach LoRA to every targeted projection, initialised as PEFT does: A ~ kaiming_uniform(a=sqrt(5))
-    (uniform in +-1/sqrt(in)), B = 0. Replaces any earlier adapter. Returns the model."""
+    (uniform in +-1/sqrt(in)), B = 0, in adapter_dtype(model.dtype). Replaces any earlier adapter. Returns the
+    model."""
     config = config or LoraConfig()
     check_rank(model, config)
     g = torch.Generator().manual_seed(seed)
-    dtype, device = model.dtype, model.device
+    dtype, device = adapter_dtype(model.dtype), model.device
     for layer in model.model.layers:
         for target, proj in layer.projections().items():
             if target not in config.target_modules:

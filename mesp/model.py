@@ -37,8 +37,9 @@ class Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = ops.frozen_linear(x, self.weight, self.bias)
-        if self.lora_A is not None:
-            y = y + self.scale * F.linear(F.linear(x, self.lora_A), self.lora_B)
+        if self.lora_A is not None:  # in the LoRA weights' dtype, as ops.lora_linear_forward and PEFT
+            lora = F.linear(F.linear(x.to(self.lora_A.dtype), self.lora_A), self.lora_B) * self.scale
+            y = y + lora.to(y.dtype)
         return y
 
 

@@ -2,8 +2,9 @@
 
 bf16 halves every activation and weight and, where the CPU multiplies bf16 natively (AVX512_BF16 or AMX), runs
 a step about twice as fast as fp32; on CPUs without those instructions PyTorch emulates bf16 matmuls and a step
-is several times slower, so "auto" picks fp32 there. CUDA GPUs run bf16 natively. LoRA weights follow the
-model's dtype as mesp.lora makes them; fp32 stays the exactness reference.
+is several times slower, so "auto" picks fp32 there. CUDA GPUs run bf16 natively. LoRA weights and the
+optimizer's state stay fp32 under a bf16 base (mesp.lora.adapter_dtype, mesp.optim); fp32 stays the exactness
+reference.
 
 $MESP_AUTO_DTYPE (float32 or bfloat16), when set, is what "auto" means on this machine: a test suite or a
 benchmark then runs the same precision on every CPU (the tests set it to float32).

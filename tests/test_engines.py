@@ -197,7 +197,8 @@ def test_bf16_all_methods_finite_and_close_to_fp32(make_hf_model, arch):
         assert torch.isfinite(loss), method
         assert abs(loss.item() - ref_loss.item()) <= 0.02 * ref_loss.item(), (method, loss, ref_loss)
         assert set(grads) == set(ref)
-        assert all(g.dtype == torch.bfloat16 and torch.isfinite(g).all() for g in grads.values()), method
+        # LoRA weights, and so their gradients, stay fp32 under a bf16 base (lora.adapter_dtype)
+        assert all(g.dtype == torch.float32 and torch.isfinite(g).all() for g in grads.values()), method
         if method != "mezo":  # a single MeZO direction is not meant to be close (see the MeZO tests)
             assert_grads_close(grads, ref, 0.1, f"bf16 {method}")  # measured ~0.03
 

@@ -49,10 +49,28 @@ def test_bf16_mesp_gradients_match_autograd_in_bf16():
         results[dtype] = {m: compute_gradients(model, ids, ids, method=m) for m in ("autograd", "mesp")}
     loss, grads = results[torch.bfloat16]["mesp"]
     ref_loss, ref = results[torch.bfloat16]["autograd"]
-    assert all(g.dtype == torch.bfloat16 for g in grads.values())
+    assert all(g.dtype == torch.float32 for g in grads.values())  # the adapter stays fp32 (lora.adapter_dtype)
     assert abs(float(loss) / float(ref_loss) - 1) < 1e-3
     errors = relative_errors(grads, ref)
     assert max(errors.values()) <= 0.1, errors
     # and bf16 is really in use: its distance from the fp32 reference is far above fp32's own
     fp32_errors = relative_errors(*(results[torch.float32][m][1] for m in ("mesp", "autograd")))
     assert max(fp32_errors.values()) < 1e-5 < min(errors.values())
+
+
+def test_adapter_and_its_updates_stay_fp32_under_a_bf16_base():
+    """An update far below a bf16 weight's spacing (2^-8 relative) must land: a bf16 adapter would round it away."""
+    from mesp.optim import make_optimizer
+
+    model = load_random("small", dict(SMALL), torch.bfloat16, "cpu")
+    add_lora(model, LoraConfig(r=4))
+    params = model.lora_parameters()
+    assert model.dtype == torch.bfloat16 and all(p.dtype == torch.float32 for p in params.values())
+    key, a = next((k, p) for k, p in params.items() if k.endswith("lora_A"))
+    before = a.detach().clone()
+    make_optimizer("sgd").update(key, a, torch.ones_like(a), lr=1e-6)
+    assert torch.allclose(a - before, torch.full_like(a, -1e-6), rtol=1e-2, atol=1e-9)
+    ids = torch.randint(0, SMALL["vocab_size"], (1, 12), generator=torch.Generator().manual_seed(0))
+    for method in ("mesp", "mebp"):  # both engines run a bf16 base with an fp32 adapter
+        loss, grads = compute_gradients(model, ids, ids, method=method)
+        assert torch.isfinite(loss) and all(g.dtype == torch.float32 for g in grads.values())

@@ -155,12 +155,18 @@ def plot_frontier(result: dict, path) -> None:
                     xytext=(4, 4), textcoords="offset points")
     mebp = [r for r in result["rows"] if r["method"] == "mebp"]
     ax.plot([r["peak_mib"] for r in mebp], [r["seconds_min"] for r in mebp], "s", ms=8, label="mebp")
+    for r in mebp:
+        ax.axvline(r["peak_mib"], ls=":", lw=1, color="gray")
+        ax.annotate("MeBP's peak", (r["peak_mib"], 0), fontsize=7, xytext=(-4, 4), textcoords="offset points",
+                    ha="right")
+    rows = result["rows"]
+    ax.set_xlim(0, 1.08 * max(r["peak_mib"] for r in rows))
+    ax.set_ylim(0, 1.15 * max(r["seconds_min"] for r in rows))
     s = result["settings"]
     ax.set_xlabel("step peak, MiB above the step's start (allocator, measured)")
     ax.set_ylabel("step time, s (minimum of the rounds)")
     ax.set_title(f"{s['model']}, T={s['seq_len']}, r={s['rank']}, fp32, {s['threads']} thread(s): "
                  "MeSP under --memory-budget vs MeBP", fontsize=9)
-    ax.set_ylim(bottom=0)
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     save_figure(fig, path)

@@ -135,10 +135,10 @@ def _peer_step(case: MemoryCase):
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     peft_config = PeftLoraConfig(r=case.rank, lora_alpha=16, lora_dropout=0.0, target_modules=list(ALL_TARGETS),
                                  task_type="CAUSAL_LM")
-    # keep the adapter in the model's dtype, as mesp does (PEFT would upcast a bf16 adapter to fp32)
+    # PEFT upcasts a bf16 adapter to fp32 by default, as mesp does (lora.adapter_dtype)
     with warnings.catch_warnings():  # PEFT reads transformers' deprecated is_gradient_checkpointing
         warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
-        model = get_peft_model(model, peft_config, autocast_adapter_dtype=False)
+        model = get_peft_model(model, peft_config)
     model.train()  # transformers checkpoints only in training mode (dropout is 0 in these configs)
     base = model.get_base_model()
     lora = [p for p in model.parameters() if p.requires_grad]
