@@ -298,9 +298,10 @@ def loss_chunk_bytes(s: Shapes, loss_tokens: int) -> int:
 
 
 def full_logits_bytes(s: Shapes) -> int:
-    """full_logits_loss under autograd: the logits (and their fp32 copy unless fp32), the log-softmax kept for
-    the backward and the logits' gradient."""
-    return s.logits(s.e) + (s.logits(ACC_BYTES) if s.e != ACC_BYTES else 0) + 2 * s.logits(ACC_BYTES)
+    """full_logits_loss under autograd, at log-softmax's backward: its saved fp32 output, the incoming gradient
+    and its own result, three fp32 [B, T, V] tensors. Under a bf16 base the bf16 logits are gone by then (the
+    cast to fp32 saves nothing for its backward), so the count is the same in every dtype."""
+    return 3 * s.logits(ACC_BYTES)
 
 
 def autograd_layer_saved(s: Shapes) -> int:

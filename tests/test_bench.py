@@ -202,3 +202,26 @@ def test_frontier_bad_budgets_are_one_line(tiny_dir, capsys):
     assert main(["bench", "frontier", "--model", tiny_dir, "--budgets", "12,abc"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--budgets" in err[0], err
+
+
+def test_precision_times_fp32_and_bf16_side_by_side(tiny_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.delenv("MESP_AUTO_DTYPE", raising=False)  # what auto picks on this CPU, by its flags
+    js = tmp_path / "precision.json"
+    assert main(["bench", "precision", "--model", tiny_dir, "--seq-len", "32", "--methods", "mesp,mebp",
+                 "--rounds", "2", "--threads", "1", "--json", str(js)]) == 0
+    assert "--dtype auto picks" in capsys.readouterr().out
+    result = json.loads(js.read_text())
+    assert [(r["method"], r["dtype"]) for r in result["rows"]] == [
+        ("mesp", "float32"), ("mesp", "bfloat16"), ("mebp", "float32"), ("mebp", "bfloat16")]
+    for r in result["rows"]:
+        assert len(r["seconds"]) == 2 and r["seconds_min"] == min(r["seconds"]) > 0
+        fp32 = next(x for x in result["rows"] if x["method"] == r["method"] and x["dtype"] == "float32")
+        assert r["speedup_vs_float32"] == pytest.approx(fp32["seconds_min"] / r["seconds_min"])
+    native = any(f in result["machine"]["cpu_flags"] for f in ("avx512_bf16", "amx_bf16"))
+    assert result["auto_dtype"] == ("bfloat16" if native else "float32")
+
+
+def test_precision_bad_methods_are_one_line(tiny_dir, capsys):
+    assert main(["bench", "precision", "--model", tiny_dir, "--methods", "mesp,sgd"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--methods" in err[0] and "sgd" in err[0], err

@@ -6,6 +6,7 @@
                each run a fresh `mesp train` process (the device's measure)
     fidelity   bench_grads: gradient error of mesp/mebp against autograd; MeZO's cosine
     frontier   bench_frontier: MeSP's step time under a range of memory budgets against MeBP's, in one process
+    precision  bench_precision: one step in fp32 and in bf16 side by side, and what --dtype auto picks here
     converge   bench_converge: loss curves of mesp, mebp and mezo on the bundled demo data
     plots      plot_memory / plot_converge: PNG figures
     plan       what the report measures, and the paper's figures beside it
@@ -14,11 +15,12 @@
     machine    machine_info: what the numbers were measured on
 
 Each `mesp bench` subcommand has a settings dataclass (MemorySettings, ProcessSettings, GradsSettings,
-ConvergeSettings, FrontierSettings, ReportSettings) from which the CLI's flags are generated.
+ConvergeSettings, FrontierSettings, PrecisionSettings, ReportSettings) from which the CLI's flags are generated.
 """
 
 from .converge import ConvergeSettings, bench_converge, converge_csv
 from .frontier import FrontierSettings, bench_frontier, frontier_table, plot_frontier
+from .precision import PrecisionSettings, bench_precision, precision_table
 from .fidelity import GradsSettings, bench_grads, grads_table, spsa_cosine_theory
 from .machine import machine_info, machine_line
 from .plots import plot_converge, plot_memory
@@ -28,8 +30,9 @@ from .report import ReportSettings, bench_report
 from .sweep import PEER, MemoryCase, MemorySettings, bench_memory, measure_case, measure_here, memory_cases, \
     memory_table
 
-__all__ = ["ConvergeSettings", "FrontierSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER", "ProcessCase", "ProcessSettings",
-           "ReportSettings",
-           "bench_converge", "bench_frontier", "bench_grads", "frontier_table", "plot_frontier", "bench_memory", "bench_report", "converge_csv", "grads_table",
-           "bench_process", "machine_info", "machine_line", "measure_case", "measure_here", "memory_cases",
-           "memory_table", "plot_converge", "plot_memory", "process_table", "render_report", "spsa_cosine_theory"]
+__all__ = ["ConvergeSettings", "FrontierSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER",
+           "PrecisionSettings", "ProcessCase", "ProcessSettings", "ReportSettings", "bench_converge",
+           "bench_frontier", "bench_grads", "bench_memory", "bench_precision", "bench_process", "bench_report",
+           "converge_csv", "frontier_table", "grads_table", "machine_info", "machine_line", "measure_case",
+           "measure_here", "memory_cases", "memory_table", "plot_converge", "plot_frontier", "plot_memory",
+           "precision_table", "process_table", "render_report", "spsa_cosine_theory"]

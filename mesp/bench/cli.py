@@ -32,6 +32,9 @@ BENCH_COMMANDS = {  # name -> (settings class, whose fields are the flags; help;
                  "In one process: MeBP's step, then MeSP's under each budget (the --memory-budget planner on the "
                  "step's allocator peak), each plan's measured peak, all timed in alternating rounds; the default "
                  "budgets end at MeBP's own peak."),
+    "precision": (bench.PrecisionSettings, "one step in fp32 and in bf16, side by side, and what --dtype auto picks",
+                  "Load the model in fp32 and in bf16, alternate their training steps round by round and report "
+                  "each one's minimum time, the bf16 speed-up and what --dtype auto picks on this CPU."),
     "report": (bench.ReportSettings, "measure everything and write docs/results.md (under an hour on 2 cores)",
                "Run every benchmark of the report and write results.md, its figures and raw JSON/CSV into --out."),
 }
@@ -85,6 +88,10 @@ def bench_run(args) -> int:
         result = bench.bench_frontier(s)
         print(bench.frontier_table(result))
         _write_outputs(s, result, plot=bench.plot_frontier)
+    elif args.bench_command == "precision":
+        result = bench.bench_precision(s)
+        print(bench.precision_table(result))
+        _write_outputs(s, result)
     else:
         path = bench.bench_report(s)
         print(f"wrote {path}")
