@@ -8,8 +8,10 @@ one layer's forward products, and takes the first whose estimate fits. What it c
 - a layer that does not keep its intermediates recomputes its forward: +1 unit (every layer kept: 7.3 s a step,
   none: 9.0 s; the LM head and attention make up the rest);
 - token chunks below 128 rows (batch rows x positions) make the products slower: 64-token chunks measured 7%
-  slower than 128-token ones or the whole sequence (which ran within 5% of each other): CHUNK_PENALTY per unit;
-- a scratch file for the checkpoints writes and reads every layer input once: OFFLOAD_COST units per layer;
+  slower than 128-token ones or the whole sequence (which ran within 5% of each other): CHUNK_PENALTY per unit
+  (its 32-row entry is an assumption, not measured);
+- a scratch file for the checkpoints writes and reads every layer input once: OFFLOAD_COST units per layer
+  (an assumption, not measured: one sequential write and read of [B, T, d] against a layer's products);
 - a 256-token loss chunk and 64/32-row attention blocks: ties broken by the order of LOSS_CHUNKS and
   ATTN_BLOCKS (their products are the same; fewer, larger ones first).
 """
