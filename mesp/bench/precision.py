@@ -1,7 +1,7 @@
 """What `--dtype auto` buys on this CPU: one training step in fp32 and in bf16, timed side by side in one process.
 
-Both copies of the model are loaded at once and their steps alternate round by round, so load on a shared
-machine falls on both alike; the result records what auto picks here (mesp.precision.auto_dtype) and the CPU's
+Both copies of the model are loaded at once and, after one untimed step each, their steps alternate round by
+round, so load on a shared machine falls on both alike; the result records what auto picks here (mesp.precision.auto_dtype) and the CPU's
 vector flags, which decide it. To see what a CPU without native bf16 gets, restrict PyTorch's kernels before the
 process starts (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2): auto decides by the CPU's flags, so it
 still names bf16 there, which the result says (`kernels_restricted`).
@@ -59,7 +59,10 @@ def bench_precision(s: PrecisionSettings, progress: bool = True) -> dict:
     vocab = models["float32"].config.vocab_size
     ids = torch.randint(0, vocab, (1, s.seq_len), generator=torch.Generator().manual_seed(0))
     rows = [{"dtype": d, "method": m, "seconds": []} for m in s.methods for d in DTYPES]
-    bar = tqdm(total=s.rounds * len(rows), desc="bench precision", unit="step", disable=not progress)
+    bar = tqdm(total=(s.rounds + 1) * len(rows), desc="bench precision", unit="step", disable=not progress)
+    for r in rows:  # one untimed step each first: a process's first step pays one-time costs (4x here)
+        compute_gradients(models[r["dtype"]], ids, ids, method=r["method"])
+        bar.update()
     for _ in range(s.rounds):
         for r in rows:
             t0 = time.perf_counter()
