@@ -9,6 +9,7 @@ import json
 
 import pytest
 import torch
+from safetensors.torch import load_file
 
 from mesp.cli import main
 from mesp.errors import MespError
@@ -88,6 +89,23 @@ def test_train_memory_budget_dry_run_and_impossible_budget(tmp_path, capsys):
     assert len(err) == 1 and err[0].startswith("mesp train: error: memory budget 900 MiB: nothing fits"), err
     assert "dominated by resident weights" in err[0] and "--quantize int4" in err[0]
     assert not out.exists()  # before any work
+
+
+def test_budgeted_training_keeps_layers_and_trains_as_without(make_hf_model, tmp_path, capsys):
+    """A generous budget makes every layer keep its intermediates; the run then trains as the default one does
+    (kept and recomputed intermediates give the same gradients within fp32 rounding)."""
+    path, _ = make_hf_model("qwen2", num_key_value_heads=2)
+    data = write_pretokenized(tmp_path / "train.jsonl", n=8, lo=10, hi=16)
+    base = ["train", "--model", str(path), "--data", data, "--seq-len", "16", "--batch-size", "2", "--steps", "3",
+            "--dtype", "float32"]
+    assert main([*base, "--out", str(tmp_path / "plain")]) == 0
+    assert main([*base, "--out", str(tmp_path / "budget"), "--memory-budget", "100000"]) == 0
+    shown = capsys.readouterr().out
+    assert "memory plan for 100000 MiB: mesp, checkpoints in RAM, 2 of 2 layers keep their intermediates" in shown
+    plain, budget = (load_file(str(tmp_path / d / "adapter_model.safetensors")) for d in ("plain", "budget"))
+    assert plain.keys() == budget.keys()
+    for key in plain:
+        assert torch.allclose(plain[key], budget[key], rtol=1e-4, atol=1e-6), key
 
 
 def test_long_samples_are_skipped_and_counted(make_hf_model, tmp_path, capsys):
