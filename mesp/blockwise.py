@@ -121,8 +121,7 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
     """
     (B, Hq, Hkv, G, T, D), scale, acc, kf, vf, q5 = _attention_setup(q, k, v, scale)
     go5 = go.reshape(B, Hkv, G, T, D)
-    o5 = None if o is None else o.reshape(B, Hkv, G, T, D)
-    delta5 = None if delta is None else delta.reshape(B, Hkv, G, T, 1)
+    delta5 = (attention_delta(go, o) if delta is None else delta).reshape(B, Hkv, G, T, 1)
     lse5 = lse.reshape(B, Hkv, G, T)
     gq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
     gq5 = gq.view(B, Hkv, G, T, D)
@@ -133,10 +132,7 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
         Tb = i1 - i0
         qb = q5[:, :, :, i0:i1].to(acc)  # [B, Hkv, G, Tb, D]
         gob = go5[:, :, :, i0:i1].to(acc)
-        if delta5 is None:
-            delta = (gob * o5[:, :, :, i0:i1].to(acc)).sum(-1, keepdim=True)  # [B, Hkv, G, Tb, 1]
-        else:
-            delta = delta5[:, :, :, i0:i1].to(acc)
+        delta_b = delta5[:, :, :, i0:i1].to(acc)  # [B, Hkv, G, Tb, 1]
         S = _scores_block(qb, kf, i0, i1, key_mask, scale, window)
         P = S.sub_(lse5[:, :, :, i0:i1].to(acc).unsqueeze(-1)).exp_()  # masked entries -> 0
         del S
@@ -146,8 +142,8 @@ def attention_backward(go, q, k, v, o, lse, key_mask=None, scale=None, block_siz
         )
         gS = torch.matmul(gob, vf[:, :, :i1].unsqueeze(2).transpose(-1, -2))  # gP [B,Hkv,G,Tb,i1]
         del gob
-        gS.sub_(delta).mul_(P).mul_(scale)  # gS (scale folded in for both gq and gk)
-        del P, delta
+        gS.sub_(delta_b).mul_(P).mul_(scale)  # gS (scale folded in for both gq and gk)
+        del P, delta_b
         gq5[:, :, :, i0:i1] = torch.matmul(gS, kf[:, :, :i1].unsqueeze(2)).to(gq.dtype)
         gk[:, :, :i1] += torch.matmul(
             gS.reshape(B, Hkv, G * Tb, i1).transpose(-1, -2), qb.reshape(B, Hkv, G * Tb, D)

@@ -289,8 +289,8 @@ def mesp_stages(s: Shapes, chunk: int, keep: int, attn_block: int, offload: bool
 
 
 def loss_chunk_bytes(s: Shapes, loss_tokens: int) -> int:
-    """chunked_loss's pass over the vocabulary: the final x, its norm and g_hidden [B, T, d]; one chunk's rows h, their fp32
-    gradient, a [n, d] product; one fp32 logits slice of at most LOSS_CHUNK_BYTES."""
+    """chunked_loss's pass over the vocabulary: the final x, its norm and g_hidden [B, T, d]; one chunk's rows h,
+    their fp32 gradient, a [n, d] product; one fp32 logits slice of at most LOSS_CHUNK_BYTES."""
     n = min(loss_tokens, s.B * s.T)
     vc = max(1, min(s.V, LOSS_CHUNK_BYTES // (n * ACC_BYTES), LOSS_CHUNK_BYTES // (s.d * ACC_BYTES)))
     rows = n * s.d
@@ -375,8 +375,8 @@ def estimate(config: ModelConfig, seq_len: int, batch_size: int = 1, rank: int =
             raise MespError(f"{name}: must be an integer >= {least}, got {value!r}")
     if offload_checkpoints and method not in CHECKPOINTING:
         raise MespError(f"offload_checkpoints: method {method} keeps no per-layer checkpoints; use mesp or mebp")
-    e = ELEMENT_BYTES[dtype]
     s = shapes_of(config, seq_len, batch_size, dtype)
+    e = s.e
     grads_layer = lora_bytes_per_layer(config, rank, targets, s.adapter_e)
     keep_grads = not per_layer_update
     loss_tokens = loss_chunk or DEFAULT_LOSS_CHUNK

@@ -161,15 +161,13 @@ def check_device(name: str) -> None:
 
 def check_engine_options(c: TrainConfig) -> None:
     """token_chunk, attn_block and loss_chunk: whole numbers, each given only to a method that uses it."""
-    require_int(c, [name for name in ("attn_block",) if c.attn_block is not None], least=1)
-    require_int(c, [name for name in ("token_chunk",) if c.token_chunk is not None], least=0)
-    require_int(c, [name for name in ("loss_chunk",) if c.loss_chunk is not None], least=1)
-    for name in ("token_chunk", "attn_block"):
-        if getattr(c, name) is not None and c.method != "mesp":
-            raise MespError(f"{name}: only used by method mesp, not {c.method}")
-    if c.loss_chunk is not None and c.method not in ENGINE_OPTIONS["loss_chunk"]:
-        raise MespError(f"loss_chunk: only used by methods {' and '.join(ENGINE_OPTIONS['loss_chunk'])}, "
-                        f"not {c.method}")
+    for name, least in (("attn_block", 1), ("token_chunk", 0), ("loss_chunk", 1)):
+        if getattr(c, name) is not None:
+            require_int(c, (name,), least=least)
+    for name, methods in ENGINE_OPTIONS.items():
+        if getattr(c, name) is not None and c.method not in methods:
+            raise MespError(f"{name}: only used by method{'s' * (len(methods) > 1)} {' and '.join(methods)}, "
+                            f"not {c.method}")
 
 
 def engine_options(c: TrainConfig, num_layers: int) -> dict:

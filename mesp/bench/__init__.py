@@ -8,6 +8,7 @@
     frontier   bench_frontier: MeSP's step time under a range of memory budgets against MeBP's, in one process
     precision  bench_precision: one step in fp32 and in bf16 side by side, and what --dtype auto picks here
     converge   bench_converge: loss curves of mesp, mebp and mezo on the bundled demo data
+    rounds     time_alternating: the side-by-side timing frontier and precision share
     plots      plot_memory / plot_converge: PNG figures
     plan       what the report measures, and the paper's figures beside it
     report     bench_report: measure the plan and write docs/results.md (render: its text, from

@@ -10,8 +10,6 @@ memory MeBP needs.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +18,7 @@ from ..errors import MespError
 from ..memory import MiB, PeakMemory, return_freed_memory_to_os
 from ..settings import setting
 from .machine import machine_info
+from .rounds import time_alternating
 
 
 @dataclass
@@ -53,18 +52,10 @@ def _budgets(s: FrontierSettings, smallest: float, mebp_peak: float) -> list[flo
     return [smallest + (mebp_peak - smallest) * i / (s.points - 1) for i in range(s.points)]
 
 
-def _timed(fn) -> float:
-    t0 = time.perf_counter()
-    fn()
-    return time.perf_counter() - t0
-
-
 def bench_frontier(s: FrontierSettings, progress: bool = True) -> dict:
     """Measure MeBP and MeSP under each budget (module docstring). Returns {"rows": [...], "settings", "machine"};
     a row: label, method, budget_mib (MeSP), plan (its settings), estimate_mib, peak_mib (measured allocator
     peak), seconds (each round), seconds_min, speedup (MeBP's minimum over this row's)."""
-    from tqdm import tqdm
-
     from .. import LoraConfig, add_lora, load_model
     from ..estimate import estimate
     from ..methods import compute_gradients
@@ -110,20 +101,11 @@ def bench_frontier(s: FrontierSettings, progress: bool = True) -> dict:
         rows.append({"label": f"mesp @ {budget:.0f} MiB", "method": "mesp", "budget_mib": budget, "plan": chosen,
                      "estimate_mib": plan.estimate.step_peak_bytes / MiB,
                      "peak_mib": peak(step("mesp", options[-1]))})
+    # each plan's profiled step above was its warm-up
+    time_alternating(rows, [step(r["method"], o) for r, o in zip(rows, options)], s.rounds, "bench frontier",
+                     lambda r: r["label"], progress=progress)
     for r in rows:
-        r["seconds"] = []
-    bar = tqdm(total=s.rounds * len(rows), desc="bench frontier", unit="step", disable=not progress)
-    for _ in range(s.rounds):
-        for r, o in zip(rows, options):
-            r["seconds"].append(_timed(step(r["method"], o)))
-            bar.set_postfix_str(f"{r['label']}: {r['seconds'][-1]:.2f} s")
-            bar.update()
-    bar.close()
-    mebp_min = min(rows[0]["seconds"])
-    for r in rows:
-        r["seconds_min"] = min(r["seconds"])
-        r["seconds_median"] = statistics.median(r["seconds"])
-        r["speedup"] = mebp_min / r["seconds_min"]
+        r["speedup"] = rows[0]["seconds_min"] / r["seconds_min"]
     return {"rows": rows, "settings": {**vars(s)}, "machine": machine_info()}
 
 

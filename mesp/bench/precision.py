@@ -10,8 +10,6 @@ still names bf16 there, which the result says (`kernels_restricted`).
 from __future__ import annotations
 
 import os
-import statistics
-import time
 from dataclasses import dataclass
 
 import torch
@@ -20,6 +18,7 @@ from ..errors import MespError
 from ..methods import METHODS
 from ..settings import setting
 from .machine import machine_info
+from .rounds import time_alternating
 
 DTYPES = ("float32", "bfloat16")
 RESTRICTING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
@@ -41,8 +40,6 @@ def bench_precision(s: PrecisionSettings, progress: bool = True) -> dict:
     """Time one step per (dtype, method) in alternating rounds (module docstring). Returns {"rows": [{dtype,
     method, seconds, seconds_min, seconds_median, speedup_vs_float32}], "auto_dtype", "kernels_restricted",
     "settings", "machine"}."""
-    from tqdm import tqdm
-
     from .. import LoraConfig, add_lora, load_model
     from ..methods import compute_gradients
     from ..precision import auto_dtype
@@ -58,22 +55,11 @@ def bench_precision(s: PrecisionSettings, progress: bool = True) -> dict:
                                  LoraConfig(r=s.rank, alpha=2 * s.rank))
     vocab = models["float32"].config.vocab_size
     ids = torch.randint(0, vocab, (1, s.seq_len), generator=torch.Generator().manual_seed(0))
-    rows = [{"dtype": d, "method": m, "seconds": []} for m in s.methods for d in DTYPES]
-    bar = tqdm(total=(s.rounds + 1) * len(rows), desc="bench precision", unit="step", disable=not progress)
-    for r in rows:  # one untimed step each first: a process's first step pays one-time costs (4x here)
-        compute_gradients(models[r["dtype"]], ids, ids, method=r["method"])
-        bar.update()
-    for _ in range(s.rounds):
-        for r in rows:
-            t0 = time.perf_counter()
-            compute_gradients(models[r["dtype"]], ids, ids, method=r["method"])
-            r["seconds"].append(time.perf_counter() - t0)
-            bar.set_postfix_str(f"{r['method']} {r['dtype']}: {r['seconds'][-1]:.2f} s")
-            bar.update()
-    bar.close()
-    for r in rows:
-        r["seconds_min"] = min(r["seconds"])
-        r["seconds_median"] = statistics.median(r["seconds"])
+    rows = [{"dtype": d, "method": m} for m in s.methods for d in DTYPES]
+    steps = [lambda r=r: compute_gradients(models[r["dtype"]], ids, ids, method=r["method"]) for r in rows]
+    # a warm-up step each: a process's first step pays one-time costs (4x here)
+    time_alternating(rows, steps, s.rounds, "bench precision", lambda r: f"{r['method']} {r['dtype']}",
+                     warmup=True, progress=progress)
     for r in rows:
         fp32 = next(x for x in rows if x["method"] == r["method"] and x["dtype"] == "float32")
         r["speedup_vs_float32"] = fp32["seconds_min"] / r["seconds_min"]
