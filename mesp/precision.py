@@ -16,17 +16,17 @@ import os
 
 import torch
 
+from .cpu import native_bf16
 from .errors import MespError
 
 AUTO = "auto"
-NATIVE_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of native bf16 arithmetic
 AUTO_ENV = "MESP_AUTO_DTYPE"
 AUTO_CHOICES = ("float32", "bfloat16")
 
 
 def auto_dtype(device="cpu", flags=None) -> str:
-    """"bfloat16" on CUDA or on a CPU with native bf16 (`flags`: the CPU's flags, default this machine's
-    /proc/cpuinfo), else "float32". Without `flags`, $MESP_AUTO_DTYPE decides when set."""
+    """"bfloat16" on CUDA or on a CPU with native bf16 (`flags`: /proc/cpuinfo-style flags, default this
+    machine's CPU as mesp.cpu reads it), else "float32". Without `flags`, $MESP_AUTO_DTYPE decides when set."""
     forced = os.environ.get(AUTO_ENV) if flags is None else None
     if forced:
         if forced not in AUTO_CHOICES:
@@ -34,13 +34,7 @@ def auto_dtype(device="cpu", flags=None) -> str:
         return forced
     if torch.device(device).type == "cuda":
         return "bfloat16"
-    if flags is None:
-        # at call time: mesp.bench imports the training loop, which imports this module through train_config
-        from .bench.machine import cpu_flags
-
-        flags = cpu_flags()
-    have = set(flags)
-    return "bfloat16" if have.intersection(NATIVE_BF16_FLAGS) else "float32"
+    return "bfloat16" if native_bf16(flags) else "float32"
 
 
 def resolve_dtype(dtype: str, device="cpu") -> str:

@@ -42,6 +42,7 @@ import functools
 import torch
 import torch.nn.functional as F
 
+from .cpu import native_bf16
 from .errors import MespError
 from .ops import acc_dtype
 
@@ -55,18 +56,11 @@ def _use_kernel(x: torch.Tensor) -> bool:
     return x.device.type == "cpu" and x.dtype in KERNEL_DTYPES
 
 
-@functools.cache
-def _cpu_has_bf16_math() -> bool:
-    # torch.cpu's private probes: PyTorch has no public query for native bf16 math
-    cpu = torch.cpu
-    return any(getattr(cpu, f, lambda: False)() for f in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"))
-
-
 def _matmul_dtype(x: torch.Tensor) -> torch.dtype:
     """The dtype a dequantized product runs in: fp32 for bf16/fp16 activations on a CPU without native bf16
     math, where a bf16 GEMM is several times slower than fp32; x's dtype otherwise. Results are cast back to
     x's dtype."""
-    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not _cpu_has_bf16_math():
+    if x.device.type == "cpu" and x.dtype in (torch.bfloat16, torch.float16) and not native_bf16():
         return torch.float32
     return x.dtype
 

@@ -3,8 +3,8 @@
 Both copies of the model are loaded at once and, after one untimed step each, their steps alternate round by
 round, so load on a shared machine falls on both alike; the result records what auto picks here (mesp.precision.auto_dtype) and the CPU's
 vector flags, which decide it. To see what a CPU without native bf16 gets, restrict PyTorch's kernels before the
-process starts (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2): auto decides by the CPU's flags, so it
-still names bf16 there, which the result says (`kernels_restricted`).
+process starts (ATEN_CPU_CAPABILITY=avx2 ONEDNN_MAX_CPU_ISA=AVX2) and mesp's view of the CPU with them
+(MESP_CPU_FLAGS="avx avx2 fma", mesp.cpu); the result names what restricted it (`kernels_restricted`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ from dataclasses import dataclass
 
 import torch
 
+from ..cpu import MASK_ENV
 from ..errors import MespError
 from ..methods import METHODS
 from ..settings import setting
@@ -21,7 +22,7 @@ from .machine import machine_info
 from .rounds import time_alternating
 
 DTYPES = ("float32", "bfloat16")
-RESTRICTING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA")
+RESTRICTING_ENV = ("ATEN_CPU_CAPABILITY", "ONEDNN_MAX_CPU_ISA", MASK_ENV)
 
 
 @dataclass
