@@ -234,7 +234,11 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
             if compute_grad:
                 if slope is not None:
                     p.mul_(slope)
-                acc.mul_(rescale[:, None]).add_(torch.matmul(p.to(h.dtype), w).to(acc_dt))
+                acc.mul_(rescale[:, None])
+                if h.dtype == acc_dt:  # acc += p W_slice in one product, no [n, d] temporary
+                    acc.addmm_(p, w)
+                else:
+                    acc.add_(torch.matmul(p.to(h.dtype), w).to(acc_dt))
             del p, slope, w
         lse = m.add_(s.log())
         loss_sum += (lse - target_logit).sum()

@@ -328,11 +328,10 @@ def lora_linear_forward(x, w, bias, A, B, scale, return_h=False):
     if A is None:
         return (y, None) if return_h else y
     h = torch.matmul(x.to(A.dtype), A.t())
-    lora = torch.matmul(h, B.to(A.dtype).t())
-    if not return_h:
-        del h
-    lora.mul_(scale)
-    y.add_(lora.to(y.dtype))
+    if y.dtype == A.dtype and y.is_contiguous() and not torch.is_grad_enabled():  # y += scale * h B^T in one product, no [.., out] temp
+        y.view(-1, y.shape[-1]).addmm_(h.view(-1, h.shape[-1]), B.to(A.dtype).t(), alpha=scale)
+    else:
+        y = y + torch.matmul(h, B.to(A.dtype).t()).mul_(scale).to(y.dtype)
     return (y, h) if return_h else y
 
 
@@ -363,5 +362,8 @@ def lora_linear_backward(g, x, w, A, B, scale, need_input_grad=True, h=None):
     gA = torch.matmul(gh.t(), x2)  # [r, in]
     del x2
     if need_input_grad:
-        gx.add_(torch.matmul(gh, A).reshape(gx.shape).to(gx.dtype))
+        if gx.dtype == ldt and gx.is_contiguous():  # gx += gh A in one product, no [.., in] temp
+            gx.view(-1, gx.shape[-1]).addmm_(gh, A)
+        else:
+            gx.add_(torch.matmul(gh, A).reshape(gx.shape).to(gx.dtype))
     return gx, gA.to(A.dtype), gB.to(B.dtype)

@@ -23,7 +23,7 @@ import inspect
 from dataclasses import dataclass
 
 from .errors import MespError
-from .estimate import CHECKPOINTING, METHODS, Estimate, estimate, longest_fitting, model_config
+from .estimate import CHECKPOINTING, METHODS, Estimate, default_keep_layers, estimate, longest_fitting, model_config
 from .lora import ALL_TARGETS
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, default_weights
 from .memory import MiB, format_mib
@@ -53,7 +53,9 @@ class EstimateSettings:
     offload_checkpoints: bool = setting(False, "mesp, mebp: layer inputs in a memory-mapped scratch file")
     token_chunk: int | None = setting(None, "mesp: tokens per chunk of a layer's token-wise steps (0: whole)",
                                       default_text="default: the engine's")
-    keep_layers: int = setting(0, "mesp: how many of the last layers keep their intermediates")
+    keep_layers: int | None = setting(None, "mesp: how many of the last layers keep their intermediates (0: none)",
+                                      default_text="default: mesp train's (default_keep_layers; none with "
+                                                   "--offload-checkpoints)")
     loss_chunk: int | None = setting(None, "tokens per LM-head chunk", default_text="default 1024")
     attn_block: int | None = setting(None, "query rows per attention block",
                                      default_text="default: the engine's (128, fewer at long T)")
@@ -62,14 +64,20 @@ class EstimateSettings:
                                          "that fits", metavar="MB")
     json: bool = setting(False, "print one JSON object instead of text")
 
-    def options(self) -> dict:
-        """estimate()'s keyword arguments (beside the config and seq_len)."""
+    def options(self, config=None) -> dict:
+        """estimate()'s keyword arguments (beside the config and seq_len); keep_layers None is mesp train's
+        default for the ModelConfig `config` (read from --model when not given)."""
+        keep = self.keep_layers
+        if keep is None:
+            dtype = resolve_dtype(self.dtype, self.device)
+            keep = 0 if self.method != "mesp" or self.offload_checkpoints else \
+                default_keep_layers(config or model_config(self.model), self.seq_len, self.batch_size, dtype)
         return dict(batch_size=self.batch_size, rank=self.rank, method=self.method,
                     dtype=resolve_dtype(self.dtype, self.device),
                     quantize=None if self.quantize == "none" else self.quantize,
                     weights=self.weights or default_weights(self.model, self.quantize),
                     offload_checkpoints=self.offload_checkpoints, token_chunk=self.token_chunk,
-                    keep_layers=self.keep_layers, loss_chunk=self.loss_chunk, attn_block=self.attn_block,
+                    keep_layers=keep, loss_chunk=self.loss_chunk, attn_block=self.attn_block,
                     optimizer=self.optimizer)
 
 
@@ -78,8 +86,9 @@ def run_estimate(s: EstimateSettings) -> tuple[Estimate, int | None]:
     if not s.model:
         raise MespError("model: required")
     config = model_config(s.model)
-    e = estimate(config, s.seq_len, **s.options())
-    longest = None if s.budget is None else longest_fitting(config, int(s.budget * MiB), **s.options())
+    options = s.options(config)
+    e = estimate(config, s.seq_len, **options)
+    longest = None if s.budget is None else longest_fitting(config, int(s.budget * MiB), **options)
     return e, longest
 
 

@@ -237,7 +237,7 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
 
 def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float, step: int) -> float:
     """One optimizer step over the micro-batches of `batches`. Returns the step's mean loss per label."""
-    options = engine_options(c, model.config.num_hidden_layers)
+    options = engine_options(c, model.config, str(model.dtype).removeprefix("torch."))
     if c.method == "mezo":
         (b,) = batches
         prepared = prepare_batch(model, b.input_ids, b.labels, b.attention_mask)

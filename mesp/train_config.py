@@ -16,6 +16,7 @@ from dataclasses import dataclass
 import torch
 
 from .errors import MespError
+from .estimate import default_keep_layers
 from .lora import ALL_TARGETS, LoraConfig, naming_fields
 from .data import LONG_SAMPLES
 from .methods import CHECKPOINTING_METHODS, METHODS
@@ -93,8 +94,11 @@ class TrainConfig:
     memory_budget: float | None = setting(None, "private-footprint budget in MiB: choose the fastest engine "
                                                 "settings whose estimate fits it (mesp.planner), or stop before "
                                                 "any work when none does", metavar="MB")
-    keep_layers: int = setting(0, "mesp: the last N layers keep their forward's intermediates instead of "
-                                  "recomputing them (faster, more memory; --memory-budget chooses it)")
+    keep_layers: int | None = setting(None, "mesp: the last N layers keep their forward's intermediates instead "
+                                            "of recomputing them (faster, more memory; --memory-budget chooses "
+                                            "it; 0: none)",
+                                      default_text="default: as many as fit in the size of the full-vocabulary "
+                                                   "logits MeSP never builds (none with --offload-checkpoints)")
     token_chunk: int | None = setting(None, "mesp: positions per token chunk of a layer's norms, projections and "
                                             "MLP (0: whole sequence)",
                                       default_text="default: whole up to 256 positions, else 128")
@@ -170,14 +174,26 @@ def check_engine_options(c: TrainConfig) -> None:
                             f"not {c.method}")
 
 
-def engine_options(c: TrainConfig, num_layers: int) -> dict:
+def kept_layer_count(c: TrainConfig, config, dtype: str) -> int:
+    """How many of the last layers keep their intermediates: keep_layers, or where it is None (mesp only) the
+    default (mesp.estimate.default_keep_layers for the model's ModelConfig `config` at c's batch and length in
+    compute dtype `dtype`), none when the checkpoints are offloaded (a run that asked for the least memory)."""
+    if c.method != "mesp":
+        return 0
+    if c.keep_layers is not None:
+        return c.keep_layers
+    return 0 if c.offload_checkpoints else default_keep_layers(config, c.seq_len, c.batch_size, dtype)
+
+
+def engine_options(c: TrainConfig, config, dtype: str = "float32") -> dict:
     """The compute_gradients options of a resolved config's method (its token chunk, attention block, loss
-    chunk, and for keep_layers the set of the last N of the model's `num_layers` layers), the engine's defaults
-    where the config leaves them None."""
+    chunk, and for keep_layers the set of the last kept_layer_count layers of the model's ModelConfig `config`),
+    the engine's defaults where the config leaves them None."""
     out = {name: getattr(c, name) for name, methods in ENGINE_OPTIONS.items()
            if c.method in methods and getattr(c, name) is not None}
-    if c.keep_layers and c.method == "mesp":
-        out["keep_layers"] = frozenset(range(max(0, num_layers - c.keep_layers), num_layers))
+    keep, num_layers = kept_layer_count(c, config, dtype), config.num_hidden_layers
+    if keep:
+        out["keep_layers"] = frozenset(range(max(0, num_layers - keep), num_layers))
     return out
 
 
@@ -247,7 +263,8 @@ def resolve(config: TrainConfig) -> TrainConfig:
         if not c.offload_checkpoints:
             raise MespError("scratch_dir: only used with offload_checkpoints")
         c.scratch_dir = os.path.abspath(c.scratch_dir)
-    require_int(c, ("keep_layers",), least=0)
+    if c.keep_layers is not None:
+        require_int(c, ("keep_layers",), least=0)
     if c.keep_layers and c.method != "mesp":
         raise MespError(f"keep_layers: only method mesp recomputes layers; got method {c.method}")
     if c.memory_budget is not None and not (isinstance(c.memory_budget, (int, float)) and c.memory_budget > 0

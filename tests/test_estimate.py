@@ -114,7 +114,7 @@ def test_longest_fitting_is_the_boundary():
 
 def test_estimate_cli_json_schema(capsys):
     assert main(["estimate", "--model", "qwen2.5-0.5b", "--seq-len", "256", "--dtype", "float32", "--json",
-                 "--budget", "3000"]) == 0
+                 "--budget", "3000", "--keep-layers", "0"]) == 0
     shown = json.loads(capsys.readouterr().out)
     assert {"step_peak_mib", "private_peak_mib", "terms", "dominant", "longest_seq_len"} <= set(shown)
     assert shown["dominant"] in shown["terms"] and shown["dominant"] == "resident weights"
@@ -150,3 +150,20 @@ def test_memory_bench_prints_the_estimate_beside_the_measured_peak():
            "peak_rss_bytes": 0, "step_seconds": None}
     head, line = memory_table({"rows": [row]}).splitlines()
     assert head.split()[4] == "estimate" and f"{predicted / MiB:.1f}" in line.split()
+
+
+def test_default_keep_layers_fit_in_the_logits_mesp_never_builds():
+    """mesp train's default keeps as many of the last layers as fit in one fp32 [B, T, V] logits tensor: at
+    every length the default step stays under half of MeBP's estimated peak, and `mesp estimate` counts it."""
+    from mesp.estimate import default_keep_layers, kept_saved_bytes, shapes_of
+
+    cfg = model_config("qwen2.5-0.5b")
+    for T in (256, 1024):
+        keep = default_keep_layers(cfg, T)
+        s = shapes_of(cfg, T, 1, "float32")
+        assert keep * kept_saved_bytes(s) <= s.logits(4) < (keep + 1) * kept_saved_bytes(s)
+        default = estimate(cfg, T, keep_layers=keep, runtime_floor=0).step_peak_bytes
+        assert default < 0.5 * estimate(cfg, T, method="mebp", runtime_floor=0).step_peak_bytes
+    assert keep == 10
+    tiny = dict(cfg.to_hf(), vocab_size=1000, num_hidden_layers=4)
+    assert default_keep_layers(ModelConfig.from_hf(tiny), 256) == 0  # a small vocabulary leaves no room
