@@ -39,8 +39,8 @@ BENCH_COMMANDS = {  # name -> (settings class, whose fields are the flags; help;
               "The same work for every tool (one fp32 HF model directory, the same pre-tokenized samples in the same "
               "order, one initial LoRA adapter), each (tool, round) in a fresh process sampled from outside "
               "(private footprint and RSS peaks), rounds in alternating order: each tool's minimum median step "
-              "time, tokens per second and the loss of every step. The peers run with .peers/bin/python "
-              "(scripts/dev.sh peers builds it)."),
+              "time, tokens per second and the loss of every step. torchtune and mlx-lm run with "
+              ".peers/bin/python (scripts/dev.sh peers builds it), transformers + PEFT with this Python."),
     "report": (bench.ReportSettings, "measure everything and write docs/results.md (under an hour on 2 cores)",
                "Run every benchmark of the report and write results.md, its figures and raw JSON/CSV into --out."),
 }

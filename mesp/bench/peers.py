@@ -95,7 +95,7 @@ class PeersSettings:
                                       "fastest full-precision exact peer (measured in the first round), or MiB")
     threads: int = setting(1, "threads of every tool")
     peers_python: str | None = setting(None, "Python of the peers environment",
-                                       default_text="default: .peers/bin/python, else this Python (hf+peft only)")
+                                       default_text="default: .peers/bin/python (hf+peft: this Python)")
     work: str = setting("runs/bench-peers", "directory of the shared model, samples, adapter and the runs")
     timeout: float | None = setting(None, "seconds allowed per process")
     json: str | None = setting(None, "write the rows, the machine and the commands as JSON here")
@@ -181,18 +181,20 @@ def sample_order(n_steps: int, seed: int) -> list[int]:
 # ---- one process -------------------------------------------------------------------------------------------
 
 def peers_python(s: PeersSettings) -> Path | None:
-    """The peers environment's Python, or None when there is none (then hf+peft runs with this Python)."""
+    """The peers environment's Python, or None when there is none."""
     if s.peers_python:
         return Path(s.peers_python)
     return PEERS_PYTHON.absolute() if PEERS_PYTHON.is_file() else None
 
 
 def tool_python(tool: Tool, s: PeersSettings) -> tuple[str | None, str | None]:
-    """(the Python that runs `tool`, or None; why not, or None). hf+peft falls back to this Python (transformers
-    and peft are in mesp's test extra), the other peers need the peers environment."""
+    """(the Python that runs `tool`, or None; why not, or None). hf+peft runs with this Python, the other peers
+    with the peers environment's."""
     if tool.worker is None:
         return sys.executable, None
-    candidates = [peers_python(s)] + ([Path(sys.executable)] if tool.module == "peft" else [])
+    # transformers + PEFT run with mesp's own Python (the same pins, in the test extra): PEFT refuses to import
+    # beside the older torchao that torchtune needs in the peers environment
+    candidates = [Path(sys.executable)] if tool.module == "peft" else [peers_python(s)]
     for python in filter(None, candidates):
         probe = f"import importlib.util, sys; sys.exit(importlib.util.find_spec({tool.module!r}) is None)"
         if python.is_file() and subprocess.run([str(python), "-c", probe], capture_output=True).returncode == 0:
@@ -420,7 +422,7 @@ def peers_table_rows(result: dict) -> list[tuple]:
     lines = [head]
     for r in result["rows"]:
         if "error" in r:
-            lines.append((r["seq_len"], row_label(r), "failed: " + r["error"], *[""] * (len(head) - 3)))
+            lines.append((r["seq_len"], row_label(r), *["—"] * (len(head) - 3), "failed: " + r["error"]))
             continue
         ref = next((m for m in result["rows"] if m["tool"] == "mesp" and m["seq_len"] == r["seq_len"]
                     and "error" not in m), None)
