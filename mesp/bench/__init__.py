@@ -8,6 +8,8 @@
     frontier   bench_frontier: MeSP's step time under a range of memory budgets against MeBP's, in one process
     precision  bench_precision: one step in fp32 and in bf16 side by side, and what --dtype auto picks here
     converge   bench_converge: loss curves of mesp, mebp and mezo on the bundled demo data
+    peers      bench_peers: mesp beside transformers + PEFT, torchtune and mlx-lm, each (tool, round) a fresh
+               process sampled from outside (workers: mesp/bench/peer_workers, run by the peers' Python)
     rounds     time_alternating: the side-by-side timing frontier and precision share
     plots      plot_memory / plot_converge: PNG figures
     plan       what the report measures, and the paper's figures beside it
@@ -16,11 +18,12 @@
     machine    machine_info: what the numbers were measured on
 
 Each `mesp bench` subcommand has a settings dataclass (MemorySettings, ProcessSettings, GradsSettings,
-ConvergeSettings, FrontierSettings, PrecisionSettings, ReportSettings) from which the CLI's flags are generated.
+ConvergeSettings, FrontierSettings, PeersSettings, PrecisionSettings, ReportSettings) from which the CLI's flags are generated.
 """
 
 from .converge import ConvergeSettings, bench_converge, converge_csv
 from .frontier import FrontierSettings, bench_frontier, frontier_table, plot_frontier
+from .peers import PeersSettings, bench_peers, peers_markdown, peers_table, plot_peers
 from .precision import PrecisionSettings, bench_precision, precision_table
 from .fidelity import GradsSettings, bench_grads, grads_table, spsa_cosine_theory
 from .machine import machine_info, machine_line
@@ -31,9 +34,9 @@ from .report import ReportSettings, bench_report
 from .sweep import PEER, MemoryCase, MemorySettings, bench_memory, measure_case, measure_here, memory_cases, \
     memory_table
 
-__all__ = ["ConvergeSettings", "FrontierSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER",
+__all__ = ["ConvergeSettings", "FrontierSettings", "GradsSettings", "MemoryCase", "MemorySettings", "PEER", "PeersSettings",
            "PrecisionSettings", "ProcessCase", "ProcessSettings", "ReportSettings", "bench_converge",
-           "bench_frontier", "bench_grads", "bench_memory", "bench_precision", "bench_process", "bench_report",
+           "bench_frontier", "bench_grads", "bench_memory", "bench_peers", "bench_precision", "bench_process", "bench_report",
            "converge_csv", "frontier_table", "grads_table", "machine_info", "machine_line", "measure_case",
-           "measure_here", "memory_cases", "memory_table", "plot_converge", "plot_frontier", "plot_memory",
+           "measure_here", "memory_cases", "memory_table", "peers_markdown", "peers_table", "plot_peers", "plot_converge", "plot_frontier", "plot_memory",
            "precision_table", "process_table", "render_report", "spsa_cosine_theory"]

@@ -35,6 +35,12 @@ BENCH_COMMANDS = {  # name -> (settings class, whose fields are the flags; help;
     "precision": (bench.PrecisionSettings, "one step in fp32 and in bf16, side by side, and what --dtype auto picks",
                   "Load the model in fp32 and in bf16, alternate their training steps round by round and report "
                   "each one's minimum time, the bf16 speed-up and what --dtype auto picks on this CPU."),
+    "peers": (bench.PeersSettings, "mesp beside transformers+PEFT, torchtune and mlx-lm: whole process, speed, loss",
+              "The same work for every tool (one fp32 HF model directory, the same pre-tokenized samples in the same "
+              "order, one initial LoRA adapter), each (tool, round) in a fresh process sampled from outside "
+              "(private footprint and RSS peaks), rounds in alternating order: each tool's minimum median step "
+              "time, tokens per second and the loss of every step. torchtune and mlx-lm run with "
+              ".peers/bin/python (scripts/dev.sh peers builds it), transformers + PEFT with this Python."),
     "report": (bench.ReportSettings, "measure everything and write docs/results.md (under an hour on 2 cores)",
                "Run every benchmark of the report and write results.md, its figures and raw JSON/CSV into --out."),
 }
@@ -64,7 +70,7 @@ def bench_run(args) -> int:
     if s.threads is not None:
         if s.threads < 1:
             raise MespError(f"--threads: must be a positive integer, got {s.threads}")
-        if args.bench_command not in ("memory", "process"):  # these set it in each fresh process
+        if args.bench_command not in ("memory", "process", "peers"):  # these set it in each fresh process
             torch.set_num_threads(s.threads)
     if args.bench_command == "memory":
         result = bench.bench_memory(s.cases(), progress=True, timeout=s.timeout)
@@ -92,6 +98,10 @@ def bench_run(args) -> int:
         result = bench.bench_precision(s)
         print(bench.precision_table(result))
         _write_outputs(s, result)
+    elif args.bench_command == "peers":
+        result = bench.bench_peers(s)
+        print(bench.peers_table(result))
+        _write_outputs(s, result, plot=bench.plot_peers)
     else:
         path = bench.bench_report(s)
         print(f"wrote {path}")
