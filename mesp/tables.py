@@ -25,13 +25,36 @@ import hashlib
 import json
 from pathlib import Path
 
+from dataclasses import dataclass
+
 from .errors import MespError, one_line
+from .settings import setting
 
 KEYS = ("text", "prompt", "completion", "messages", "input_ids", "labels")  # the record keys of mesp.data's formats
 JSON_CELLS = ("messages", "input_ids", "labels")  # list-valued keys, spelled as JSON text in a CSV cell
 BATCH_ROWS = 256  # rows per record batch read from Parquet / Arrow
 DATA_HELP = "training data: a JSONL, Parquet or CSV file, or a Hugging Face datasets directory (save_to_disk)"
 PYARROW_MISSING = "needs pyarrow: pip install 'mesp[data]'"
+
+
+@dataclass
+class DataColumns:
+    """The data's own names for the keys the formats read, for every command that reads data (mesp train's --data
+    and --valid, mesp eval's --data): --text-column body reads column (or JSONL key) "body" as "text"."""
+    text_column: str | None = setting(None, "the column (or JSONL key) holding the text", default_text="default text", metavar="NAME")
+    prompt_column: str | None = setting(None, "the column holding the prompt", default_text="default prompt", metavar="NAME")
+    completion_column: str | None = setting(None, "the column holding the completion",
+                                            default_text="default completion", metavar="NAME")
+    messages_column: str | None = setting(None, "the column holding the chat messages",
+                                          default_text="default messages", metavar="NAME")
+    input_ids_column: str | None = setting(None, "the column holding pre-tokenized ids",
+                                           default_text="default input_ids", metavar="NAME")
+    labels_column: str | None = setting(None, "the column holding pre-tokenized labels",
+                                        default_text="default labels", metavar="NAME")
+
+    def columns(self) -> dict[str, str]:
+        """mesp key -> the data's column name, for the keys renamed (read_records' `columns`)."""
+        return {k: getattr(self, f"{k}_column") for k in KEYS if getattr(self, f"{k}_column")}
 
 
 def kind_of(path) -> str:

@@ -35,7 +35,7 @@ from .scratch import require_scratch_directory
 from .seeds import mix_seed
 from .tokenizer import load_tokenizer
 from .tables import data_sha256
-from .train_config import DEFAULT_LR, TrainConfig, data_columns, engine_options, lora_config, optimizer_of, resolve
+from .train_config import DEFAULT_LR, TrainConfig, engine_options, lora_config, optimizer_of, resolve
 
 # TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
 __all__ = ["DEFAULT_LR", "NonFiniteGradient", "TrainConfig", "TrainResult", "TrainingInterrupted", "evaluate",
@@ -106,7 +106,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     if c.scratch_dir is not None:
         require_scratch_directory(c.scratch_dir)  # before anything is loaded or written
     for path in (c.data, c.valid) if c.valid else (c.data,):
-        check_data(path, data_columns(c))  # bad data is reported before the model loads
+        check_data(path, c.columns())  # bad data is reported before the model loads
     # the floor is measured in a subprocess: started now, it costs no wall time; its memory is not ours
     floor = threading.Thread(target=runtime_floor_bytes, name="mesp-runtime-floor", daemon=True)
     floor.start()
@@ -127,7 +127,7 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
     if c.seq_len > max_pos:
         raise MespError(f"seq_len {c.seq_len} exceeds the model's max_position_embeddings {max_pos}")
     read = dict(get_tokenizer=lambda: load_tokenizer(model), seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
-                vocab_size=model.config.vocab_size, long_samples=c.long_samples, columns=data_columns(c))
+                vocab_size=model.config.vocab_size, long_samples=c.long_samples, columns=c.columns())
     data = load_data(c.data, **read)
     valid = load_data(c.valid, **read) if c.valid else None
     if data.n_truncated:

@@ -24,7 +24,7 @@ from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIG
 from .precision import AUTO, resolve_dtype
 from .presets import PRESETS
 from .settings import read_toml, setting
-from .tables import DATA_HELP, KEYS
+from .tables import DATA_HELP, KEYS, DataColumns
 
 # Peak learning rates for rank-8 LoRA on all projections. adamw and sgd: chosen on the shipped
 # SmolLM2-135M-Instruct with the demo data (40 steps, batch 4, cosine), where a fifth or a tenth of these
@@ -38,8 +38,9 @@ MODEL_HELP = f"HF model directory, .gguf file or preset name ({', '.join(PRESETS
 
 
 @dataclass
-class TrainConfig:
-    """The settings of a run; field names are the `mesp train` flags (dashes become underscores).
+class TrainConfig(DataColumns):
+    """The settings of a run; field names are the `mesp train` flags (dashes become underscores); the data's column
+    names (--text-column, ...) are DataColumns' fields.
 
     None means "pick the default for the other settings" (see `resolve`)."""
     model: str | None = setting(None, MODEL_HELP, path="file_or_name")
@@ -48,17 +49,6 @@ class TrainConfig:
     out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR", path="file")
     valid: str | None = setting(None, "validation data, as --data (loss every --eval-every steps)",
                                 metavar="FILE|DIR", path="file")
-    # the data's own names for the keys the formats read (mesp.tables), for --data and --valid alike
-    text_column: str | None = setting(None, "the column (or JSONL key) holding the text", default_text="default text")
-    prompt_column: str | None = setting(None, "the column holding the prompt", default_text="default prompt")
-    completion_column: str | None = setting(None, "the column holding the completion",
-                                            default_text="default completion")
-    messages_column: str | None = setting(None, "the column holding the chat messages",
-                                          default_text="default messages")
-    input_ids_column: str | None = setting(None, "the column holding pre-tokenized ids",
-                                           default_text="default input_ids")
-    labels_column: str | None = setting(None, "the column holding pre-tokenized labels",
-                                        default_text="default labels")
     method: str = setting("mesp", "gradient method", choices=METHODS)
     rank: int = setting(8, "LoRA rank")
     alpha: float = setting(16.0, "LoRA alpha")
@@ -133,12 +123,6 @@ SAME_RUN_KEYS = ("model", "data", "method", "rank", "alpha", "targets", "batch_s
 
 # the engine options TrainConfig carries, and the methods that take each
 ENGINE_OPTIONS = {"token_chunk": ("mesp",), "attn_block": ("mesp",), "loss_chunk": ("mesp", "mezo")}
-
-
-def data_columns(c) -> dict[str, str]:
-    """mesp key -> the data's column name, for the keys whose column a config (TrainConfig or another with the same
-    *_column fields) renames."""
-    return {k: getattr(c, f"{k}_column") for k in KEYS if getattr(c, f"{k}_column", None)}
 
 
 def lora_config(c: TrainConfig) -> LoraConfig:
