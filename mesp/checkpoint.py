@@ -19,7 +19,6 @@ directory (checkpoint-notes.txt, say) is never touched, not even by --overwrite.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import logging
 import os
@@ -144,14 +143,6 @@ def remove_stray_temporaries(out: Path) -> None:
     if stray:
         log.info("removing %d temporaries of an interrupted run in %s", len(stray), out)
     _remove(stray)
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def save_checkpoint(out: Path, model, optimizer, state: dict) -> Path:

@@ -9,6 +9,7 @@ Anything else is a bug: one line saying so, exit 2, and `mesp -v` shows the trac
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import importlib.metadata
 import json
 import logging
@@ -25,6 +26,7 @@ from .bench.cli import bench_args, bench_run
 from .checkpoint import load_run_config
 from .demo import DEFAULT_STEPS, MODEL, DemoSettings, run_demo
 from .errors import MespError, one_line
+from .evaluate import EvalSettings, run_eval
 from .export import export_arguments, export_gguf_lora, merge_format_arguments, merge_gguf
 from .generate import check_sampling, generate_stream
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, load_model
@@ -244,6 +246,29 @@ def memory_line(m: dict) -> str:
     return (f"memory: private footprint peak {format_mib(m.get('private_peak_bytes'))} MiB{floor_text}, "
             f"RSS peak {format_mib(m.get('rss_peak_bytes'))} MiB, {step_text}"
             + (f"\nprivate footprint peak by stage (MiB): {by_stage}" if by_stage else ""))
+
+
+# ---- eval ----------------------------------------------------------------------------------------------
+
+@command("eval", lambda p: add_arguments(p, EvalSettings), "Score a model, and an adapter beside it, on test data: "
+         "mean loss and perplexity over the labelled tokens (training's masks), and with --answers the share of "
+         "greedy answers that contain the expected completion.")
+def eval_run(args) -> int:
+    settings = EvalSettings(**given(EvalSettings, args))
+    r = run_eval(settings)
+    rows = {"base": r.base, **({"adapter": r.adapter} if r.adapter else {})}
+    if settings.json:
+        print(json.dumps({"data": r.data, "samples": r.samples, "targets": r.targets, "seconds": round(r.seconds, 3),
+                          **{k: dataclasses.asdict(v) for k, v in rows.items()}, "memory": r.memory}))
+        return 0
+    print(f"{r.data}: {r.samples} samples, {r.targets} labelled tokens")
+    answers = r.base.answers_total is not None
+    print(f"{'':8s} {'loss':>9s} {'perplexity':>11s}" + (f" {'answers':>9s}" if answers else ""))
+    for name, sc in rows.items():
+        print(f"{name:8s} {sc.loss:9.4f} {sc.perplexity:11.3f}"
+              + (f" {f'{sc.answers_correct}/{sc.answers_total}':>9s}" if answers else ""))
+    print(memory_line(r.memory))
+    return 0
 
 
 # ---- estimate ------------------------------------------------------------------------------------------

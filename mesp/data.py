@@ -1,6 +1,8 @@
-"""Training data: JSONL in the formats users already have (mlx-lm / Hugging Face), tokenized, masked, batched.
+"""Training data in the formats users already have (mlx-lm / Hugging Face), tokenized, masked, batched.
 
-One JSON object per line, in one of four formats (extra keys are ignored):
+A JSONL file, a Parquet or CSV file, or a Hugging Face `datasets` directory (read lazily by mesp.tables, whose
+`columns` mapping renames a file's columns to the keys below). One record per line or row, in one of four
+formats (extra keys are ignored):
 
     {"text": "..."}                                   loss on every token (EOS appended)
     {"prompt": "...", "completion": "..."}            loss on the completion only
@@ -21,7 +23,7 @@ sample is trained on half of its text). A string longer than a bound
 that depends on seq_len only (see `char_bound`) is cut before it is tokenized, so one huge line costs no more to
 tokenize than a long sample. A UTF-8 byte order mark at the start of the file is skipped. Labels follow transformers
 (same length as input_ids, shifted inside the loss), so a sample is trainable when some label after the
-first is not -100. Bad input raises MespError naming the file and line.
+first is not -100. Bad input raises MespError naming the file and line (or row).
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ import torch
 
 from .errors import MespError
 from .seeds import mix_seed
+from .tables import read_records
 from .tokenizer import assistant_tokens
 
 log = logging.getLogger(__name__)
@@ -50,7 +53,7 @@ FORMATS = ("text", "prompt/completion", "messages", "input_ids")
 class Sample:
     input_ids: torch.Tensor  # int64 [n]
     labels: torch.Tensor  # int64 [n], IGNORE where no loss
-    line: int  # 1-based line in the source file
+    line: int  # 1-based line of a JSONL file, or row of a table
 
     @property
     def n_targets(self) -> int:
@@ -187,16 +190,16 @@ def read_jsonl(path):
         yield lineno, where, obj
 
 
-LONG_SAMPLES = ("truncate", "skip")  # what load_jsonl does with a sample longer than seq_len
+LONG_SAMPLES = ("truncate", "skip")  # what load_data does with a sample longer than seq_len
 
 
-def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len: int | None = None,
-               train_on_prompt: bool = False, vocab_size: int | None = None,
-               long_samples: str = "truncate") -> Dataset:
-    """Read, tokenize, mask and truncate (or skip) a JSONL file (see the module docstring).
+def load_data(path, get_tokenizer: Callable[[], object] | None = None, seq_len: int | None = None,
+              train_on_prompt: bool = False, vocab_size: int | None = None,
+              long_samples: str = "truncate", columns: dict[str, str] | None = None) -> Dataset:
+    """Read, tokenize, mask and truncate (or skip) a data file or directory (see the module docstring).
 
     get_tokenizer() is called only when a line needs a tokenizer, so pre-tokenized data works with models that
-    have none. vocab_size, if given, bounds pre-tokenized ids."""
+    have none. vocab_size, if given, bounds pre-tokenized ids. columns: mesp key -> the file's column name."""
     path = Path(path)
     tokenizer = max_chars = None
     samples: list[Sample] = []
@@ -204,7 +207,7 @@ def load_jsonl(path, get_tokenizer: Callable[[], object] | None = None, seq_len:
     if long_samples not in LONG_SAMPLES:
         raise MespError(f"long_samples: unknown {long_samples!r}; choose from {', '.join(LONG_SAMPLES)}")
     n_truncated = n_skipped = 0
-    for lineno, where, obj in read_jsonl(path):
+    for lineno, where, obj in read_records(path, columns):
         fmt = detect_format(obj, where)
         if fmt != "input_ids" and tokenizer is None:
             if get_tokenizer is None:
@@ -256,10 +259,10 @@ def char_bound(tokenizer, seq_len: int) -> int | None:
     return 2 * (seq_len + 1) * max(longest, 1)
 
 
-def check_jsonl(path) -> None:
-    """Check every line's JSON, format and field types without a tokenizer, so bad data is reported before a
-    model is loaded (load_jsonl repeats these checks while tokenizing)."""
-    for _, where, obj in read_jsonl(path):
+def check_data(path, columns: dict[str, str] | None = None) -> None:
+    """Check every record's JSON, format and field types without a tokenizer, so bad data is reported before a
+    model is loaded (load_data repeats these checks while tokenizing)."""
+    for _, where, obj in read_records(path, columns):
         fmt = detect_format(obj, where)
         if fmt == "input_ids":
             _pretokenized(obj, where, None)
@@ -268,6 +271,9 @@ def check_jsonl(path) -> None:
         else:
             for key in ("text",) if fmt == "text" else ("prompt", "completion"):
                 _string(obj, key, where)
+
+
+load_jsonl, check_jsonl = load_data, check_data  # the names mesp.federated still reads JSONL by
 
 
 def _why_untrainable(fmt: str) -> str:

@@ -1,4 +1,4 @@
-"""LoRA fine-tuning on a JSONL file: `train(TrainConfig(model=..., data=..., out=...))`.
+"""LoRA fine-tuning on a data file (JSONL, Parquet, CSV) or datasets directory: `train(TrainConfig(model=..., data=..., out=...))`.
 
 The settings are mesp.train_config's TrainConfig; what the run writes into its directory, and how a checkpoint
 is made, is mesp.checkpoint's. Nothing random is drawn from a global stream: the LoRA init, each epoch's data
@@ -20,8 +20,8 @@ from pathlib import Path
 import torch
 
 from .checkpoint import MEMORY_SUMMARY, METRICS, OPTIMIZER_STATE, RUN_CONFIG, TRAINER_STATE, check_out_dir, clear_run, \
-    file_sha256, read_metrics, remove_stray_temporaries, run_files, save_checkpoint
-from .data import Dataset, MicroBatchStream, check_jsonl, load_jsonl
+    read_metrics, remove_stray_temporaries, run_files, save_checkpoint
+from .data import Dataset, MicroBatchStream, check_data, load_data
 from .errors import MespError
 from .fileio import write_json, write_text
 from .interrupt import StopRequest
@@ -34,6 +34,7 @@ from .optim import clip_grad_norm, learning_rate
 from .scratch import require_scratch_directory
 from .seeds import mix_seed
 from .tokenizer import load_tokenizer
+from .tables import data_sha256
 from .train_config import DEFAULT_LR, TrainConfig, engine_options, lora_config, optimizer_of, resolve
 
 # TrainConfig, resolve and DEFAULT_LR are re-exported: mesp.train is where users find them
@@ -105,7 +106,7 @@ def train(config: TrainConfig, progress: Callable[[dict], None] | None = None) -
     if c.scratch_dir is not None:
         require_scratch_directory(c.scratch_dir)  # before anything is loaded or written
     for path in (c.data, c.valid) if c.valid else (c.data,):
-        check_jsonl(path)  # bad data is reported before the model loads
+        check_data(path, c.columns())  # bad data is reported before the model loads
     # the floor is measured in a subprocess: started now, it costs no wall time; its memory is not ours
     floor = threading.Thread(target=runtime_floor_bytes, name="mesp-runtime-floor", daemon=True)
     floor.start()
@@ -126,16 +127,16 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
     if c.seq_len > max_pos:
         raise MespError(f"seq_len {c.seq_len} exceeds the model's max_position_embeddings {max_pos}")
     read = dict(get_tokenizer=lambda: load_tokenizer(model), seq_len=c.seq_len, train_on_prompt=c.train_on_prompt,
-                vocab_size=model.config.vocab_size, long_samples=c.long_samples)
-    data = load_jsonl(c.data, **read)
-    valid = load_jsonl(c.valid, **read) if c.valid else None
+                vocab_size=model.config.vocab_size, long_samples=c.long_samples, columns=c.columns())
+    data = load_data(c.data, **read)
+    valid = load_data(c.valid, **read) if c.valid else None
     if data.n_truncated:
         log.warning("%d of %d training samples were longer than seq_len %d and were truncated",
                     data.n_truncated, len(data), c.seq_len)
     if data.n_skipped:
         log.warning("%d of %d training samples were longer than seq_len %d and were skipped",
                     data.n_skipped, len(data) + data.n_skipped, c.seq_len)
-    data_sha = file_sha256(c.data)
+    data_sha = data_sha256(c.data)
 
     stream = MicroBatchStream(len(data), c.batch_size, c.seed)
     total_steps = c.steps if c.steps is not None else c.epochs * stream.steps_per_epoch(c.grad_accum)

@@ -25,6 +25,7 @@ from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIG
 from .precision import AUTO, resolve_dtype
 from .presets import PRESETS
 from .settings import read_toml, setting
+from .tables import DATA_HELP, KEYS, DataColumns
 
 # Peak learning rates for rank-8 LoRA on all projections. adamw and sgd: chosen on the shipped
 # SmolLM2-135M-Instruct with the demo data (40 steps, batch 4, cosine), where a fifth or a tenth of these
@@ -38,16 +39,17 @@ MODEL_HELP = f"HF model directory, .gguf file or preset name ({', '.join(PRESETS
 
 
 @dataclass
-class TrainConfig:
-    """The settings of a run; field names are the `mesp train` flags (dashes become underscores).
+class TrainConfig(DataColumns):
+    """The settings of a run; field names are the `mesp train` flags (dashes become underscores); the data's column
+    names (--text-column, ...) are DataColumns' fields.
 
     None means "pick the default for the other settings" (see `resolve`)."""
     model: str | None = setting(None, MODEL_HELP, path="file_or_name")
-    data: str | None = setting(None, "training data: text, prompt/completion, messages or input_ids lines",
-                               metavar="FILE.jsonl", path="file")
+    data: str | None = setting(None, DATA_HELP + "; records in the text, prompt/completion, messages or input_ids "
+                                           "format", metavar="FILE|DIR", path="file")
     out: str | None = setting(None, "run directory: adapter, metrics.jsonl, checkpoints", metavar="DIR", path="file")
-    valid: str | None = setting(None, "validation data (loss every --eval-every steps)", metavar="FILE.jsonl",
-                                path="file")
+    valid: str | None = setting(None, "validation data, as --data (loss every --eval-every steps)",
+                                metavar="FILE|DIR", path="file")
     method: str = setting("mesp", "gradient method", choices=METHODS)
     rank: int = setting(8, "LoRA rank")
     alpha: float = setting(16.0, "LoRA alpha")
@@ -120,7 +122,7 @@ class TrainConfig:
 # Settings that define the run: resuming with any of them changed would not continue the same run.
 SAME_RUN_KEYS = ("model", "data", "method", "rank", "alpha", "targets", "batch_size", "seq_len", "lr", "optimizer",
                  "momentum", "weight_decay", "schedule", "warmup", "grad_accum", "seed", "max_grad_norm",
-                 "train_on_prompt", "dtype", "mezo_eps", "quantize", "long_samples")
+                 "train_on_prompt", "dtype", "mezo_eps", "quantize", "long_samples", *(f"{k}_column" for k in KEYS))
 
 
 # the engine options TrainConfig carries, and the methods that take each
