@@ -29,6 +29,9 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import struct
+import tempfile
 from pathlib import Path
 
 import torch
@@ -36,6 +39,7 @@ from torch import nn
 
 from .data import IGNORE
 from .errors import MespError
+from .fileio import atomic_write, fsync_file
 from .lora import peft_key
 from .methods.common import LossBatch
 from .methods.mesp import gradients
@@ -138,7 +142,27 @@ def export_executorch(model, out_dir, batch: int = 1, seq_len: int = 256, lr: fl
                  "adapter_config": json.dumps(lora_config.to_peft(model) if lora_config else {})}
     log.info("exporting the step (B=%d, T=%d, %d LoRA tensors)", batch, seq_len, len(step.lora_names))
     program = to_executorch_program(export_step(step), constants)
-    with open(out / PROGRAM_FILE, "wb") as f:
-        program.write_to_file(f)
-    program.write_tensor_data_to_file(str(out))
+    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:  # each file lands whole or not
+        program.write_tensor_data_to_file(scratch)
+        fsync_file(Path(scratch) / WEIGHTS_FILE)
+        os.replace(Path(scratch) / WEIGHTS_FILE, out / WEIGHTS_FILE)
+
+    def write_program(tmp):
+        with open(tmp, "wb") as f:
+            program.write_to_file(f)
+
+    atomic_write(out / PROGRAM_FILE, write_program)
     return {"program": str(out / PROGRAM_FILE), "weights": str(out / WEIGHTS_FILE), "lora": step.lora_names}
+
+
+TOKENS_MAGIC = b"MESPTOK1"
+
+
+def write_tokens(path, input_ids: torch.Tensor) -> None:
+    """The runner's tokens file (runner/main.cpp): TOKENS_MAGIC, rows and seq_len as little-endian int64, then
+    the [rows, seq_len] token ids as little-endian int64; written atomically."""
+    if input_ids.dim() != 2:
+        raise MespError(f"tokens: expected [rows, seq_len], got shape {tuple(input_ids.shape)}")
+    header = TOKENS_MAGIC + struct.pack("<qq", *input_ids.shape)
+    body = input_ids.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
+    atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + body))
