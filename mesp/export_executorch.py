@@ -122,7 +122,7 @@ def to_executorch_program(programs: dict, constant_methods: dict):
     try:
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
     except ImportError as e:
-        raise MespError("mesp export --format executorch needs ExecuTorch: run it with .et/bin/python "
+        raise MespError("mesp export --format executorch needs ExecuTorch: run .et/bin/mesp "
                         "(scripts/dev.sh runner makes .et)") from e
     edge = to_edge(programs, constant_methods=constant_methods,
                    compile_config=EdgeCompileConfig(_check_ir_validity=False))
@@ -166,3 +166,24 @@ def write_tokens(path, input_ids: torch.Tensor) -> None:
     header = TOKENS_MAGIC + struct.pack("<qq", *input_ids.shape)
     body = input_ids.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + body))
+
+
+def export_executorch_cli(args) -> dict:
+    """`mesp export --format executorch`: the model with the given or a fresh adapter, exported."""
+    from .loaders import load_model
+    from .lora import LoraConfig, add_lora, load_adapter
+
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise MespError(f"--out {out}: not a directory")
+    if not args.overwrite and any((out / f).exists() for f in (PROGRAM_FILE, WEIGHTS_FILE)):
+        raise MespError(f"--out {out}: holds a {PROGRAM_FILE} already; pass --overwrite to replace it")
+    for name in ("rank", "seq_len", "batch_size"):
+        if getattr(args, name) < 1:
+            raise MespError(f"--{name.replace('_', '-')}: expected a whole number >= 1, got {getattr(args, name)}")
+    model = load_model(args.model, weights="resident")
+    if args.adapter:
+        load_adapter(model, args.adapter)
+    else:
+        add_lora(model, LoraConfig(r=args.rank, alpha=args.alpha), seed=args.seed)
+    return export_executorch(model, out, args.batch_size, args.seq_len, args.lr, args.optimizer)
