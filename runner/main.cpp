@@ -18,6 +18,8 @@
 // adapter is written as PEFT's adapter_model.safetensors (F32) beside adapter_config.json, each atomically.
 // Bad input gives one line on stderr naming the file and exit status 1.
 
+#include <executorch/extension/data_loader/mmap_data_loader.h>
+#include <executorch/extension/flat_tensor/flat_tensor_data_map.h>
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
 
@@ -33,11 +35,26 @@
 #include <thread>
 #include <vector>
 
+using executorch::extension::FlatTensorDataMap;
 using executorch::extension::from_blob;
+using executorch::extension::MmapDataLoader;
 using executorch::extension::Module;
 using executorch::runtime::Error;
 using executorch::runtime::EValue;
 using executorch::runtime::Program;
+
+// ExecuTorch's log goes through this platform hook (a weak symbol in the runtime; this definition wins): its
+// info lines are dropped and its last error kept, so a failure is reported as one line that includes it.
+static std::string last_runtime_error;
+
+extern "C" void et_pal_emit_log_message(et_timestamp_t, et_pal_log_level_t level, const char*, const char*, size_t,
+                                        const char* message, size_t length) {
+  if (level == kError || level == kFatal) {
+    last_runtime_error.assign(message, length);
+    while (!last_runtime_error.empty() && (last_runtime_error.back() == '\n' || last_runtime_error.back() == ' '))
+      last_runtime_error.pop_back();
+  }
+}
 
 namespace {
 
@@ -46,7 +63,9 @@ struct Failure : std::runtime_error {
 };
 
 std::string error_text(Error e) {
-  return "ExecuTorch error " + std::to_string(static_cast<int>(e));
+  std::string text = "ExecuTorch error " + std::to_string(static_cast<int>(e));
+  if (!last_runtime_error.empty()) text += ": " + last_runtime_error;
+  return text;
 }
 
 // /proc/self/status fields in kB (0 where absent)
@@ -247,6 +266,14 @@ int train(int argc, char** argv) {
   for (const auto& p : {pte, ptd})
     if (!readable(p)) throw Failure(p + ": cannot open");
   Tokens tokens = read_tokens(data);
+
+  {  // the weights file checked on its own first, so a bad one is named as itself
+    auto loader = MmapDataLoader::from(ptd.c_str(), MmapDataLoader::MlockConfig::NoMlock);
+    if (!loader.ok()) throw Failure(ptd + ": cannot map (" + error_text(loader.error()) + ")");
+    auto map = FlatTensorDataMap::load(&loader.get());
+    if (!map.ok()) throw Failure(ptd + ": not a valid ExecuTorch data file (" + error_text(map.error()) + ")");
+  }
+  last_runtime_error.clear();
 
   Sampler sampler;
   Module module(pte, ptd, Module::LoadMode::Mmap);
