@@ -179,12 +179,14 @@ def attention_reference(q, k, v, key_mask=None, scale=None, window=None):
 
 @torch.no_grad()
 def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, compute_grad=True,
-                          chunk_bytes=8 << 20, softcap=None):
+                          chunk_bytes=8 << 20, softcap=None, rows=None):
     """Summed cross-entropy of (hidden W^T) against targets, plus dL/dhidden for L = sum/normalizer.
 
     hidden [N, d] (final-normed, already shifted); weight [V, d] (tensor or quantized object);
     targets LongTensor [N], -100 = ignored (those rows never touch the LM head);
     normalizer: number or scalar tensor (e.g. the count of target tokens).
+    rows: the indices of the counted rows when the caller knows them (a program exported for fixed shapes,
+    mesp.export_executorch, where a data-dependent nonzero cannot be traced); None = those with a target.
     Returns (loss_sum fp32 0-dim tensor, g_hidden [N, d] in hidden's dtype or None).
 
     Full [N, V] logits never exist. Counted rows go in blocks of at most chunk_size tokens, and each block
@@ -204,7 +206,8 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
     acc_dt = acc_dtype(hidden.dtype)
     loss_sum = torch.zeros((), dtype=acc_dt, device=hidden.device)
     g_hidden = torch.zeros_like(hidden) if compute_grad else None
-    rows = (targets != -100).nonzero().squeeze(1)
+    if rows is None:
+        rows = (targets != -100).nonzero().squeeze(1)
     V = weight.shape[0]
     for c0 in range(0, rows.numel(), chunk_size):
         idx = rows[c0 : c0 + chunk_size]
@@ -222,10 +225,12 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
             v1 = min(V, v0 + vc)
             w = weight_rows(weight, v0, v1).to(h.dtype)
             p, slope = _logits_slice(h, w, softcap)  # [n, v1-v0]
+            # each row's target logit from the slice holding it, by a gather of fixed shape (traceable)
             inside = (t >= v0) & (t < v1)
-            target_logit[inside] = p[inside, t[inside] - v0]
+            local = (t - v0).clamp_(0, v1 - v0 - 1)[:, None]
+            target_logit = torch.where(inside, p.gather(1, local).squeeze(1), target_logit)
             if slope is not None:
-                target_slope[inside] = slope[inside, t[inside] - v0]
+                target_slope = torch.where(inside, slope.gather(1, local).squeeze(1), target_slope)
             m_new = torch.maximum(m, p.amax(dim=-1))
             rescale = torch.exp(m - m_new)
             p.sub_(m_new[:, None]).exp_()

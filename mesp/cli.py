@@ -312,8 +312,17 @@ def merge_run(args) -> int:
 
 
 @command("export", export_arguments, "Write a LoRA adapter as llama.cpp's LoRA GGUF file (llama-cli --lora, "
-                                    "Ollama's ADAPTER).")
+                                    "Ollama's ADAPTER), or MeSP's training step as an ExecuTorch program.")
 def export_run(args) -> int:
+    if args.format == "executorch":
+        from .export_executorch import export_executorch_cli
+
+        r = export_executorch_cli(args)
+        print(f"wrote {r['program']} and {r['weights']}: one MeSP SGD step (B={args.batch_size}, "
+              f"T={args.seq_len}, {len(r['lora'])} LoRA tensors)")
+        return 0
+    if args.adapter is None:
+        raise MespError("--adapter: required with --format gguf-lora")
     r = export_gguf_lora(args.model, args.adapter, args.out, outtype=args.outtype, overwrite=args.overwrite)
     print(f"wrote {r.out}: LoRA of {r.lora_modules} projections, {r.tensors} {r.outtype} tensors "
           f"({format_mib(r.bytes)} MiB)")

@@ -46,20 +46,33 @@ log = logging.getLogger(__name__)
 Q = gguf.GGMLQuantizationType
 LORA_OUT_TYPES = ("f32", "f16", "q8_0")  # convert_lora_to_gguf's --outtype choices
 MERGE_OUT_TYPES = ("f32", "f16", "q8_0", "q4_0", "q4_1")
-FORMATS = ("gguf-lora",)
+FORMATS = ("gguf-lora", "executorch")
 
 
 def export_arguments(p: argparse.ArgumentParser) -> None:
     """`mesp export`'s flags."""
     p.add_argument("--model", required=True, help="the base model the adapter was trained on: HF directory, "
                    ".gguf file or preset")
-    p.add_argument("--adapter", required=True, help="LoRA adapter directory (PEFT format), e.g. a mesp train --out")
+    p.add_argument("--adapter", help="LoRA adapter directory (PEFT format), e.g. a mesp train --out (gguf-lora: "
+                   "required; executorch: the adapter training starts from, else a fresh one)")
     p.add_argument("--format", choices=FORMATS, default="gguf-lora", help="what to write: llama.cpp's LoRA "
-                   "adapter file (default gguf-lora)")
+                   "adapter file, or executorch: one MeSP SGD training step as an ExecuTorch program, DIR/step.pte "
+                   "+ DIR/base.ptd (the frozen weights), which mesp-runner runs (default gguf-lora)")
     p.add_argument("--outtype", choices=LORA_OUT_TYPES, default="f32", help="type of the LoRA matrices (q8_0 "
                    "falls back to f16 for a matrix whose rows do not split into blocks of 32; default f32)")
-    p.add_argument("--out", required=True, metavar="FILE.gguf", help="the .gguf file to write")
+    p.add_argument("--out", required=True, metavar="FILE.gguf|DIR", help="the .gguf file to write (executorch: "
+                   "the directory)")
     p.add_argument("--overwrite", action="store_true", help="replace an existing --out")
+    g = p.add_argument_group("--format executorch (the step's fixed shapes and settings)")
+    g.add_argument("--rank", type=int, default=8, help="LoRA rank of a fresh adapter (default 8)")
+    g.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha of a fresh adapter (default 16)")
+    g.add_argument("--seed", type=int, default=0, help="a fresh adapter's init (default 0)")
+    g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
+    g.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="the update (sgd; adamw is not "
+                   "exported yet)")
+    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, constant (default 0.1, mesp train's "
+                   "for sgd)")
 
 
 def merge_format_arguments(p: argparse.ArgumentParser) -> None:

@@ -6,11 +6,24 @@
 #                         mesp's GGUF exports of the demo adapter (tests/test_llamacpp_interop.py)
 #   scripts/dev.sh peers  build .peers/, the environment of the tools `mesp bench peers` runs beside mesp
 #                         (transformers + PEFT, torchtune, mlx-lm on the CPU), then run `mesp bench peers ARGS`
+#   scripts/dev.sh runner the ExecuTorch environment .et/ (executorch 1.5.1 over torch 2.13, mesp, CMake) and
+#                         the native runner build/runner/mesp-runner (runner/, against the wheel's ExecuTorch);
+#                         then `.et/bin/mesp export --format executorch ...` writes the programs it runs
 set -euo pipefail
 cd "$(dirname "$0")/.."
 job="${1:-demo}"; shift || true
 pip_install() { .venv/bin/python -m pip install -q --disable-pip-version-check "$@"; }
 peers_install() { .peers/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+
+if [ "$job" = runner ]; then  # an environment of its own: executorch is paired with its own torch and deps
+  et_install() { .et/bin/python -m pip install -q --disable-pip-version-check "$@"; }
+  [ -x .et/bin/python ] || python3 -m venv .et
+  et_install torch==2.13.0                     # first, so executorch (which does not pin torch) keeps the CPU build
+  et_install executorch==1.5.1 "cmake>=3.28,<4" -e .
+  prefix="$(.et/bin/python -c 'import executorch; print(list(executorch.__path__)[0])')"
+  .et/bin/cmake -S runner -B build/runner -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
+  exec .et/bin/cmake --build build/runner -j2
+fi
 
 [ -x .venv/bin/python ] || python3 -m venv .venv
 pip_install torch==2.13.0                      # the CPU build; a looser pin would pull a multi-GB CUDA build
@@ -42,5 +55,5 @@ case "$job" in
   demo) exec .venv/bin/mesp demo "$@" ;;
   test) exec .venv/bin/python -m pytest -p no:cacheprovider "$@" ;;
   interop) exec .venv/bin/python -m pytest -p no:cacheprovider -s tests/test_llamacpp_interop.py "$@" ;;
-  *) echo "usage: scripts/dev.sh demo|test|interop|peers [args...]" >&2; exit 2 ;;
+  *) echo "usage: scripts/dev.sh demo|test|interop|peers|runner [args...]" >&2; exit 2 ;;
 esac

@@ -22,6 +22,7 @@ class LossBatch:
     attention_mask: torch.Tensor | None  # [B, T] (1 = real token), None when nothing is padded
     targets: torch.Tensor  # [B, T]: targets[:, t] = labels[:, t+1]; last column IGNORE
     normalizer: float  # how many targets count (loss = sum over them / normalizer)
+    counted_rows: torch.Tensor | None = None  # flat [B*T] indices of the counted targets, when known beforehand
 
     @property
     def key_mask(self) -> torch.Tensor | None:
@@ -75,7 +76,8 @@ def chunked_loss(hidden: torch.Tensor, model: Model, batch: LossBatch, loss_chun
     B, T, d = hidden.shape
     loss_sum, g = blockwise.lm_head_cross_entropy(hidden.reshape(B * T, d), model.lm_head_weight,
                                             batch.targets.reshape(-1), batch.normalizer, loss_chunk or 1024,
-                                            compute_grad, loss_chunk_bytes, model.config.final_logit_softcapping)
+                                            compute_grad, loss_chunk_bytes, model.config.final_logit_softcapping,
+                                            batch.counted_rows)
     return loss_sum / batch.normalizer, None if g is None else g.view(B, T, d)
 
 
