@@ -446,6 +446,16 @@ def federated_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--seq-len", type=int, default=256, help="longest sample in tokens (default 256)")
     p.add_argument("--valid", metavar="FILE.jsonl", help="held-out data: the global adapter's loss every round")
     p.add_argument("--port", type=int, help="first local port to try (default: any free ports)")
+    p.add_argument("--insecure", action="store_true", help="Flower's --insecure: no TLS (traffic readable on the "
+                   "wire) and no SuperNode authentication (any node reaching the SuperLink may join)")
+    p.add_argument("--max-update-norm", type=float, default=1000.0, help="leave out a returned adapter whose "
+                   "change (L2 over all tensors) exceeds this (default 1000)")
+    p.add_argument("--min-fraction", type=float, default=0.5, help="a round fails when fewer than this fraction "
+                   "of its clients are averaged (default 0.5)")
+    p.add_argument("--round-timeout", type=float, default=3600.0, help="seconds a round waits for replies "
+                   "(default 3600)")
+    p.add_argument("--resume", action="store_true", help="continue the interrupted run in --out from its last "
+                   "complete round (its settings come from OUT/federation.json)")
     p.add_argument("--demo", action="store_true", help="three clients, each with facts about a different "
                    "fictional person, on the shipped SmolLM2; scores held-out questions before and after")
 
@@ -460,6 +470,10 @@ def _print_federated_event(event: dict) -> None:
                           + (f" ({format_mib(c['private_peak_bytes'], 0)} MiB)" if c["private_peak_bytes"] else "")
                           + (" OVER BUDGET" if c.get("over_memory_budget") else "") for c in event["clients"])
         print(f"  round {event['round']}: mean train loss {event['train_loss']:.4f}; clients: {peaks}", flush=True)
+    elif kind in ("dropped", "rejected"):
+        print(f"  round {event['round']}: {kind} {event['client']}: {event['reason']}", flush=True)
+    elif kind in ("dropout", "refused"):
+        print(f"  {event.get('client', '')} {event['message']}".replace("   ", " "), flush=True)
     elif kind == "eval":
         print(f"  round {event['round']}: held-out loss of the global adapter {event['valid_loss']:.4f}",
               flush=True)
@@ -486,15 +500,20 @@ def federated_run(args) -> int:
         print(f"adapters: {report.out}" if report.out else "(pass --out DIR to keep the adapters)")
         print(f"done in {report.seconds:.0f} s ({report.federation_seconds:.0f} s of federation)")
         return 0
-    for flag in ("model", "clients", "out"):
+    for flag in (("out",) if args.resume else ("model", "clients", "out")):
         if not getattr(args, flag):
             raise MespError(f"--{flag}: required (or --demo)")
-    settings = FederationSettings(model=args.model, clients=[c for c in args.clients.split(",") if c],
+    settings = FederationSettings(model=args.model or "", clients=[c for c in (args.clients or "").split(",") if c],
                                   rounds=args.rounds, local_steps=args.local_steps, out=args.out,
                                   method=args.method, memory_budget_mb=args.memory_budget, rank=args.rank,
                                   alpha=args.alpha, lr=args.lr, batch_size=args.batch_size, seq_len=args.seq_len,
-                                  valid=args.valid, port=args.port)
-    result = run_local_federation(settings, progress=_print_federated_event)
+                                  valid=args.valid, port=args.port, insecure=args.insecure,
+                                  max_update_norm=args.max_update_norm, min_fraction=args.min_fraction,
+                                  round_timeout=args.round_timeout)
+    if args.insecure:
+        print("--insecure: no TLS and no SuperNode authentication; anything on this machine may read the "
+              "traffic or join", flush=True)
+    result = run_local_federation(settings, progress=_print_federated_event, resume=args.resume)
     print(f"{len(result.rounds)} rounds in {result.seconds:.1f} s; global adapters: "
           f"{result.out}/round-N/global (last: round-{len(result.rounds)})")
     return 0

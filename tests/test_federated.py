@@ -20,7 +20,8 @@ from safetensors.torch import load_file
 pytest.importorskip("flwr")
 
 from mesp.cli import main  # noqa: E402
-from mesp.federated.local import TAG_VARIABLE, FederationSettings, port_is_free, run_local_federation  # noqa: E402
+from mesp.federated.local import FederationSettings, run_local_federation  # noqa: E402
+from mesp.federated.processes import TAG_VARIABLE, port_is_free  # noqa: E402
 from mesp.federated.local_training import ClientSettings, train_client  # noqa: E402
 
 WEIGHTS = "adapter_model.safetensors"
@@ -122,7 +123,8 @@ def test_client_failing_mid_run_ends_it_with_one_line_and_nothing_left(tiny, tmp
     bad = tmp_path / "erin.jsonl"
     bad.write_text('{"input_ids": [1, 2, 100000]}\n')  # well-formed, but outside the model's vocabulary
     code = main(["federated", "--model", model, "--clients", f"{files['alice']},{bad}", "--rounds", "2",
-                 "--local-steps", "1", "--out", str(tmp_path / "run"), "--rank", "2", "--seq-len", "16"])
+                 "--local-steps", "1", "--out", str(tmp_path / "run"), "--rank", "2", "--seq-len", "16",
+                 "--min-fraction", "1"])  # every client must be averaged: one failure ends the run
     err = capsys.readouterr().err
     assert code == 2
     assert err.count("\n") == 1 and err.startswith("mesp federated: error:") and str(bad) in err

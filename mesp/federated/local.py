@@ -5,23 +5,32 @@
                                                      out="runs/fed"), progress=print)
 
 It validates every client file first (a malformed one is a MespError naming it, before any process starts),
-picks free ports (each bind-tested; an occupied one is skipped), makes a private Flower home (FLWR_HOME) with
-one SuperLink connection, starts one SuperLink and one SuperNode per client file (node config: the file and
-its stem as the client's name), runs the mesp app (mesp.federated.APP_DIR) with `flwr run --stream`, and
-forwards the ServerApp's progress. Every process it starts runs in its own process group and carries a tag
-in its environment; on success, failure or Ctrl-C all of them are stopped (SIGTERM, then SIGKILL), any tagged
-straggler too, and the Flower home is removed. Flower's own logs stay in OUT/logs/.
+writes the settings to OUT/federation.json (what `--resume` reads), picks free ports (each bind-tested; an
+occupied one is skipped) and makes a private Flower home (FLWR_HOME) holding one SuperLink connection and
+throw-away credentials (mesp.federated.credentials): a CA and the SuperLink's TLS certificate, and one key
+pair per SuperNode. It starts the SuperLink with TLS and SuperNode authentication, registers every client's
+public key (`flwr supernode register`), starts one SuperNode per client file (node config: the file and its
+stem as the client's name), runs the mesp app (mesp.federated.APP_DIR) with `flwr run --stream` and forwards
+the ServerApp's progress. A SuperNode that exits is reported as a dropout (the ServerApp decides whether the
+round still stands); a SuperNode the SuperLink refuses is reported too. With `insecure` it runs Flower's
+`--insecure` instead: no TLS, and no SuperNode authentication (Flower allows it only over TLS).
+
+Every process it starts runs in its own process group and carries a tag in its environment; on success,
+failure or Ctrl-C all of them are stopped (SIGTERM, then SIGKILL), any tagged straggler too, and the Flower
+home is removed. A launcher that was killed outright leaves its processes behind: `resume` stops those first
+(their tag is in federation.json). Flower's own logs stay in OUT/logs/.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
+import math
 import os
 import queue
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,16 +43,18 @@ from pathlib import Path
 
 from ..data import check_jsonl, read_jsonl
 from ..errors import MespError
-from . import APP_DIR, PROGRESS_MARK, SUMMARY
+from ..fileio import write_json
+from . import APP_DIR, PROGRESS_MARK, ROUND_RECORD, SETTINGS, SUMMARY
+from .checks import DEFAULT_MAX_UPDATE_NORM
+from .credentials import make_node_key, make_tls
 from .local_training import ClientSettings
+from .processes import (HOST, STOP_GRACE, TAG_VARIABLE, ProcessGroup, free_ports, last_line, signal_group,
+                        tagged_processes, wait_until_listening)
 
 log = logging.getLogger(__name__)
 
-HOST = "127.0.0.1"
-TAG_VARIABLE = "MESP_FEDERATION_TAG"  # set in every process the launcher starts, inherited by their children
-READY_TIMEOUT = 60.0  # seconds for the SuperLink to accept connections
-STOP_GRACE = 10.0  # seconds between SIGTERM and SIGKILL
 CONNECTION = "mesp-local"
+REFUSED_MARK = "No SuperNode found with the given public key"  # the SuperLink's log line for an unknown key
 
 
 @dataclass
@@ -65,6 +76,11 @@ class FederationSettings:
     seed: int = 0
     valid: str | None = None
     port: int | None = None  # first port to try; None: any free ports
+    insecure: bool = False  # Flower's --insecure: no TLS and no SuperNode authentication
+    max_update_norm: float | None = DEFAULT_MAX_UPDATE_NORM  # None: no bound on a returned update's norm
+    min_fraction: float = 0.5  # of a round's clients that must be averaged
+    round_timeout: float = 3600.0  # seconds a round waits for replies
+    join_timeout: float = 120.0  # seconds the first round waits for every SuperNode
 
     def client_settings(self) -> ClientSettings:
         return ClientSettings(model=self.model, steps=self.local_steps, rounds=self.rounds, method=self.method,
@@ -75,10 +91,11 @@ class FederationSettings:
 @dataclass
 class FederationResult:
     out: str
-    rounds: list[dict]  # per round: train_loss and each client's metrics (summary.json)
+    rounds: list[dict]  # per round: train_loss, each averaged client's metrics, who dropped, who was rejected
     valid_loss: dict | None
     seconds: float
     ports: dict = field(default_factory=dict)  # role -> port used
+    events: list[dict] = field(default_factory=list)  # the launcher's own: dropouts and refusals it saw
 
 
 # ---- checks before any process starts ------------------------------------------------------------------
@@ -103,7 +120,7 @@ def check_client_files(paths: list[str]) -> None:
             raise MespError(f"{p}: no samples (the file is empty)")
 
 
-def check_settings(s: FederationSettings) -> None:
+def check_settings(s: FederationSettings, resume: bool = False) -> None:
     for name in ("rounds", "local_steps"):
         v = getattr(s, name)
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -112,13 +129,58 @@ def check_settings(s: FederationSettings) -> None:
         raise MespError(f"--memory-budget: must be a positive number of MiB, got {s.memory_budget_mb!r}")
     if s.port is not None and not 1024 <= s.port <= 65535:
         raise MespError(f"--port: must be in 1024..65535, got {s.port}")
+    if s.max_update_norm is not None and not s.max_update_norm > 0:
+        raise MespError(f"--max-update-norm: must be a positive number, got {s.max_update_norm!r}")
+    if not 0 < s.min_fraction <= 1:
+        raise MespError(f"--min-fraction: must be in (0, 1], got {s.min_fraction!r}")
+    for name in ("round_timeout", "join_timeout"):
+        if not getattr(s, name) > 0:
+            raise MespError(f"--{name.replace('_', '-')}: must be a positive number of seconds")
     s.client_settings().train_config(os.devnull)  # method, rank, lr ... checked by mesp train's rules
     out = Path(s.out)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
-        raise MespError(f"--out: {out} exists and is not an empty directory")
+    if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise MespError(f"--out: {out} exists and is not an empty directory (--resume continues a run there)")
     if s.valid:
         check_jsonl(s.valid)
     check_client_files(s.clients)
+
+
+def last_complete_round(out: Path) -> int:
+    """The highest N with round-N/round.json (written after round N's global adapter), 0 if none."""
+    done = [int(p.parent.name.split("-")[1]) for p in out.glob(f"round-*/{ROUND_RECORD}")
+            if p.parent.name.split("-")[1].isdigit()]
+    return max(done, default=0)
+
+
+def read_resume(out_dir: str) -> tuple[FederationSettings, dict]:
+    """The settings of the run in out_dir (federation.json) and its launcher record (tag, pid)."""
+    path = Path(out_dir) / SETTINGS
+    try:
+        saved = json.loads(path.read_text())
+        settings = FederationSettings(**saved["settings"])
+    except (OSError, json.JSONDecodeError, KeyError, TypeError) as e:
+        raise MespError(f"--resume: {path}: not the record of a mesp federated run ({e})") from e
+    return settings, saved["launcher"]
+
+
+def stop_previous_launcher(launcher: dict, out: Path) -> None:
+    """Before resuming: refuse while the run's launcher still lives; stop what a killed one left behind."""
+    pid = int(launcher.get("pid", 0))
+    if pid and pid != os.getpid() and Path(f"/proc/{pid}").exists():
+        try:
+            alive = launcher.get("tag", "").encode() in (Path(f"/proc/{pid}") / "environ").read_bytes() or \
+                "mesp" in (Path(f"/proc/{pid}") / "cmdline").read_text(errors="replace")
+        except OSError:
+            alive = False
+        if alive:
+            raise MespError(f"--resume: {out} is in use by a running mesp federated (pid {pid})")
+    for left in tagged_processes(str(launcher.get("tag", ""))):
+        log.warning("stopping process %d left by the interrupted run", left)
+        signal_group(left, signal.SIGKILL)
+        try:
+            os.kill(left, signal.SIGKILL)
+        except OSError:
+            pass
 
 
 def executable(name: str) -> str:
@@ -128,138 +190,6 @@ def executable(name: str) -> str:
     if not found:
         raise MespError(f"{name}: not found; install Flower with: pip install 'mesp[federated]'")
     return found
-
-
-# ---- ports ---------------------------------------------------------------------------------------------
-
-def port_is_free(port: int, host: str = HOST) -> bool:
-    """Whether a server could listen on host:port now. SO_REUSEADDR as servers set it: connections of a finished
-    run lingering in TIME_WAIT do not hold a port, a listening socket does."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            s.bind((host, port))
-        except OSError:
-            return False
-    return True
-
-
-def free_ports(n: int, start: int | None = None, host: str = HOST) -> list[int]:
-    """n distinct ports that bind now: from `start` upwards, skipping occupied ones, or (start None) ports the
-    kernel hands out, held together so they differ."""
-    if start is not None:
-        ports = [p for p in range(start, 65536) if port_is_free(p, host)][:n]
-        if len(ports) < n:
-            raise MespError(f"--port: fewer than {n} free ports from {start} upwards")
-        return ports
-    sockets = []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            sockets.append(s)
-            s.bind((host, 0))
-        return [s.getsockname()[1] for s in sockets]
-    finally:
-        for s in sockets:
-            s.close()
-
-
-def wait_until_listening(port: int, process: subprocess.Popen, what: str, log_path: Path,
-                         timeout: float = READY_TIMEOUT) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if process.poll() is not None:
-            raise MespError(f"{what} exited with status {process.returncode}: {last_line(log_path)}")
-        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-            s.settimeout(0.5)
-            if s.connect_ex((HOST, port)) == 0:
-                return
-        time.sleep(0.1)
-    raise MespError(f"{what} did not accept connections on {HOST}:{port} within {timeout:.0f} s (see {log_path})")
-
-
-def last_line(path: Path) -> str:
-    try:
-        lines = [ln.strip() for ln in path.read_text(errors="replace").splitlines() if ln.strip()]
-    except OSError:
-        return "(no log)"
-    return lines[-1] if lines else "(no output)"
-
-
-# ---- processes -----------------------------------------------------------------------------------------
-
-def tagged_processes(tag: str) -> list[int]:
-    """Pids of live processes whose environment carries TAG_VARIABLE=tag (Linux /proc; [] elsewhere)."""
-    needle = f"{TAG_VARIABLE}={tag}".encode()
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            if needle in (entry / "environ").read_bytes().split(b"\0"):
-                pids.append(int(entry.name))
-        except OSError:  # gone, or not ours to read
-            continue
-    return pids
-
-
-class ProcessGroup:
-    """The processes of one federation: each started in its own session, all stopped together."""
-
-    def __init__(self, env: dict, log_dir: Path, tag: str):
-        self.env, self.log_dir, self.tag = env, log_dir, tag
-        self.processes: dict[str, subprocess.Popen] = {}
-        self._logs = []
-
-    def start(self, name: str, argv: list[str], capture: bool = False) -> subprocess.Popen:
-        log_file = open(self.log_dir / f"{name}.log", "wb")
-        self._logs.append(log_file)
-        p = subprocess.Popen(argv, env=self.env, stdin=subprocess.DEVNULL,
-                             stdout=subprocess.PIPE if capture else log_file,
-                             stderr=subprocess.STDOUT if capture else log_file, start_new_session=True)
-        self.processes[name] = p
-        return p
-
-    def log_path(self, name: str) -> Path:
-        return self.log_dir / f"{name}.log"
-
-    def died(self, names) -> str | None:
-        for name in names:
-            p = self.processes[name]
-            if p.poll() is not None:
-                return f"{name} exited with status {p.returncode}: {last_line(self.log_path(name))}"
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM every group, SIGKILL what is left after STOP_GRACE, then any tagged straggler."""
-        for p in self.processes.values():
-            signal_group(p.pid, signal.SIGTERM)
-        deadline = time.monotonic() + STOP_GRACE
-        for p in self.processes.values():
-            try:
-                p.wait(max(0.0, deadline - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                pass
-        for p in self.processes.values():
-            signal_group(p.pid, signal.SIGKILL)  # the group may outlive its leader
-            p.wait()
-        # stragglers: Flower starts some helpers in sessions of their own; one may be starting another as we
-        # look, so look again until none is left (a killed process leaves /proc once it is gone)
-        deadline = time.monotonic() + STOP_GRACE
-        while (left := tagged_processes(self.tag)) and time.monotonic() < deadline:
-            for pid in left:
-                try:
-                    os.kill(pid, signal.SIGKILL)
-                except OSError:
-                    pass
-            time.sleep(0.05)
-        for f in self._logs:
-            f.close()
-
-
-def signal_group(pgid: int, sig: int) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except (ProcessLookupError, PermissionError):
-        pass
 
 
 def toml_pairs(config: dict) -> str:
@@ -275,21 +205,30 @@ def read_lines(stream, into: queue.Queue) -> None:
 
 # ---- the run -------------------------------------------------------------------------------------------
 
-def run_local_federation(s: FederationSettings, progress: Callable[[dict], None] | None = None
-                         ) -> FederationResult:
+def run_local_federation(s: FederationSettings, progress: Callable[[dict], None] | None = None,
+                         resume: bool = False) -> FederationResult:
     """Run the federation (see the module docstring). progress(event) receives {"event": "ports", ...},
-    {"event": "started", ...} and the ServerApp's events ("start", "round", "eval", "done")."""
+    {"event": "started", ...}, the launcher's "dropout" and "refused" and the ServerApp's events ("start",
+    "round", "dropped", "rejected", "eval", "done"). With `resume`, s.out holds an interrupted run: it
+    continues from its last complete round (s's other fields are ignored: the run's own settings are read)."""
     emit = progress or (lambda event: None)
     started = time.perf_counter()
+    tag = uuid.uuid4().hex
+    if resume:
+        s, launcher = read_resume(s.out)
+        stop_previous_launcher(launcher, Path(s.out))
     s.clients = [os.path.abspath(c) for c in s.clients]
     s.valid = os.path.abspath(s.valid) if s.valid else None
-    check_settings(s)
+    check_settings(s, resume)
     commands = {name: executable(name) for name in ("flower-superlink", "flower-supernode", "flwr")}
     out = Path(s.out).resolve()
+    first = last_complete_round(out) if resume else 0
+    if resume and (out / SUMMARY).is_file():
+        raise MespError(f"--resume: {out} holds a finished run (summary.json)")
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out / SETTINGS, {"settings": dataclasses.asdict(s), "launcher": {"pid": os.getpid(), "tag": tag}})
     home = Path(tempfile.mkdtemp(prefix="mesp-flwr-home-"))
-    tag = uuid.uuid4().hex
     mesp_root = str(Path(__file__).resolve().parents[2])  # so every Flower process imports this mesp
     # Flower starts its helpers (flower-superexec ...) by name: the directory of the commands found comes first
     bin_dirs = list(dict.fromkeys(str(Path(c).parent) for c in commands.values()))
@@ -298,36 +237,57 @@ def run_local_federation(s: FederationSettings, progress: Callable[[dict], None]
            "PYTHONPATH": os.pathsep.join(filter(None, [mesp_root, os.environ.get("PYTHONPATH")]))}
     group = ProcessGroup(env, log_dir, tag)
     previous_term = None
+    events: list[dict] = []
+
+    def note(event: dict) -> None:
+        events.append(event)
+        emit(event)
+
     if threading.current_thread() is threading.main_thread():  # a SIGTERM to us stops the federation too
         previous_term = signal.signal(signal.SIGTERM, raise_interrupt)
+    error = None
     try:
         ports = free_ports(1 + len(s.clients), s.port)
         link_port, node_ports = ports[0], ports[1:]
-        used = {"superlink": link_port, **{client_name(c): p for c, p in zip(s.clients, node_ports)}}
+        names = [client_name(c) for c in s.clients]
+        used = {"superlink": link_port, **dict(zip(names, node_ports))}
         emit({"event": "ports", "ports": used})
+        tls = None if s.insecure else make_tls(home / "tls")
+        security = 'insecure = true\n' if tls is None else f'root-certificates = "{tls.ca}"\n'
         (home / "config.toml").write_text(
             f'[superlink]\ndefault = "{CONNECTION}"\n\n[superlink.{CONNECTION}]\n'
-            f'address = "{HOST}:{link_port}"\ninsecure = true\n')
+            f'address = "{HOST}:{link_port}"\n{security}')
         app_dir = home / "app"
         shutil.copytree(APP_DIR, app_dir, ignore=shutil.ignore_patterns("__pycache__"))
-
-        link = group.start("superlink", [commands["flower-superlink"], "--insecure", "--host", HOST, "--port",
+        link_security = ["--insecure"] if tls is None else [
+            "--ssl-ca-certfile", str(tls.ca), "--ssl-certfile", str(tls.cert), "--ssl-keyfile", str(tls.key),
+            "--enable-supernode-auth"]
+        link = group.start("superlink", [commands["flower-superlink"], *link_security, "--host", HOST, "--port",
                                          str(link_port), "--disable-runtime-dependency-installation"])
         wait_until_listening(link_port, link, "flower-superlink", group.log_path("superlink"))
         nodes = []
-        for c, port in zip(s.clients, node_ports):
-            name = f"supernode-{client_name(c)}"
-            nodes.append(name)
-            group.start(name, [commands["flower-supernode"], "--insecure", "--superlink", f"{HOST}:{link_port}",
-                               "--host", HOST, "--port", str(port),
-                               "--node-config", toml_pairs({"data": c, "name": client_name(c)})])
-        emit({"event": "started", "clients": [client_name(c) for c in s.clients]})
+        for c, name, port in zip(s.clients, names, node_ports):
+            node_security = ["--insecure"]
+            if tls is not None:
+                key = make_node_key(home / "keys", name)
+                register(commands["flwr"], env, key.public, name)
+                node_security = ["--root-certificates", str(tls.ca), "--auth-supernode-private-key",
+                                 str(key.private)]
+            nodes.append(f"supernode-{name}")
+            group.start(nodes[-1], [commands["flower-supernode"], *node_security, "--superlink",
+                                    f"{HOST}:{link_port}", "--host", HOST, "--port", str(port),
+                                    "--node-config", toml_pairs({"data": c, "name": name})])
+        emit({"event": "started", "clients": names, "superlink": f"{HOST}:{link_port}",
+              "tls": tls is not None, "ca": str(tls.ca) if tls else None, "resume_round": first})
 
         run_config = {**s.client_settings().to_run_config(), "num-clients": len(s.clients), "out-dir": str(out),
-                      "valid": s.valid or "", "memory-budget-mb": float(s.memory_budget_mb or 0)}
+                      "valid": s.valid or "", "memory-budget-mb": float(s.memory_budget_mb or 0),
+                      "max-update-norm": float(s.max_update_norm or 0), "min-fraction": float(s.min_fraction),
+                      "round-timeout": float(s.round_timeout), "join-timeout": float(s.join_timeout),
+                      "resume-round": first}
         runner = group.start("flwr-run", [commands["flwr"], "run", str(app_dir), CONNECTION, "--stream",
                                           "--run-config", toml_pairs(run_config)], capture=True)
-        error = follow_run(group, runner, ["superlink", *nodes], emit)
+        error = follow_run(group, runner, "superlink", nodes, note)
     finally:
         group.stop()
         shutil.rmtree(home, ignore_errors=True)
@@ -339,25 +299,67 @@ def run_local_federation(s: FederationSettings, progress: Callable[[dict], None]
         raise MespError(f"the federated run failed: {why} (logs: {log_dir})")
     summary = json.loads(summary_path.read_text())
     return FederationResult(out=str(out), rounds=summary["rounds"], valid_loss=summary.get("valid_loss"),
-                            seconds=time.perf_counter() - started, ports=used)
+                            seconds=time.perf_counter() - started, ports=used, events=events)
+
+
+def register(flwr: str, env: dict, public_key: Path, name: str) -> None:
+    """Register a SuperNode's public key with the SuperLink (Flower's CLI-managed SuperNode authentication)."""
+    done = subprocess.run([flwr, "supernode", "register", str(public_key), CONNECTION, "--name", name], env=env,
+                          stdin=subprocess.DEVNULL, capture_output=True, text=True, timeout=60)
+    if done.returncode != 0:
+        lines = [ln for ln in (done.stdout + done.stderr).splitlines() if ln.strip()]
+        raise MespError(f"flwr supernode register {name}: {lines[-1] if lines else done.returncode}")
 
 
 def raise_interrupt(signum, frame):
     raise KeyboardInterrupt
 
 
-def follow_run(group: ProcessGroup, runner: subprocess.Popen, servers: list[str], emit) -> str | None:
-    """Forward the ServerApp's progress from `flwr run --stream` into emit and its log, until it ends; watch
-    the SuperLink and SuperNodes meanwhile (a dead one ends the run). Returns the run's error, if any."""
+class LogWatch:
+    """New lines of a growing log file, read from where the last call stopped."""
+
+    def __init__(self, path: Path):
+        self.path, self.offset = path, 0
+
+    def new_lines(self) -> list[str]:
+        try:
+            with open(self.path, "rb") as f:
+                f.seek(self.offset)
+                data = f.read()
+        except OSError:
+            return []
+        end = data.rfind(b"\n") + 1
+        self.offset += end
+        return data[:end].decode("utf-8", errors="replace").splitlines()
+
+
+def follow_run(group: ProcessGroup, runner: subprocess.Popen, link: str, nodes: list[str], emit) -> str | None:
+    """Forward the ServerApp's progress from `flwr run --stream` into emit and its log, until it ends. Meanwhile
+    a dead SuperLink ends the run; a SuperNode that exits is a dropout (reported once, the run goes on), and
+    a SuperNode the SuperLink refuses is reported. Returns the run's error, if any."""
     lines: queue.Queue = queue.Queue()
     threading.Thread(target=read_lines, args=(runner.stdout, lines), daemon=True).start()
     error = None
+    gone: set[str] = set()
+    link_log = LogWatch(group.log_path(link))
+
+    def watch() -> str | None:
+        for line in link_log.new_lines():
+            if REFUSED_MARK in line:
+                emit({"event": "refused", "message": "the SuperLink refused a SuperNode whose public key is not "
+                                                     "registered"})
+        for name in nodes:
+            if name not in gone and (why := group.died([name])):
+                gone.add(name)
+                emit({"event": "dropout", "client": name.removeprefix("supernode-"), "message": why})
+        return group.died([link])
+
     with open(group.log_path("flwr-run"), "a") as run_log:
         while True:
             try:
                 line = lines.get(timeout=0.5)
             except queue.Empty:
-                dead = group.died(servers)
+                dead = watch()
                 if dead:
                     return error or dead
                 continue
@@ -377,6 +379,7 @@ def follow_run(group: ProcessGroup, runner: subprocess.Popen, servers: list[str]
             emit(event)
             if event.get("event") in ("done", "error"):
                 break
+    watch()
     try:
         runner.wait(timeout=STOP_GRACE)  # the stream ends with the run; stop() ends it otherwise
     except subprocess.TimeoutExpired:

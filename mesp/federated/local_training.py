@@ -27,6 +27,7 @@ from ..seeds import mix_seed
 from ..tokenizer import load_tokenizer
 from ..train import NonFiniteGradient, one_step
 from ..train_config import TrainConfig, lora_config, optimizer_of, resolve
+from .checks import adapter_problem
 
 log = logging.getLogger(__name__)
 
@@ -97,9 +98,10 @@ def set_adapter(model, tensors: dict[str, torch.Tensor], where: str) -> None:
 
 
 def train_client(settings: ClientSettings, data: str, global_tensors: dict[str, torch.Tensor],
-                 server_round: int) -> ClientResult:
+                 server_round: int, check: bool = False) -> ClientResult:
     """Round `server_round` (from 1) of one client: the global adapter trained `settings.steps` steps on
-    `data`. Runs under a FootprintMeter so the reply carries the client's private-footprint peak."""
+    `data`. Runs under a FootprintMeter so the reply carries the client's private-footprint peak. With `check`
+    the global adapter must also match the model's LoRA in dtype and be finite (mesp.federated.checks)."""
     c = settings.train_config(data)
     with FootprintMeter() as meter:
         started = time.perf_counter()
@@ -107,6 +109,9 @@ def train_client(settings: ClientSettings, data: str, global_tensors: dict[str, 
         dataset = load_jsonl(c.data, get_tokenizer=lambda: load_tokenizer(model), seq_len=c.seq_len,
                              train_on_prompt=c.train_on_prompt, vocab_size=model.config.vocab_size)
         add_lora(model, lora_config(c), seed=c.seed)
+        if check and (problem := adapter_problem(global_tensors, {k: v.detach().float() for k, v in
+                                                                  adapter_state(model).items()})):
+            raise MespError(f"round {server_round}: the global adapter received is refused: {problem}")
         set_adapter(model, global_tensors, f"round {server_round} global adapter")
         params = adapter_state(model)
         optimizer = None if c.method == "mezo" else optimizer_of(c)
