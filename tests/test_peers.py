@@ -22,6 +22,7 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
             num_key_value_heads=2, max_position_embeddings=64)
 STEPS = 9  # timed steps after the warm-up: the first 10 steps' losses
 EXACT_LOSS_TOL = 1e-4  # fp32 losses of the same step on the same weights, summed in different orders
+LR = 0.05  # large enough that the trajectory depends on the initial adapter (1e-4 hides a wrong init)
 
 
 def installed_peers() -> list[str]:
@@ -38,7 +39,7 @@ def peers_run(make_hf_model, tmp_path_factory):
     js, png = out / "peers.json", out / "peers.png"
     tools = ["mesp", *installed_peers()]
     rc = main(["bench", "peers", "--model", str(path), "--seq-lens", "32", "--tools", ",".join(tools),
-               "--rounds", "1", "--steps", str(STEPS), "--work", str(out / "work"), "--json", str(js),
+               "--rounds", "1", "--steps", str(STEPS), "--lr", str(LR), "--work", str(out / "work"), "--json", str(js),
                "--plot", str(png), "--timeout", "300"])
     assert rc == 0
     return json.loads(js.read_text()), png, tools

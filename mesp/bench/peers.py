@@ -461,7 +461,7 @@ def plot_peers(result: dict, path) -> None:
     lens = list(dict.fromkeys(r["seq_len"] for r in result["rows"]))
     fig, axes = plt.subplots(1, len(lens), figsize=(6.2 * len(lens), 4.6), squeeze=False)
     for ax, T in zip(axes[0], lens):
-        rows = [r for r in result["rows"] if r["seq_len"] == T and "error" not in r]
+        rows = [r for r in result["rows"] if r["seq_len"] == T and "error" not in r and r["private_peak_bytes"]]
         for r in rows:
             mesp = r["tool"].startswith("mesp")
             ax.scatter(r["step_seconds"], r["private_peak_bytes"] / MiB, s=46, marker="o" if mesp else "s",
