@@ -273,9 +273,6 @@ def check_data(path, columns: dict[str, str] | None = None) -> None:
                 _string(obj, key, where)
 
 
-load_jsonl, check_jsonl = load_data, check_data  # the names mesp.federated still reads JSONL by
-
-
 def _why_untrainable(fmt: str) -> str:
     return {"text": "the text has fewer than 2 tokens", "prompt/completion": "the completion is empty",
             "messages": "no assistant message with content", "input_ids": "every label is -100"}[fmt]

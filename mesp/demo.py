@@ -30,7 +30,7 @@ from pathlib import Path
 import torch
 
 from .checkpoint import check_out_dir
-from .data import MicroBatchStream, load_jsonl, read_jsonl
+from .data import MicroBatchStream, load_data, read_jsonl
 from .errors import MespError
 from .generate import generate
 from .loaders import load_model
@@ -251,7 +251,7 @@ def run_demo(settings: DemoSettings | None = None, out: str | None = None, overw
         del model  # the measured children load their own copies
 
         # the measured batch: the first training micro-batch of the run (same samples for both methods)
-        data = load_jsonl(taught.train_file, get_tokenizer=lambda: tokenizer, seq_len=s.seq_len)
+        data = load_data(taught.train_file, get_tokenizer=lambda: tokenizer, seq_len=s.seq_len)
         batch_shape = tuple(data.collate(MicroBatchStream(len(data), s.batch_size, s.seed).indices(0))
                             .input_ids.shape)
         emit({"event": "memory", "methods": MEMORY_METHODS, "batch": batch_shape})

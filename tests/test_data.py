@@ -8,7 +8,7 @@ import json
 import pytest
 import torch
 
-from mesp.data import IGNORE, MicroBatchStream, collate, epoch_order, load_jsonl
+from mesp.data import IGNORE, MicroBatchStream, collate, epoch_order, load_data
 from mesp.errors import MespError
 from mesp.tokenizer import load_tokenizer
 
@@ -36,7 +36,7 @@ def runs(labels: torch.Tensor) -> list[tuple[int, int]]:
 
 
 def only_sample(tmp_path, tok, row, **kw):
-    ds = load_jsonl(write_jsonl(tmp_path / "d.jsonl", [row]), get_tokenizer=lambda: tok, **kw)
+    ds = load_data(write_jsonl(tmp_path / "d.jsonl", [row]), get_tokenizer=lambda: tok, **kw)
     assert len(ds) == 1
     return ds.samples[0]
 
@@ -106,18 +106,18 @@ class _PlainTokenizer:
 
 def test_pretokenized_needs_no_tokenizer(tmp_path):
     rows = [{"input_ids": [5, 6, 7, 8]}, {"input_ids": [1, 2, 3], "labels": [-100, 2, -100]}]
-    ds = load_jsonl(write_jsonl(tmp_path / "d.jsonl", rows), get_tokenizer=None, vocab_size=10)
+    ds = load_data(write_jsonl(tmp_path / "d.jsonl", rows), get_tokenizer=None, vocab_size=10)
     assert [s.labels.tolist() for s in ds.samples] == [[5, 6, 7, 8], [-100, 2, -100]]
     assert [s.n_targets for s in ds.samples] == [3, 1]  # the first label is never a target (shift)
     assert ds.formats == {"input_ids": 2} and [s.line for s in ds.samples] == [1, 2]
     # explicit labels are kept under train_on_prompt; samples without them train on everything anyway
-    ds = load_jsonl(tmp_path / "d.jsonl", train_on_prompt=True)
+    ds = load_data(tmp_path / "d.jsonl", train_on_prompt=True)
     assert ds.samples[1].labels.tolist() == [-100, 2, -100]
 
 
 def test_truncation_is_counted(tmp_path):
     rows = [{"input_ids": list(range(n))} for n in (3, 8, 5, 12)]
-    ds = load_jsonl(write_jsonl(tmp_path / "d.jsonl", rows), seq_len=5)
+    ds = load_data(write_jsonl(tmp_path / "d.jsonl", rows), seq_len=5)
     assert ds.n_truncated == 2
     assert [len(s.input_ids) for s in ds.samples] == [3, 5, 5, 5]
     assert ds.samples[3].input_ids.tolist() == [0, 1, 2, 3, 4]  # the first seq_len tokens are kept
@@ -162,7 +162,7 @@ def test_order_depends_only_on_seed_and_epoch():
 ])
 def test_bad_input_names_file_and_line(tmp_path, rows, match):
     with pytest.raises(MespError, match=match):
-        load_jsonl(write_jsonl(tmp_path / "d.jsonl", rows), vocab_size=50)
+        load_data(write_jsonl(tmp_path / "d.jsonl", rows), vocab_size=50)
 
 
 @pytest.mark.parametrize("row,match", [
@@ -173,10 +173,10 @@ def test_bad_input_names_file_and_line(tmp_path, rows, match):
 ])
 def test_bad_chat_samples(tmp_path, tok, row, match):
     with pytest.raises(MespError, match=match):
-        load_jsonl(write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, row]), get_tokenizer=lambda: tok)
+        load_data(write_jsonl(tmp_path / "d.jsonl", [{"text": "fine"}, row]), get_tokenizer=lambda: tok)
 
 
 def test_truncation_that_removes_every_target_is_an_error(tmp_path, tok):
     long_prompt = {"prompt": "word " * 50, "completion": "answer"}
     with pytest.raises(MespError, match=r"d\.jsonl:1: no token to train on after truncation to seq_len 16"):
-        load_jsonl(write_jsonl(tmp_path / "d.jsonl", [long_prompt]), get_tokenizer=lambda: tok, seq_len=16)
+        load_data(write_jsonl(tmp_path / "d.jsonl", [long_prompt]), get_tokenizer=lambda: tok, seq_len=16)

@@ -10,7 +10,7 @@ import pytest
 
 import mesp
 from mesp.cli import main
-from mesp.data import load_jsonl
+from mesp.data import load_data
 from mesp.demo import (HELDOUT_FILE, QA_PROMPT, TRAIN_FILE, VALID_FILE, Answer, DemoSettings, as_question_answer_text,
                        ask, contains_answer, load_heldout, run_demo)
 from mesp.errors import MespError
@@ -32,8 +32,8 @@ def user_texts(path):
 
 
 def test_bundled_data_parses_and_holds_out_paraphrases(smollm2_tok):
-    train = load_jsonl(TRAIN_FILE, get_tokenizer=lambda: smollm2_tok, seq_len=DemoSettings.seq_len)
-    valid = load_jsonl(VALID_FILE, get_tokenizer=lambda: smollm2_tok, seq_len=DemoSettings.seq_len)
+    train = load_data(TRAIN_FILE, get_tokenizer=lambda: smollm2_tok, seq_len=DemoSettings.seq_len)
+    valid = load_data(VALID_FILE, get_tokenizer=lambda: smollm2_tok, seq_len=DemoSettings.seq_len)
     assert 60 <= len(train) <= 120 and train.formats == {"messages": len(train)} and train.n_truncated == 0
     assert len(valid) >= 5 and valid.n_truncated == 0
     heldout = load_heldout(HELDOUT_FILE)

@@ -13,7 +13,7 @@ from test_train import write_pretokenized
 
 import mesp
 from mesp.cli import main, package_version
-from mesp.data import char_bound, check_jsonl, load_jsonl
+from mesp.data import char_bound, check_data, load_data
 from mesp.errors import MespError
 from mesp.presets import PRESETS
 from mesp.tokenizer import load_tokenizer
@@ -66,7 +66,7 @@ def test_a_huge_line_is_tokenized_only_up_to_a_bound(tmp_path, smollm2_gguf):
     path = tmp_path / "huge.jsonl"
     path.write_text(json.dumps({"text": text}) + "\n")
     rec = Recording(tok)
-    ds = load_jsonl(path, get_tokenizer=lambda: rec, seq_len=seq_len)
+    ds = load_data(path, get_tokenizer=lambda: rec, seq_len=seq_len)
     bound = char_bound(tok, seq_len)
     assert max(rec.lengths) <= bound < len(text) // 4
     assert ds.n_truncated == 1
@@ -76,8 +76,8 @@ def test_a_huge_line_is_tokenized_only_up_to_a_bound(tmp_path, smollm2_gguf):
 def test_a_utf8_bom_is_accepted(tmp_path):
     path = tmp_path / "bom.jsonl"
     path.write_bytes(b"\xef\xbb\xbf" + b'{"input_ids": [5, 6, 7]}\n{"input_ids": [8, 9]}\n')
-    check_jsonl(path)
-    ds = load_jsonl(path)
+    check_data(path)
+    ds = load_data(path)
     assert [s.input_ids.tolist() for s in ds.samples] == [[5, 6, 7], [8, 9]]
 
 
@@ -92,7 +92,7 @@ def test_epochs_with_grad_accum_count_passes(tiny, tmp_path, n, batch_size, grad
                                grad_accum=grad_accum, epochs=epochs, method="mebp"))
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["epoch"] for r in rows] == expected and result.total_steps == len(expected)
-    assert sum(r["trained_tokens"] for r in rows) == epochs * load_jsonl(d).n_targets  # each sample once a pass
+    assert sum(r["trained_tokens"] for r in rows) == epochs * load_data(d).n_targets  # each sample once a pass
 
 
 def test_toml_paths_are_relative_to_the_toml_file(tiny, tmp_path, monkeypatch, capsys):

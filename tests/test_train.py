@@ -17,7 +17,7 @@ from safetensors.torch import load_file
 
 import mesp
 from mesp.cli import main
-from mesp.data import MicroBatchStream, load_jsonl
+from mesp.data import MicroBatchStream, load_data
 from mesp.errors import MespError
 from mesp.optim import SGD, AdamW, clip_grad_norm, learning_rate
 from mesp.train import TrainConfig, resolve, train
@@ -179,7 +179,7 @@ def test_metrics_jsonl(tiny, data, tmp_path):
     assert all(r["peak_bytes"] > 0 and r["seconds"] > 0 for r in rows)
 
     # tokens: the real tokens of the step's samples, in the seeded order
-    ds = load_jsonl(data["train"], seq_len=32)
+    ds = load_data(data["train"], seq_len=32)
     stream = MicroBatchStream(len(ds), 3, seed=1)
     batches = [ds.collate(stream.indices(m)) for m in range(4)]
     assert [r["tokens"] for r in rows] == [b.n_tokens for b in batches]
@@ -194,7 +194,7 @@ def test_metrics_jsonl(tiny, data, tmp_path):
 
     # the final validation loss is that of the saved adapter
     mesp.load_adapter(model, out)
-    valid = load_jsonl(data["valid"], seq_len=32)
+    valid = load_data(data["valid"], seq_len=32)
     total, count = 0.0, 0
     for s in valid.samples:
         logits = mesp.forward(model, s.input_ids[None])

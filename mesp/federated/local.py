@@ -41,7 +41,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..data import check_jsonl, read_jsonl
+from ..data import check_data, read_jsonl
 from ..errors import MespError
 from ..fileio import write_json
 from . import APP_DIR, PROGRESS_MARK, ROUND_RECORD, SETTINGS, SUMMARY
@@ -105,7 +105,7 @@ def client_name(path: str) -> str:
 
 
 def check_client_files(paths: list[str]) -> None:
-    """Every client file exists and each line is a sample in a format mesp trains on (mesp.data.check_jsonl,
+    """Every client file exists and each line is a sample in a format mesp trains on (mesp.data.check_data,
     no tokenizer needed); the names are distinct."""
     if not paths:
         raise MespError("--clients: give at least one JSONL file")
@@ -115,7 +115,7 @@ def check_client_files(paths: list[str]) -> None:
         if name in seen:
             raise MespError(f"--clients: {seen[name]} and {p} share the client name {name!r} (the file stem)")
         seen[name] = p
-        check_jsonl(p)
+        check_data(p)
         if next(read_jsonl(p), None) is None:
             raise MespError(f"{p}: no samples (the file is empty)")
 
@@ -141,7 +141,7 @@ def check_settings(s: FederationSettings, resume: bool = False) -> None:
     if not resume and out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise MespError(f"--out: {out} exists and is not an empty directory (--resume continues a run there)")
     if s.valid:
-        check_jsonl(s.valid)
+        check_data(s.valid)
     check_client_files(s.clients)
 
 

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
-from ..data import MicroBatchStream, load_jsonl
+from ..data import MicroBatchStream, load_data
 from ..errors import MespError
 from ..loaders import load_model
 from ..lora import add_lora, adapter_state
@@ -106,7 +106,7 @@ def train_client(settings: ClientSettings, data: str, global_tensors: dict[str, 
     with FootprintMeter() as meter:
         started = time.perf_counter()
         model = load_model(c.model, dtype=c.dtype)
-        dataset = load_jsonl(c.data, get_tokenizer=lambda: load_tokenizer(model), seq_len=c.seq_len,
+        dataset = load_data(c.data, get_tokenizer=lambda: load_tokenizer(model), seq_len=c.seq_len,
                              train_on_prompt=c.train_on_prompt, vocab_size=model.config.vocab_size)
         add_lora(model, lora_config(c), seed=c.seed)
         if check and (problem := adapter_problem(global_tensors, {k: v.detach().float() for k, v in

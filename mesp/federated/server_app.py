@@ -35,7 +35,7 @@ from flwr.serverapp import Grid, ServerApp
 from flwr.serverapp.strategy import FedAvg
 from safetensors.torch import load_file
 
-from ..data import load_jsonl
+from ..data import load_data
 from ..errors import MespError
 from ..fileio import write_json
 from ..loaders import load_model
@@ -223,7 +223,7 @@ class MespFedAvg(FedAvg):
 def held_out_loss_fn(store: AdapterStore, settings: ClientSettings, valid: str, first_round: int):
     """evaluate_fn for Strategy.start: the mean held-out loss per labelled token of the global adapter."""
     model = store.model
-    dataset = load_jsonl(valid, get_tokenizer=lambda: load_tokenizer(model), seq_len=settings.seq_len,
+    dataset = load_data(valid, get_tokenizer=lambda: load_tokenizer(model), seq_len=settings.seq_len,
                          vocab_size=model.config.vocab_size)
 
     def evaluate_global(server_round: int, arrays: ArrayRecord) -> MetricRecord:
