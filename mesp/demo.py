@@ -32,6 +32,7 @@ import torch
 from .checkpoint import check_out_dir
 from .data import MicroBatchStream, load_data, read_jsonl
 from .errors import MespError
+from .evaluate import contains_answer
 from .generate import generate
 from .loaders import load_model
 from .lora import load_adapter
@@ -124,11 +125,6 @@ class DemoReport:
     process_memory: list[ProcessMemory] = field(default_factory=list)
     runtime_floor_bytes: int | None = None
     runtime_floor_label: str = RUNTIME_FLOOR_LABEL
-
-
-def contains_answer(text: str, expected: str) -> bool:
-    """Whether `text` contains the expected key word(s), ignoring case."""
-    return expected.casefold() in text.casefold()
 
 
 def load_heldout(path) -> list[Answer]:

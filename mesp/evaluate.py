@@ -76,8 +76,9 @@ class EvalReport:
 
 
 def contains_answer(text: str, expected: str) -> bool:
-    """Whether `text` contains the expected answer, ignoring case (and the answer's surrounding whitespace)."""
-    return expected.strip().casefold() in text.casefold()
+    """Whether `text` contains the expected key word(s), ignoring case: how the demo and `--answers` count an
+    answer right."""
+    return expected.casefold() in text.casefold()
 
 
 def questions(path, columns: dict[str, str], tokenizer) -> list[tuple[list[int], str]]:
@@ -107,7 +108,7 @@ def count_answers(model, tokenizer, asked: list[tuple[list[int], str]], max_new_
     correct = 0
     for ids, expected in asked:
         new = [t for t in generate_ids(model, ids, max_new_tokens, stop_ids=stops) if t not in stops]
-        correct += contains_answer(tokenizer.decode(new, skip_special_tokens=True), expected)
+        correct += contains_answer(tokenizer.decode(new, skip_special_tokens=True), expected.strip())
     return correct
 
 
