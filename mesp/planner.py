@@ -67,13 +67,13 @@ class EstimateSettings:
     def options(self, config=None) -> dict:
         """estimate()'s keyword arguments (beside the config and seq_len); keep_layers None is mesp train's
         default for the ModelConfig `config` (read from --model when not given)."""
+        dtype = resolve_dtype(self.dtype, self.device)
         keep = self.keep_layers
         if keep is None:
-            dtype = resolve_dtype(self.dtype, self.device)
-            keep = 0 if self.method != "mesp" or self.offload_checkpoints else \
-                default_keep_layers(config or model_config(self.model), self.seq_len, self.batch_size, dtype)
+            keep = default_keep_layers(config or model_config(self.model), self.seq_len, self.batch_size, dtype,
+                                       self.method, self.offload_checkpoints)
         return dict(batch_size=self.batch_size, rank=self.rank, method=self.method,
-                    dtype=resolve_dtype(self.dtype, self.device),
+                    dtype=dtype,
                     quantize=None if self.quantize == "none" else self.quantize,
                     weights=self.weights or default_weights(self.model, self.quantize),
                     offload_checkpoints=self.offload_checkpoints, token_chunk=self.token_chunk,

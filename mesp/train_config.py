@@ -179,12 +179,12 @@ def check_engine_options(c: TrainConfig) -> None:
 def kept_layer_count(c: TrainConfig, config, dtype: str) -> int:
     """How many of the last layers keep their intermediates: keep_layers, or where it is None (mesp only) the
     default (mesp.estimate.default_keep_layers for the model's ModelConfig `config` at c's batch and length in
-    compute dtype `dtype`), none when the checkpoints are offloaded (a run that asked for the least memory)."""
+    compute dtype `dtype`)."""
     if c.method != "mesp":
         return 0
     if c.keep_layers is not None:
         return c.keep_layers
-    return 0 if c.offload_checkpoints else default_keep_layers(config, c.seq_len, c.batch_size, dtype)
+    return default_keep_layers(config, c.seq_len, c.batch_size, dtype, c.method, c.offload_checkpoints)
 
 
 def engine_options(c: TrainConfig, config, dtype: str = "float32") -> dict:
