@@ -213,12 +213,22 @@ def _status_fields(names, pid: int | str = "self") -> dict[str, int]:
     return found
 
 
+def footprint_and_rss(pid: int | str = "self") -> tuple[int, int] | None:
+    """(private footprint, VmRSS) of process `pid` now, in bytes; None off Linux, or for a process gone or a
+    zombie (no RssAnon)."""
+    fields = _status_fields(PRIVATE_FIELDS + ("VmRSS",), pid)
+    if "RssAnon" not in fields:
+        return None
+    rss = fields.pop("VmRSS", 0)
+    return sum(fields.values()), rss
+
+
 def private_footprint_bytes() -> int | None:
     """The process's private footprint now: RssAnon + VmSwap + RssShmem (Linux), the analogue of iOS's
     phys_footprint. Clean file-backed pages (the program, libraries, memory-mapped weights read from disk) are
     left out: the kernel can drop and re-read them, so they are not memory the process owns. None off Linux."""
-    fields = _status_fields(PRIVATE_FIELDS)
-    return sum(fields.values()) if "RssAnon" in fields else None
+    now = footprint_and_rss()
+    return now[0] if now is not None else None
 
 
 class FootprintMeter:
@@ -242,11 +252,10 @@ class FootprintMeter:
 
     def sample(self) -> None:
         """Take one sample now (the thread calls this; callers may too, e.g. right after a known peak)."""
-        fields = _status_fields(PRIVATE_FIELDS + ("VmRSS",))
-        if "RssAnon" not in fields:
+        now = footprint_and_rss()
+        if now is None:
             return
-        rss = fields.pop("VmRSS", 0)
-        private = sum(fields.values())
+        private, rss = now
         name = current_stage
         with self._lock:
             self.samples += 1
@@ -324,16 +333,9 @@ class ProcessSampler:
         self._thread: threading.Thread | None = None
 
     def sample(self) -> None:
-        private = rss = 0
-        seen = False
-        for p in process_tree(self.pid):
-            fields = _status_fields(PRIVATE_FIELDS + ("VmRSS",), p)
-            if "RssAnon" not in fields:  # gone, a zombie, or not Linux
-                continue
-            seen = True
-            rss += fields.pop("VmRSS", 0)
-            private += sum(fields.values())
-        if seen:
+        found = [now for now in map(footprint_and_rss, process_tree(self.pid)) if now is not None]
+        if found:
+            private, rss = sum(f[0] for f in found), sum(f[1] for f in found)
             self.samples += 1
             self.private_peak_bytes = max(self.private_peak_bytes or 0, private)
             self.rss_peak_bytes = max(self.rss_peak_bytes or 0, rss)
