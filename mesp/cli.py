@@ -33,6 +33,7 @@ from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, loa
 from .lora import load_adapter
 from .memory import format_mib, return_freed_memory_to_os
 from .merge import merge_adapter
+from .plot import plot_run
 from .planner import EstimateSettings, apply_plan, estimate_text, plan_train, run_estimate
 from .methods import METHODS
 from .presets import PRESETS
@@ -268,6 +269,19 @@ def eval_run(args) -> int:
         print(f"{name:8s} {sc.loss:9.4f} {sc.perplexity:11.3f}"
               + (f" {f'{sc.answers_correct}/{sc.answers_total}':>9s}" if answers else ""))
     print(memory_line(r.memory))
+    return 0
+
+
+# ---- plot ----------------------------------------------------------------------------------------------
+
+def plot_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run", metavar="RUN", help="a mesp train --out directory")
+    p.add_argument("--out", help="the PNG to write (default RUN/curves.png)")
+
+
+@command("plot", plot_args, "Draw a training run's loss (train and validation) and memory curves to a PNG.")
+def plot_run_command(args) -> int:
+    print(plot_run(args.run, args.out))
     return 0
 
 

@@ -152,10 +152,15 @@ def learning_rate(step: int, base_lr: float, total_steps: int, schedule: str = "
     return base_lr * 0.5 * (1.0 + math.cos(math.pi * progress))
 
 
+def squared_norm(grads: dict[str, torch.Tensor]) -> float:
+    """The sum of the squares of every element of `grads` (fp64 accumulation)."""
+    return sum(float(g.double().pow(2).sum()) for g in grads.values())
+
+
 def clip_grad_norm(grads: dict[str, torch.Tensor], max_norm: float) -> float:
     """Scale `grads` in place so their global L2 norm is at most max_norm (torch.nn.utils.clip_grad_norm_'s
     rule). Returns the norm before clipping."""
-    norm = math.sqrt(sum(float(g.float().pow(2).sum()) for g in grads.values()))
+    norm = math.sqrt(squared_norm(grads))
     coef = max_norm / (norm + 1e-6)
     if coef < 1.0:
         for g in grads.values():

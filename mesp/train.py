@@ -30,10 +30,11 @@ from .lora import adapter_state, add_lora, load_adapter, naming_fields, save_ada
 from .memory import RUNTIME_FLOOR_LABEL, FootprintMeter, PeakMemory, peak_rss_bytes, runtime_floor_bytes, stage
 from .methods import compute_gradients, mezo
 from .methods.common import forward_loss, prepare_batch
-from .optim import clip_grad_norm, learning_rate
+from .optim import clip_grad_norm, learning_rate, squared_norm
 from .scratch import require_scratch_directory
 from .seeds import mix_seed
 from .tokenizer import load_tokenizer
+from .report_to import metric_writer
 from .tables import data_sha256
 from .train_config import DEFAULT_LR, TrainConfig, engine_options, lora_config, optimizer_of, resolve
 
@@ -178,7 +179,8 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
     loss = valid_loss = None
     tokens_run, started, step_peak = 0, time.perf_counter(), None
     measure = c.measure_memory or torch.device(device).type == "cuda"
-    with open(out / METRICS, "a") as metrics_file, StopRequest() as stop:
+    with open(out / METRICS, "a") as metrics_file, metric_writer(c.report_to, out, step) as viewer, \
+            StopRequest() as stop:
         while step < total_steps:
             lr = learning_rate(step, c.lr, total_steps, c.schedule, c.warmup)
             batches = [data.collate(stream.indices(m)) for m in stream.step(micro_batches, c.grad_accum)]
@@ -188,7 +190,7 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
             try:
                 if tracker:
                     tracker.__enter__()
-                loss = one_step(model, c, batches, optimizer, params, lr, step)
+                loss = one_step(model, c, batches, optimizer, params, lr, step, stats := {})
                 if not math.isfinite(loss):
                     bad = f"loss is {loss}"
             except NonFiniteGradient:
@@ -209,7 +211,7 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
                       "trained_tokens": sum(b.n_targets for b in batches), "seconds": round(seconds, 6),
                       "tokens_per_s": tokens / seconds if seconds > 0 else None,
                       "epoch": micro_batches / stream.per_epoch, "peak_rss_bytes": peak_rss_bytes(),
-                      "private_peak_bytes": meter.private_peak_bytes}
+                      "private_peak_bytes": meter.private_peak_bytes, **stats}
             if tracker:
                 record["peak_bytes"] = tracker.peak_bytes
                 step_peak = max(step_peak or 0, tracker.peak_bytes)
@@ -217,6 +219,7 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
                 valid_loss = record["valid_loss"] = evaluate(model, valid, c.batch_size)
             metrics_file.write(json.dumps(record) + "\n")
             metrics_file.flush()
+            viewer.write(record)
             if progress:
                 progress({"event": "step", "total_steps": total_steps, **record})
             stopping = stop.signum is not None and step < total_steps  # a finished run just finishes
@@ -236,8 +239,12 @@ def _train(c: TrainConfig, out: Path, ckpt: Path | None, meter: FootprintMeter, 
                        memory={"step_allocator_peak_bytes": step_peak})
 
 
-def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float, step: int) -> float:
-    """One optimizer step over the micro-batches of `batches`. Returns the step's mean loss per label."""
+def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float, step: int,
+             stats: dict | None = None) -> float:
+    """One optimizer step over the micro-batches of `batches`. Returns the step's mean loss per label; `stats`,
+    when given, receives the step's global gradient norm before clipping ("grad_norm"; not for MeZO, which has
+    no gradient)."""
+    stats = {} if stats is None else stats
     options = engine_options(c, model.config, str(model.dtype).removeprefix("torch."))
     if c.method == "mezo":
         (b,) = batches
@@ -248,8 +255,12 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
     if c.per_layer_update:
         (b,) = batches
 
+        squares = 0.0
+
         def update_layer(_, grads):
+            nonlocal squares
             require_finite(grads)
+            squares += squared_norm(grads)
             with stage("update"):
                 for key, g in grads.items():
                     optimizer.update(key, params[key], g, lr)
@@ -257,6 +268,7 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
         loss, _ = compute_gradients(model, b.input_ids, b.labels, b.attention_mask, method="mesp",
                                     normalizer=normalizer, offload_checkpoints=scratch_directory(c),
                                     on_layer_grads=update_layer, **options)
+        stats["grad_norm"] = math.sqrt(squares)
         return float(loss)
     total_loss, total = 0.0, None
     for b in batches:
@@ -273,7 +285,9 @@ def one_step(model, c: TrainConfig, batches, optimizer, params: dict, lr: float,
         return total_loss
     require_finite(total)
     if c.max_grad_norm is not None:
-        clip_grad_norm(total, c.max_grad_norm)
+        stats["grad_norm"] = clip_grad_norm(total, c.max_grad_norm)
+    else:
+        stats["grad_norm"] = math.sqrt(squared_norm(total))
     with stage("update"):
         optimizer.step(params, total, lr)
     return total_loss

@@ -24,6 +24,7 @@ from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimiz
 from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
 from .precision import AUTO, resolve_dtype
 from .presets import PRESETS
+from .report_to import REPORT_TO, check_report_to
 from .settings import read_toml, setting
 from .tables import DATA_HELP, KEYS, DataColumns
 
@@ -85,6 +86,9 @@ class TrainConfig(DataColumns):
                                "or on CUDA, float32 otherwise", choices=(AUTO, *DTYPE_NAMES))
     device: str = setting("auto", "cpu, cuda, cuda:N, or auto: cuda if available")
     # the allocator-level peak runs the profiler on CPU
+    report_to: str = setting("none", "also write each step's loss, learning rate, tokens/s, grad norm, validation "
+                                     "loss and private-footprint peak for a viewer (tensorboard: OUT/tensorboard; "
+                                     "metrics.jsonl is always written)", choices=REPORT_TO)
     measure_memory: bool = setting(False, "record each step's allocator-level peak memory (slow on CPU)")
     mezo_eps: float = setting(1e-2, "MeZO perturbation size")
     quantize: str | None = setting(None, QUANTIZE_HELP, choices=QUANTIZE_CHOICES)  # passed to load_model
@@ -223,6 +227,7 @@ def resolve(config: TrainConfig) -> TrainConfig:
     if c.steps is None and c.epochs is None:
         c.epochs = DEFAULT_EPOCHS
     check_device(c.device)
+    check_report_to(c.report_to)
     if c.dtype not in (AUTO, *DTYPE_NAMES):
         raise MespError(f"dtype: unknown {c.dtype!r}; choose from {AUTO}, {', '.join(DTYPE_NAMES)}")
     # resolved once, so a resumed run (SAME_RUN_KEYS) keeps the precision it started with on any machine
