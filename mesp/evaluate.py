@@ -22,7 +22,7 @@ import torch
 
 from .data import detect_format, load_data
 from .errors import MespError
-from .generate import generate_ids, stop_token_ids
+from .generate import generate_batch_ids, stop_token_ids
 from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, load_model
 from .lora import load_adapter
 from .memory import RUNTIME_FLOOR_LABEL, FootprintMeter, runtime_floor_bytes
@@ -103,12 +103,16 @@ def questions(path, columns: dict[str, str], tokenizer) -> list[tuple[list[int],
     return out
 
 
-def count_answers(model, tokenizer, asked: list[tuple[list[int], str]], max_new_tokens: int) -> int:
+def count_answers(model, tokenizer, asked: list[tuple[list[int], str]], max_new_tokens: int,
+                  batch_size: int) -> int:
+    """How many greedy answers contain their expected completion, `batch_size` questions decoded at a time."""
     stops = stop_token_ids(model, tokenizer)
     correct = 0
-    for ids, expected in asked:
-        new = [t for t in generate_ids(model, ids, max_new_tokens, stop_ids=stops) if t not in stops]
-        correct += contains_answer(tokenizer.decode(new, skip_special_tokens=True), expected.strip())
+    for start in range(0, len(asked), batch_size):
+        group = asked[start:start + batch_size]
+        answers = generate_batch_ids(model, [ids for ids, _ in group], max_new_tokens, stops)
+        correct += sum(contains_answer(tokenizer.decode(new, skip_special_tokens=True), expected.strip())
+                       for new, (_, expected) in zip(answers, group))
     return correct
 
 
@@ -117,7 +121,7 @@ def score(model, data, batch_size: int, tokenizer=None, asked=None, max_new_toke
         loss = evaluate(model, data, batch_size)
     s = Score(loss, math.exp(loss) if loss < 700 else math.inf)
     if asked is not None:
-        s.answers_correct, s.answers_total = count_answers(model, tokenizer, asked, max_new_tokens), len(asked)
+        s.answers_correct, s.answers_total = count_answers(model, tokenizer, asked, max_new_tokens, batch_size), len(asked)
     return s
 
 

@@ -88,6 +88,59 @@ def generate_ids(model: Model, input_ids: list[int], max_new_tokens: int = 64, t
         model.train(was_training)
 
 
+@torch.no_grad()
+def generate_batch_ids(model: Model, prompts: list[list[int]], max_new_tokens: int,
+                       stop_ids: set[int] | frozenset = frozenset()) -> list[list[int]]:
+    """Greedy continuations of several prompts at once (each ends at its first stop id, not included, or after
+    max_new_tokens): the prompts are left-padded to one batch, the padding masked and each row's RoPE positions
+    counted from its first real token, so each row's tokens are generate_ids' for that prompt alone, while every
+    decoding step reads the weights once for all rows."""
+    check_sampling(max_new_tokens, 0.0, 1.0)
+    context = model.config.max_position_embeddings
+    longest = max((len(p) for p in prompts), default=0)
+    if longest >= context:
+        raise MespError(f"prompt: {longest} tokens fill the model's context of {context}")
+    steps = min(max_new_tokens, context - longest)
+    if not prompts or steps == 0:
+        return [[] for _ in prompts]
+    device = model.device
+    pad = [longest - len(p) for p in prompts]
+    ids = torch.tensor([[0] * n + list(p) for n, p in zip(pad, prompts)], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * n + [1] * len(p) for n, p in zip(pad, prompts)], dtype=torch.long, device=device)
+    positions = (mask.cumsum(1) - 1).clamp_min(0)
+    out: list[list[int]] = [[] for _ in prompts]
+    done = [False] * len(prompts)
+    was_training = model.training
+    model.eval()
+    try:
+        # the prompts' last positions only: [B, T, V] logits of whole prompts would dwarf the model's own memory
+        hidden, cache = model(ids, mask, return_hidden=True, positions=positions)
+        for step in range(steps):
+            toks = model.logits(hidden[:, -1]).float().argmax(-1).tolist()
+            for row, tok in enumerate(toks):
+                if not done[row]:
+                    done[row] = tok in stop_ids
+                    if not done[row]:
+                        out[row].append(tok)
+            if all(done) or step == steps - 1:
+                break
+            positions = positions[:, -1:] + 1
+            mask = torch.cat([mask, torch.ones(len(prompts), 1, dtype=mask.dtype, device=device)], dim=1)
+            hidden, cache = model(torch.tensor(toks, dtype=torch.long, device=device)[:, None], mask, cache=cache,
+                                  return_hidden=True, positions=positions)
+    finally:
+        model.train(was_training)
+    return out
+
+
+def generate_batch(model: Model, tokenizer, prompts: list[str], chat: bool = False,
+                   max_new_tokens: int = 64) -> list[str]:
+    """Greedy continuations of `prompts`, decoded together (generate_batch_ids); each equals generate()'s."""
+    stops = stop_token_ids(model, tokenizer)
+    ids = generate_batch_ids(model, [encode_prompt(tokenizer, p, chat) for p in prompts], max_new_tokens, stops)
+    return [tokenizer.decode(t, skip_special_tokens=True) for t in ids]
+
+
 def generate_stream(model: Model, tokenizer, prompt: str, chat: bool = False, max_new_tokens: int = 64,
                     temperature: float = 0.0, seed: int = 0, top_p: float = 1.0) -> Iterator[str]:
     """Yield the continuation of `prompt` as text pieces, as the tokens come (eos excluded)."""

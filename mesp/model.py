@@ -298,15 +298,17 @@ class Model(nn.Module):
             x = x * torch.tensor(self.config.hidden_size ** 0.5, dtype=torch.float32).to(x.dtype)
         return x
 
-    def forward(self, input_ids, attention_mask=None, cache=None, return_hidden=False):
+    def forward(self, input_ids, attention_mask=None, cache=None, return_hidden=False, positions=None):
         """input_ids [B, T]; attention_mask [B, S] (1 = real token; S = cached + T) or None.
 
-        cache: list of per-layer (k, v) from an earlier call, or None. Returns logits [B, T, V]
-        (or the final-normed hidden states with return_hidden) and the new cache.
+        cache: list of per-layer (k, v) from an earlier call, or None. positions: [B, T] RoPE positions of each
+        row (left-padded rows count from their first real token), or None: past..past+T-1 for every row.
+        Returns logits [B, T, V] (or the final-normed hidden states with return_hidden) and the new cache.
         """
         B, T = input_ids.shape
         past = 0 if cache is None else cache[0][0].shape[2]
-        positions = torch.arange(past, past + T, device=input_ids.device)
+        if positions is None:
+            positions = torch.arange(past, past + T, device=input_ids.device)
         rope = self.rope(positions)
         masks = SdpaMasks(attention_mask, T, past, input_ids.device)
         x = self.embed(input_ids)
@@ -318,8 +320,12 @@ class Model(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x, new_cache
-        logits = ops.frozen_linear(x, self.lm_head_weight)
-        return blockwise.softcap_logits(logits, self.config.final_logit_softcapping), new_cache
+        return self.logits(x), new_cache
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """The LM head (and Gemma's final soft-capping) on final-normed hidden states [..., d] -> [..., V]."""
+        return blockwise.softcap_logits(ops.frozen_linear(hidden, self.lm_head_weight),
+                                        self.config.final_logit_softcapping)
 
 
 class SdpaMasks:

@@ -9,7 +9,7 @@ import torch
 import mesp
 from mesp.cli import main
 from mesp.errors import MespError
-from mesp.generate import generate_ids
+from mesp.generate import generate_batch_ids, generate_ids
 from mesp.loaders import load_model
 
 
@@ -71,3 +71,23 @@ def test_smollm2_chat_cli_answers_paris(capsys, smollm2_model, smollm2_tokenizer
     text = mesp.generate(smollm2_model, smollm2_tokenizer, prompt, chat=True, max_new_tokens=16)
     assert text.strip() == out.out.strip()
     assert mesp.load_tokenizer(smollm2_model) is smollm2_tokenizer  # cached
+
+
+@pytest.mark.parametrize("arch,overrides", [
+    ("qwen2", dict(num_key_value_heads=2)),
+    ("qwen3", dict(use_sliding_window=True, sliding_window=4, max_window_layers=1)),  # window < prompt + answer
+    ("smollm3", dict(no_rope_layer_interval=2)),
+])
+def test_batched_greedy_equals_each_prompt_alone(make_hf_model, arch, overrides):
+    """Left-padded prompts of different lengths decoded together give each prompt's own greedy tokens; a row
+    that meets a stop id ends there while the others go on."""
+    path, _ = make_hf_model(arch, **overrides)
+    model = load_model(path)
+    prompts = [[5, 17, 42, 9, 33], [7], [60, 2, 2, 81, 14, 3, 70, 11, 45], [33, 9]]
+    alone = [list(generate_ids(model, p, max_new_tokens=10)) for p in prompts]
+    assert generate_batch_ids(model, prompts, 10) == alone
+    stop = alone[2][3]
+    stopped = [a[:a.index(stop)] if stop in a else a for a in alone]
+    assert generate_batch_ids(model, prompts, 10, stop_ids={stop}) == stopped
+    assert generate_batch_ids(model, prompts, 0) == [[], [], [], []]
+    assert generate_batch_ids(model, [], 5) == []
