@@ -8,9 +8,7 @@ from __future__ import annotations
 
 import json
 import os
-import random
 import socket
-import uuid
 from pathlib import Path
 
 import pytest
@@ -21,44 +19,17 @@ pytest.importorskip("flwr")
 
 from mesp.cli import main  # noqa: E402
 from mesp.federated.local import FederationSettings, run_local_federation  # noqa: E402
-from mesp.federated.processes import TAG_VARIABLE, port_is_free  # noqa: E402
+from mesp.federated.processes import port_is_free  # noqa: E402
 from mesp.federated.local_training import ClientSettings, train_client  # noqa: E402
-
-WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture
-def marked(monkeypatch):
-    """A mark in this test's environment, which every process the launcher starts inherits (its own tag is
-    per run; this one tells this test's processes from any other federation on the machine)."""
-    monkeypatch.setenv("MESP_TEST_FEDERATION", uuid.uuid4().hex)
-
-
-def federation_processes() -> list[int]:
-    """Live processes (other than this one) started under this test's mark, with a launcher's tag."""
-    mark = f"MESP_TEST_FEDERATION={os.environ['MESP_TEST_FEDERATION']}".encode()
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if mark in env and any(v.startswith(TAG_VARIABLE.encode() + b"=") for v in env):
-            pids.append(int(entry.name))
-    return [p for p in pids if p != os.getpid()]
+from fed_helpers import WEIGHTS, federation_processes, write_client_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(make_hf_model, tmp_path_factory):
     path, hf = make_hf_model("llama")
-    d = tmp_path_factory.mktemp("fed_data")
-    rng = random.Random(0)
-    files = {}
-    for name, n in (("alice", 3), ("bob", 6), ("carol", 4)):  # unequal sizes: the weights matter
-        p = d / f"{name}.jsonl"
-        p.write_text("".join(json.dumps({"input_ids": [rng.randrange(hf.config.vocab_size) for _ in range(10)]})
-                             + "\n" for _ in range(n)))
-        files[name] = str(p)
+    # unequal sizes: the weights matter
+    files = write_client_files(tmp_path_factory.mktemp("fed_data"), hf.config.vocab_size,
+                               {"alice": 3, "bob": 6, "carol": 4})
     return str(path), files
 
 
