@@ -3,8 +3,9 @@ SuperNode authentication on, as `mesp federated` runs by default):
 
 - a SuperNode with a key the SuperLink does not know is refused, and the run says so;
 - a client whose reply is NaN, of a wrong shape or a huge update (tests/faulty_client.py, a test-only fault
-  injector) is left out and named, and the round's global adapter is the example-weighted mean of the
-  others (<= 1e-6), each of which is what mesp trains in-process;
+  injector) is left out and named, and every round's global adapter is the example-weighted mean of the
+  others (<= 1e-6), each of which is what mesp trains in-process from the previous global adapter; an
+  occupied port is skipped, and no port or process is left;
 - a client SIGKILLed mid-round (with its SuperNode): the round completes with the others and names who
   dropped; the run fails with one line once fewer than --min-fraction reply;
 - a launcher SIGKILLed mid-run, resumed with `mesp federated --out DIR --resume`, ends with the same final
@@ -17,6 +18,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -84,10 +86,14 @@ def test_hostile_updates_are_left_out_and_an_unknown_node_is_refused(model, tmp_
             env={**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]])})
         intruder["log"] = log
 
-    settings = FederationSettings(model=path, clients=list(files.values()), rounds=3, out=str(tmp_path / "run"),
-                                  round_timeout=120.0, **TRAINING)
     try:
-        result = run_local_federation(settings, progress=on_event)
+        with socket.socket() as taken:  # occupy a port and ask the launcher to start there
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            occupied = taken.getsockname()[1]
+            settings = FederationSettings(model=path, clients=list(files.values()), rounds=3, port=occupied,
+                                          out=str(tmp_path / "run"), round_timeout=120.0, **TRAINING)
+            result = run_local_federation(settings, progress=on_event)
         code = intruder["process"].wait(timeout=60)
     finally:
         if "process" in intruder:
@@ -109,6 +115,9 @@ def test_hostile_updates_are_left_out_and_an_unknown_node_is_refused(model, tmp_
                 and e["client"].startswith("mallory")], "the launcher's progress names the rejected client"
         assert not (out / f"round-{r}" / "clients" / "mallory").exists()
         clients = {n: load_file(out / f"round-{r}" / "clients" / n / WEIGHTS) for n in ("alice", "bob")}
+        assert {n: json.loads((out / f"round-{r}" / "clients" / n / "metrics.json").read_text())["num_examples"]
+                for n in clients} == {"alice": 3, "bob": 6}
+        assert max_difference(clients["alice"], clients["bob"]) > 0  # they trained differently: weights matter
         current = global_adapter(out, r)
         assert max_difference(current, weighted_mean(clients, {"alice": 3, "bob": 6})) <= 1e-6
         # what the server averaged is what mesp trains from the previous global adapter on each client's file
@@ -119,6 +128,7 @@ def test_hostile_updates_are_left_out_and_an_unknown_node_is_refused(model, tmp_
         assert max_difference(current, previous) > 0  # the round changed the adapter: the check has teeth
         previous = current
     assert len(result.rounds) == 3
+    assert occupied not in result.ports.values() and all(p > occupied for p in result.ports.values())
     assert federation_processes() == []
     assert all(port_is_free(p) for p in result.ports.values())
 
@@ -177,3 +187,39 @@ def test_client_killed_mid_round_is_named_and_too_few_replies_fail_the_run(model
     assert max_difference(global_adapter(out, 2), weighted_mean(clients, {"alice": 3, "doomed3": 4})) <= 1e-6
     assert not (out / "round-3" / "round.json").exists() and not (out / "summary.json").exists()
     assert federation_processes() == []
+
+
+def test_killed_launcher_resumes_to_the_same_final_adapter(model, tmp_path, marked, capsys):
+    path, vocab = model
+    files = write_client_files(tmp_path / "data", vocab, {"alice": 3, "bob": 5})
+    flags = ["--model", path, "--clients", ",".join(files.values()), "--rounds", "3", "--local-steps", "1",
+             "--rank", "2", "--seq-len", "16", "--batch-size", "2", "--lr", "1e-2"]
+    out = tmp_path / "interrupted"
+    killed = subprocess.Popen([sys.executable, "-c", "import sys; from mesp.cli import main; "
+                               "sys.exit(main(sys.argv[1:]))", "federated", *flags, "--out", str(out)],
+                              stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 300
+        while not (out / "round-1" / "round.json").is_file():
+            assert killed.poll() is None and time.monotonic() < deadline, "the first run ended before round 1"
+            time.sleep(0.1)
+        killed.kill()  # SIGKILL: no clean-up; its SuperLink, SuperNodes and ServerApp live on
+    finally:
+        killed.kill()
+        killed.wait()
+    assert not (out / "summary.json").exists()
+    assert federation_processes(), "a SIGKILLed launcher leaves its federation behind"
+    round1 = (out / "round-1" / "round.json").stat().st_mtime_ns
+
+    assert main(["federated", "--out", str(out), "--resume"]) == 0
+    capsys.readouterr()
+    assert federation_processes() == []  # what the killed launcher left is gone too
+    assert (out / "round-1" / "round.json").stat().st_mtime_ns == round1  # round 1 was not run again
+    assert [r["round"] for r in json.loads((out / "summary.json").read_text())["rounds"]] == [1, 2, 3]
+
+    assert main(["federated", *flags, "--out", str(tmp_path / "uninterrupted")]) == 0
+    resumed, uninterrupted = global_adapter(out, 3), global_adapter(tmp_path / "uninterrupted", 3)
+    assert set(resumed) == set(uninterrupted)
+    for key in resumed:
+        assert torch.equal(resumed[key], uninterrupted[key]), key
+    assert max_difference(resumed, global_adapter(out, 2)) > 0  # the last round changed it
