@@ -210,10 +210,12 @@ def test_killed_launcher_resumes_to_the_same_final_adapter(model, tmp_path, mark
     assert not (out / "summary.json").exists()
     assert federation_processes(), "a SIGKILLed launcher leaves its federation behind"
     round1 = (out / "round-1" / "round.json").stat().st_mtime_ns
+    home = Path(json.loads((out / "federation.json").read_text())["launcher"]["home"])
+    assert (home / "keys").is_dir()  # the killed launcher's keys and certificates, left behind
 
     assert main(["federated", "--out", str(out), "--resume"]) == 0
     capsys.readouterr()
-    assert federation_processes() == []  # what the killed launcher left is gone too
+    assert federation_processes() == [] and not home.exists()  # what the killed launcher left is gone too
     assert (out / "round-1" / "round.json").stat().st_mtime_ns == round1  # round 1 was not run again
     assert [r["round"] for r in json.loads((out / "summary.json").read_text())["rounds"]] == [1, 2, 3]
 
