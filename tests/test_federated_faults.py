@@ -96,8 +96,11 @@ def test_hostile_updates_are_left_out_and_an_unknown_node_is_refused(model, tmp_
             result = run_local_federation(settings, progress=on_event)
         code = intruder["process"].wait(timeout=60)
     finally:
-        if "process" in intruder:
-            intruder["process"].kill()
+        if "process" in intruder:  # it and whatever it started (its own session)
+            try:
+                os.killpg(intruder["process"].pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
             intruder["process"].wait()
             intruder["log"].close()
     assert code != 0 and "Failed to activate SuperNode" in (tmp_path / "intruder.log").read_text()
