@@ -68,3 +68,15 @@ def smollm2_tokenizer(smollm2_model):
     import mesp
 
     return mesp.load_tokenizer(smollm2_model)
+
+
+@pytest.fixture
+def marked(monkeypatch):
+    """A mark in this test's environment, which every process a federation launcher starts inherits (the
+    launcher's own tag is per run; this one tells this test's processes from any other federation on the
+    machine: tests/fed_helpers.federation_processes)."""
+    import uuid
+
+    from fed_helpers import TEST_MARK
+
+    monkeypatch.setenv(TEST_MARK, uuid.uuid4().hex)

@@ -1,107 +1,28 @@
-"""mesp federated with real Flower processes on 127.0.0.1 (a SuperLink, a SuperNode per client file): FedAvg's
-round-1 global adapter is the example-weighted mean of the adapters the clients returned, each of which is
-exactly what mesp trains locally from the round-0 adapter; an occupied port is skipped; a malformed client
-file, or a client that fails mid-run, ends the run with one line naming the file, exit status 2, and no
-process or port left behind. Skipped where Flower (mesp[federated]) is not installed."""
+"""mesp federated with real Flower processes on 127.0.0.1 (a SuperLink, a SuperNode per client file): a
+malformed client file, or a client that fails mid-run, ends the run with one line naming the file, exit
+status 2, and no process left behind; bad settings fail before any process starts. (FedAvg's averages, an
+occupied port, hostile replies, intruders, dropouts and resume: tests/test_federated_faults.py.) Skipped
+where Flower (mesp[federated]) is not installed."""
 
 from __future__ import annotations
 
-import json
 import os
-import random
-import socket
-import uuid
-from pathlib import Path
 
 import pytest
-import torch
-from safetensors.torch import load_file
 
 pytest.importorskip("flwr")
 
 from mesp.cli import main  # noqa: E402
-from mesp.federated.local import FederationSettings, run_local_federation  # noqa: E402
-from mesp.federated.processes import TAG_VARIABLE, port_is_free  # noqa: E402
-from mesp.federated.local_training import ClientSettings, train_client  # noqa: E402
-
-WEIGHTS = "adapter_model.safetensors"
-
-
-@pytest.fixture
-def marked(monkeypatch):
-    """A mark in this test's environment, which every process the launcher starts inherits (its own tag is
-    per run; this one tells this test's processes from any other federation on the machine)."""
-    monkeypatch.setenv("MESP_TEST_FEDERATION", uuid.uuid4().hex)
-
-
-def federation_processes() -> list[int]:
-    """Live processes (other than this one) started under this test's mark, with a launcher's tag."""
-    mark = f"MESP_TEST_FEDERATION={os.environ['MESP_TEST_FEDERATION']}".encode()
-    pids = []
-    for entry in Path("/proc").glob("[0-9]*"):
-        try:
-            env = (entry / "environ").read_bytes().split(b"\0")
-        except OSError:
-            continue
-        if mark in env and any(v.startswith(TAG_VARIABLE.encode() + b"=") for v in env):
-            pids.append(int(entry.name))
-    return [p for p in pids if p != os.getpid()]
+from fed_helpers import federation_processes, write_client_files  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def tiny(make_hf_model, tmp_path_factory):
     path, hf = make_hf_model("llama")
-    d = tmp_path_factory.mktemp("fed_data")
-    rng = random.Random(0)
-    files = {}
-    for name, n in (("alice", 3), ("bob", 6), ("carol", 4)):  # unequal sizes: the weights matter
-        p = d / f"{name}.jsonl"
-        p.write_text("".join(json.dumps({"input_ids": [rng.randrange(hf.config.vocab_size) for _ in range(10)]})
-                             + "\n" for _ in range(n)))
-        files[name] = str(p)
+    # unequal sizes: the weights matter
+    files = write_client_files(tmp_path_factory.mktemp("fed_data"), hf.config.vocab_size,
+                               {"alice": 3, "bob": 6, "carol": 4})
     return str(path), files
-
-
-def test_round1_global_is_example_weighted_mean_and_occupied_port_is_skipped(tiny, tmp_path, marked):
-    model, files = tiny
-    with socket.socket() as taken:  # occupy a port and ask the launcher to start there
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        occupied = taken.getsockname()[1]
-        settings = FederationSettings(model=model, clients=list(files.values()), rounds=2, local_steps=2,
-                                      out=str(tmp_path / "run"), rank=2, seq_len=16, batch_size=2, lr=1e-2,
-                                      port=occupied)
-        result = run_local_federation(settings)
-    assert occupied not in result.ports.values()
-    assert all(p > occupied for p in result.ports.values())
-    assert all(port_is_free(p) for p in result.ports.values())  # nothing left listening
-    assert federation_processes() == []
-    assert [r["round"] for r in result.rounds] == [1, 2]
-
-    out = Path(result.out)
-    start = load_file(out / "round-0" / "global" / WEIGHTS)
-    clients = {name: load_file(out / "round-1" / "clients" / name / WEIGHTS) for name in files}
-    counts = {name: json.loads((out / "round-1" / "clients" / name / "metrics.json").read_text())["num_examples"]
-              for name in files}
-    assert counts == {"alice": 3, "bob": 6, "carol": 4}
-    total = sum(counts.values())
-    merged = load_file(out / "round-1" / "global" / WEIGHTS)
-    assert set(merged) == set(start) and len(merged) > 0
-    for key, value in merged.items():
-        expected = sum(clients[n][key].double() * counts[n] for n in files) / total
-        assert torch.allclose(value.double(), expected, rtol=0, atol=1e-6), key
-    # the clients really trained, differently (else the average would prove nothing)
-    b_key = next(k for k in start if ".lora_B." in k)
-    assert not torch.equal(clients["alice"][b_key], clients["bob"][b_key])
-    assert not torch.equal(merged[b_key], start[b_key])
-
-    # each returned adapter is what mesp trains in-process from the round-0 adapter on the client's own file
-    local = train_client(ClientSettings(model=model, steps=2, rounds=2, rank=2, seq_len=16, batch_size=2, lr=1e-2),
-                         files["alice"], start, server_round=1)
-    for key, value in clients["alice"].items():
-        assert torch.allclose(local.tensors[key], value, rtol=1e-5, atol=1e-7), key
-    assert (out / "round-2" / "global" / WEIGHTS).is_file()
-    assert (out / "round-2" / "clients" / "carol" / "metrics.json").is_file()
 
 
 def test_malformed_client_file_is_named_before_any_process_starts(tiny, tmp_path, capsys, marked):

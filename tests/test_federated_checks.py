@@ -1,24 +1,31 @@
 """The ServerApp's checks of returned adapters (mesp.federated.checks, MespFedAvg.aggregate_train), in-process:
 wrong keys, shape, dtype, NaN, inf and a too-large update are each refused with a reason naming the tensor; a
 round over good and bad replies averages (example-weighted) the good ones only; too few good replies fail the
-round with one line naming who was left out."""
+round with one line naming who was left out; a client's reply holds nothing but its LoRA tensors and the named
+metrics."""
 
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import pytest
 import torch
 
 pytest.importorskip("flwr")
 
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict  # noqa: E402
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict  # noqa: E402
+from flwr.common.serde import message_to_proto  # noqa: E402
 from flwr.supercore.task_identity import TaskIdentity  # noqa: E402
 
 from mesp.errors import MespError  # noqa: E402
 from mesp.federated.checks import adapter_problem  # noqa: E402
-from mesp.federated.client_app import ARRAYS, CLIENT, CONFIG, METRICS  # noqa: E402
-from mesp.federated.server_app import MespFedAvg  # noqa: E402
+from mesp.federated import client_app  # noqa: E402
+from mesp.federated.client_app import ARRAYS, CLIENT, CONFIG, METRIC_KEYS, METRICS  # noqa: E402
+from mesp.federated.local_training import ClientSettings, train_client  # noqa: E402
+from mesp.federated.server_app import AdapterStore, MespFedAvg  # noqa: E402
+from fed_helpers import write_client_files  # noqa: E402
 
 A, B = "base_model.model.layers.0.q_proj.lora_A.weight", "base_model.model.layers.0.q_proj.lora_B.weight"
 
@@ -143,3 +150,37 @@ def test_round_with_too_few_good_replies_fails_in_one_line(tmp_path):
     message = str(e.value)
     assert "\n" not in message
     assert "1 of 3 clients" in message and "needs 2" in message and "bad (node 2)" in message, message
+
+
+def test_nothing_but_lora_tensors_and_the_named_metrics_leave_a_client(make_hf_model, tmp_path):
+    """The ClientApp's reply to a real train message, as Flower would send it: the LoRA tensors (exactly the
+    trained ones), the named metrics and the client's name; neither the data nor its path, in any record or
+    in the serialized message, whose size is the tensors' plus their names and headers."""
+    path, hf = make_hf_model("llama")
+    data = write_client_files(tmp_path, hf.config.vocab_size, {"alice": 3})["alice"]
+    settings = ClientSettings(model=str(path), steps=1, rounds=1, rank=2, seq_len=16, batch_size=2, lr=1e-2)
+    start = AdapterStore(settings, tmp_path / "server").initial
+    sent = Message(RecordDict({ARRAYS: ArrayRecord(start), CONFIG: ConfigRecord({"server-round": 1})}),
+                   dst_node_id=7, message_type=MessageType.TRAIN)
+    sent.metadata._message_id = "message-0"  # the SuperLink sets it when it pushes the message
+    context = Context(run_id=1, node_id=7, node_config={"data": data, "name": "alice"}, state=RecordDict(),
+                      run_config=settings.to_run_config())
+
+    content = client_app.train(sent, context).content
+    assert set(content.keys()) == {ARRAYS, METRICS, CLIENT}
+    assert (set(content.array_records), set(content.metric_records), set(content.config_records)) == \
+        ({ARRAYS}, {METRICS}, {CLIENT})
+    tensors = content[ARRAYS].to_torch_state_dict()
+    assert set(tensors) == set(start) and all(re.search(r"\.lora_[AB]\.weight$", k) for k in tensors)
+    trained = train_client(settings, data, start, server_round=1).tensors
+    for key, value in tensors.items():
+        assert value.dtype == torch.float32 and torch.equal(value, trained[key]), key
+    assert set(content[METRICS].keys()) == set(METRIC_KEYS)
+    assert dict(content[CLIENT]) == {"name": "alice"}
+
+    reply = Message(content, reply_to=sent)
+    wire = message_to_proto(reply).SerializeToString()
+    assert data.encode() not in wire and Path(data).read_bytes()[:20] not in wire
+    payload = sum(t.numel() * t.element_size() for t in tensors.values())
+    framing = 256 * len(tensors) + 1024  # per tensor: its name (twice) and a .npy header; then the metadata
+    assert payload <= len(wire) <= payload + framing, (len(wire), payload, len(tensors))

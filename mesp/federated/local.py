@@ -17,8 +17,8 @@ round still stands); a SuperNode the SuperLink refuses is reported too. With `in
 
 Every process it starts runs in its own process group and carries a tag in its environment; on success,
 failure or Ctrl-C all of them are stopped (SIGTERM, then SIGKILL), any tagged straggler too, and the Flower
-home is removed. A launcher that was killed outright leaves its processes behind: `resume` stops those first
-(their tag is in federation.json). Flower's own logs stay in OUT/logs/.
+home is removed. A launcher that was killed outright leaves its processes and Flower home behind: `resume`
+stops and removes those first (their tag and path are in federation.json). Flower's logs stay in OUT/logs/.
 """
 
 from __future__ import annotations
@@ -54,6 +54,7 @@ from .processes import (HOST, STOP_GRACE, TAG_VARIABLE, ProcessGroup, free_ports
 log = logging.getLogger(__name__)
 
 CONNECTION = "mesp-local"
+HOME_PREFIX = "mesp-flwr-home-"  # the private Flower home of a run, in the temporary directory
 REFUSED_MARK = "No SuperNode found with the given public key"  # the SuperLink's log line for an unknown key
 
 
@@ -164,7 +165,8 @@ def read_resume(out_dir: str) -> tuple[FederationSettings, dict]:
 
 
 def stop_previous_launcher(launcher: dict, out: Path) -> None:
-    """Before resuming: refuse while the run's launcher still lives; stop what a killed one left behind."""
+    """Before resuming: refuse while the run's launcher still lives; stop what a killed one left behind (its
+    processes, and its Flower home with the run's keys)."""
     pid = int(launcher.get("pid", 0))
     if pid and pid != os.getpid() and Path(f"/proc/{pid}").exists():
         try:
@@ -181,6 +183,9 @@ def stop_previous_launcher(launcher: dict, out: Path) -> None:
             os.kill(left, signal.SIGKILL)
         except OSError:
             pass
+    home = Path(str(launcher.get("home", "")))
+    if home.name.startswith(HOME_PREFIX) and home.is_dir():  # its keys and certificates: never kept
+        shutil.rmtree(home, ignore_errors=True)
 
 
 def executable(name: str) -> str:
@@ -227,8 +232,9 @@ def run_local_federation(s: FederationSettings, progress: Callable[[dict], None]
         raise MespError(f"--resume: {out} holds a finished run (summary.json)")
     log_dir = out / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out / SETTINGS, {"settings": dataclasses.asdict(s), "launcher": {"pid": os.getpid(), "tag": tag}})
-    home = Path(tempfile.mkdtemp(prefix="mesp-flwr-home-"))
+    home = Path(tempfile.mkdtemp(prefix=HOME_PREFIX))
+    write_json(out / SETTINGS, {"settings": dataclasses.asdict(s),
+                                "launcher": {"pid": os.getpid(), "tag": tag, "home": str(home)}})
     mesp_root = str(Path(__file__).resolve().parents[2])  # so every Flower process imports this mesp
     # Flower starts its helpers (flower-superexec ...) by name: the directory of the commands found comes first
     bin_dirs = list(dict.fromkeys(str(Path(c).parent) for c in commands.values()))
