@@ -137,3 +137,28 @@ def test_a_peer_not_installed_is_a_row_saying_why(make_hf_model, tmp_path):
     rows = {r["tool"]: r for r in result["rows"]}
     assert "error" not in rows["mesp"]
     assert rows["mlx-lm"]["error"].startswith("not run: mlx_lm is not installed")
+
+
+def test_a_benchmark_stopped_part_way_keeps_its_finished_runs(make_hf_model, tmp_path, monkeypatch):
+    """--json holds the rows of every finished run while the benchmark goes on ("complete": false), so a
+    benchmark stopped after its first run keeps that run; a finished one says "complete": true."""
+    path, _ = make_hf_model("qwen2", **TINY)
+    js = tmp_path / "peers.json"
+    s = peers.PeersSettings(model=str(path), seq_lens=[16], tools=["mesp", "mesp 4-bit"], rounds=1, steps=1,
+                            work=str(tmp_path / "work"), json=str(js))
+    real_run_mesp, calls = peers.run_mesp, []
+
+    def stopped_at_the_second_run(tool, *args):
+        calls.append(tool.name)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real_run_mesp(tool, *args)
+
+    monkeypatch.setattr(peers, "run_mesp", stopped_at_the_second_run)
+    with pytest.raises(KeyboardInterrupt):
+        peers.bench_peers(s, progress=False)
+    kept = json.loads(js.read_text())
+    assert kept["complete"] is False and [r["tool"] for r in kept["rows"]] == ["mesp"]
+    assert kept["rows"][0]["private_peak_bytes"] > 0 and len(kept["rows"][0]["losses"]) == 2
+    monkeypatch.setattr(peers, "run_mesp", real_run_mesp)
+    assert peers.bench_peers(s, progress=False)["complete"] is True

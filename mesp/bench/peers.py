@@ -351,7 +351,8 @@ def compare_losses(rows: list[dict]) -> None:
 
 def bench_peers(s: PeersSettings, progress: bool = True) -> dict:
     """Run every tool of `s` for `s.rounds` rounds at every sequence length, each (tool, round) a fresh
-    process. {"rows", "machine", "settings", "command", "runtime_floor_bytes", "runtime_floor_label"}."""
+    process. {"rows", "machine", "settings", "command", "runtime_floor_bytes", "runtime_floor_label", "complete"};
+    with s.json, the rows so far are written there after every run ("complete": false until the end)."""
     from tqdm import tqdm
 
     s.check()
@@ -367,6 +368,11 @@ def bench_peers(s: PeersSettings, progress: bool = True) -> dict:
         runnable.remove("mesp bf16")
         pythons["mesp bf16"] = (None, "--dtype auto picks float32 on this CPU (no native bf16)")
     rows = []
+
+    def result(done: list[dict]) -> dict:
+        return {"rows": done, "machine": machine, "settings": asdict(s), "command": s.command(),
+                "runtime_floor_bytes": runtime_floor_bytes(), "runtime_floor_label": RUNTIME_FLOOR_LABEL}
+
     bar = tqdm(total=len(s.seq_lens) * s.rounds * len(runnable), desc="bench peers", unit="run",
                disable=not progress, file=sys.stderr)
     for T in s.seq_lens:
@@ -394,6 +400,10 @@ def bench_peers(s: PeersSettings, progress: bool = True) -> dict:
                     row = by_key.setdefault(key, {"tool": name, "budget": label, "seq_len": T,
                                                   "precision": tool.precision, "exact": tool.exact, "rounds": []})
                     row["rounds"].append(got)
+                    if s.json:  # a benchmark stopped or killed part way keeps every run it finished
+                        partial = rows + [summarize(x) for x in by_key.values()]
+                        compare_losses(partial)
+                        write_json(s.json, {**result(partial), "complete": False})
                 bar.update()
         summarized = [summarize(x) for x in by_key.values()]
         compare_losses(summarized)
@@ -401,8 +411,7 @@ def bench_peers(s: PeersSettings, progress: bool = True) -> dict:
         rows += [{"tool": n, "budget": None, "seq_len": T, "precision": TOOLS[n].precision, "exact": TOOLS[n].exact,
                   "rounds": [], "error": f"not run: {pythons[n][1]}"} for n in s.tools if n not in runnable]
     bar.close()
-    return {"rows": rows, "machine": machine, "settings": asdict(s), "command": s.command(),
-            "runtime_floor_bytes": runtime_floor_bytes(), "runtime_floor_label": RUNTIME_FLOOR_LABEL}
+    return {**result(rows), "complete": True}
 
 
 # ---- what it shows -----------------------------------------------------------------------------------------
