@@ -185,8 +185,9 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
     hidden [N, d] (final-normed, already shifted); weight [V, d] (tensor or quantized object);
     targets LongTensor [N], -100 = ignored (those rows never touch the LM head);
     normalizer: number or scalar tensor (e.g. the count of target tokens).
-    rows: the indices of the counted rows when the caller knows them (a program exported for fixed shapes,
-    mesp.export_executorch, where a data-dependent nonzero cannot be traced); None = those with a target.
+    rows: the rows to run when the caller fixes them beforehand (a program exported for fixed shapes,
+    mesp.export_executorch, where a data-dependent nonzero cannot be traced): any of them whose target is
+    -100 counts for nothing (zero loss, zero gradient); None = exactly the rows with a target.
     Returns (loss_sum fp32 0-dim tensor, g_hidden [N, d] in hidden's dtype or None).
 
     Full [N, V] logits never exist. Counted rows go in blocks of at most chunk_size tokens, and each block
@@ -206,6 +207,7 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
     acc_dt = acc_dtype(hidden.dtype)
     loss_sum = torch.zeros((), dtype=acc_dt, device=hidden.device)
     g_hidden = torch.zeros_like(hidden) if compute_grad else None
+    masked = rows is not None  # fixed rows may hold ignored targets: their terms are multiplied by 0
     if rows is None:
         rows = (targets != -100).nonzero().squeeze(1)
     V = weight.shape[0]
@@ -213,6 +215,9 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
         idx = rows[c0 : c0 + chunk_size]
         n = idx.numel()
         h, t = hidden[idx], targets[idx]
+        if masked:
+            counted = (t != -100).to(acc_dt)
+            t = t.clamp(min=0)  # an ignored row looks up row 0 of W, then counts for nothing
         # a quantized or streamed head decodes each slice, so its [Vc, d] rows are bounded too; every form of
         # the head takes the same slices, so they all sum g_hidden in the same order (bit-identical results)
         vc = max(1, min(V, chunk_bytes // (n * 4), chunk_bytes // (h.shape[-1] * 4)))
@@ -246,13 +251,15 @@ def lm_head_cross_entropy(hidden, weight, targets, normalizer, chunk_size=1024, 
                     acc.add_(torch.matmul(p.to(h.dtype), w).to(acc_dt))
             del p, slope, w
         lse = m.add_(s.log())
-        loss_sum += (lse - target_logit).sum()
+        row_loss = lse - target_logit
+        loss_sum += (row_loss * counted if masked else row_loss).sum()
         if not compute_grad:
             continue
         target_rows = weight_rows(weight, t).to(acc_dt)
         if target_slope is not None:
             target_rows.mul_(target_slope[:, None])
-        g_hidden[idx] = acc.div_(s[:, None]).sub_(target_rows).div_(normalizer).to(hidden.dtype)
+        g_rows = acc.div_(s[:, None]).sub_(target_rows).div_(normalizer)
+        g_hidden[idx] = (g_rows.mul_(counted[:, None]) if masked else g_rows).to(hidden.dtype)
     return loss_sum, g_hidden
 
 

@@ -332,8 +332,10 @@ def export_run(args) -> int:
         from .export_executorch import export_executorch_cli
 
         r = export_executorch_cli(args)
-        print(f"wrote {r['program']} and {r['weights']}: one MeSP SGD step (B={args.batch_size}, "
-              f"T={args.seq_len}, {len(r['lora'])} LoRA tensors)")
+        print(f"wrote {r['program']} and {r['weights']}: one MeSP {args.optimizer} step (lr {r['lr']:g}, "
+              f"B={args.batch_size}, T={args.seq_len}, {len(r['lora'])} LoRA tensors)")
+        if "tokens" in r:
+            print(f"wrote {r['tokens']}: the data for mesp-runner --data")
         return 0
     if args.adapter is None:
         raise MespError("--adapter: required with --format gguf-lora")

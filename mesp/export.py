@@ -56,7 +56,7 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--adapter", help="LoRA adapter directory (PEFT format), e.g. a mesp train --out (gguf-lora: "
                    "required; executorch: the adapter training starts from, else a fresh one)")
     p.add_argument("--format", choices=FORMATS, default="gguf-lora", help="what to write: llama.cpp's LoRA "
-                   "adapter file, or executorch: one MeSP SGD training step as an ExecuTorch program, DIR/step.pte "
+                   "adapter file, or executorch: one MeSP training step as an ExecuTorch program, DIR/step.pte "
                    "+ DIR/base.ptd (the frozen weights), which mesp-runner runs (default gguf-lora)")
     p.add_argument("--outtype", choices=LORA_OUT_TYPES, default="f32", help="type of the LoRA matrices (q8_0 "
                    "falls back to f16 for a matrix whose rows do not split into blocks of 32; default f32)")
@@ -69,10 +69,14 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--seed", type=int, default=0, help="a fresh adapter's init (default 0)")
     g.add_argument("--seq-len", type=int, default=256, help="tokens per sequence (default 256)")
     g.add_argument("--batch-size", type=int, default=1, help="sequences per step (default 1)")
-    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="the update (sgd; adamw is not "
-                   "exported yet)")
-    g.add_argument("--lr", type=float, default=0.1, help="SGD learning rate, constant (default 0.1, mesp train's "
-                   "for sgd)")
+    g.add_argument("--optimizer", choices=("sgd", "adamw"), default="sgd", help="the update, at a constant lr "
+                   "(adamw: mesp train's betas and eps; default sgd)")
+    g.add_argument("--lr", type=float, default=None, help="learning rate, constant (default mesp train's: 0.1 sgd, "
+                   "0.001 adamw)")
+    g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay, decoupled for adamw (default 0)")
+    g.add_argument("--data", metavar="FILE|DIR", help="training data (any mesp train --data source), also written "
+                   "as DIR/tokens.bin, the runner's --data: each sample cut to --seq-len, right-padded, pads "
+                   "labelled -100")
 
 
 def merge_format_arguments(p: argparse.ArgumentParser) -> None:

@@ -1,25 +1,30 @@
 """The MeSP training step as an ExecuTorch program: `mesp export --format executorch` and the module it exports.
 
-    mesp export --format executorch --model qwen2.5-0.5b --rank 8 --seq-len 256 --out et/
-    runner/build: mesp-runner et/step.pte et/base.ptd --data tokens.bin --steps 5 --out adapter.safetensors
+    .et/bin/mesp export --format executorch --model qwen2.5-0.5b --rank 8 --seq-len 256 --data train.jsonl --out et/
+    build/runner/mesp-runner et/step.pte et/base.ptd --data et/tokens.bin --steps 5 --out run/adapter_model.safetensors
 
-TrainingStep is an nn.Module whose forward is one whole SGD step of MeSP, run by the engine itself
+TrainingStep is an nn.Module whose forward is one whole step of MeSP, run by the engine itself
 (mesp.methods.mesp.gradients: the forward keeping only layer inputs, the per-layer recompute, the hand-derived
-backward, the chunked LM-head loss) followed by the update p - lr * g. Nothing in it uses autograd, so the step
-is an ordinary forward program that torch.export traces and ExecuTorch runs:
+backward, the chunked LM-head loss) followed by the optimizer's update (SGD or AdamW, mesp.optim's arithmetic).
+Nothing in it uses autograd, so the step is an ordinary forward program that torch.export traces and
+ExecuTorch runs:
 
-    forward(input_ids [B, T] int64, *lora) -> (loss fp32 [], *updated lora)
+    forward(input_ids [B, T] int64, labels [B, T] int64, *state) -> (loss fp32 [], *updated state)
 
-lora: every LoRA tensor in LORA order (lora_names: PEFT keys, lora_A then lora_B per projection). The host
+labels follow transformers (-100 = no loss; shifted inside, the loss divided by the count of labelled targets).
+state: every LoRA tensor in lora_names order (PEFT keys, lora_A then lora_B per projection), then the
+optimizer's (adamw: each tensor's exp_avg, then each one's exp_avg_sq, then the step count, fp32 []). The host
 keeps them and feeds each step's outputs back as the next step's inputs. Shapes are fixed at export: B, T, and
-every position is labelled (labels = input_ids, the loss predicting token t+1 at position t, divided by
-B * (T - 1)), so the counted rows of the loss are a constant and no data-dependent shape is traced.
+the LM head runs on every position but each row's last (a masked one counts for nothing), so no
+data-dependent shape is traced. Right padding needs no attention mask: a causal model's real tokens never see
+the pads after them, and the pads' labels are -100.
 
 The frozen base weights are the module's buffers: exported as constants, written by to_executorch with
 external_constants into base.ptd, which the runtime memory-maps (file-backed pages, not private memory).
-The program's second method `initial_lora` returns the adapter's initial tensors (A random, B zero, as
-mesp.add_lora makes them), so a runner needs nothing but the two files. The PEFT keys and the LoRA config
-travel as constant methods (`lora_names`: the keys joined by newlines; `adapter_config`: PEFT's JSON).
+The program's method `initial_state` returns the starting state (the adapter as mesp.add_lora or --adapter
+makes it, zero moments and step), so a runner needs nothing but the two files. Constant methods carry the rest:
+`lora_names` (the PEFT keys joined by newlines), `adapter_config` (PEFT's JSON), `batch_size`, `seq_len`,
+`optimizer`.
 
 ExecuTorch itself lives in an environment of its own (.et/, made by scripts/dev.sh runner): torch.export of
 the step needs only torch; to_edge / to_executorch import executorch lazily.
@@ -43,41 +48,65 @@ from .fileio import atomic_write, fsync_file
 from .lora import peft_key
 from .methods.common import LossBatch
 from .methods.mesp import gradients
+from .optim import AdamW
 
 log = logging.getLogger(__name__)
 
-PROGRAM_FILE, WEIGHTS_FILE = "step.pte", "base.ptd"
-OPTIMIZERS = ("sgd",)
+PROGRAM_FILE, WEIGHTS_FILE, TOKENS_FILE = "step.pte", "base.ptd", "tokens.bin"
+OPTIMIZERS = ("sgd", "adamw")
 
 
 class TrainingStep(nn.Module):
-    """One MeSP SGD step of `model` (with its LoRA added) on a fixed [batch, seq_len] token batch."""
+    """One MeSP step of `model` (with its LoRA added) on a fixed [batch, seq_len] token batch, then the update:
+    sgd (torch.optim.SGD without momentum: g += wd * p; p -= lr * g) or adamw (mesp.optim.AdamW's defaults:
+    betas (0.9, 0.999), eps 1e-8, decoupled weight decay), both at a constant lr."""
 
-    def __init__(self, model, batch: int, seq_len: int, lr: float, **engine_options):
+    def __init__(self, model, batch: int, seq_len: int, lr: float, optimizer: str = "sgd",
+                 weight_decay: float = 0.0, **engine_options):
         super().__init__()
         if seq_len < 2:
             raise MespError(f"seq_len: {seq_len} leaves no token to predict; use at least 2")
+        if optimizer not in OPTIMIZERS:
+            raise MespError(f"optimizer {optimizer}: the ExecuTorch step exports {', '.join(OPTIMIZERS)} only")
+        if not weight_decay >= 0:
+            raise MespError(f"weight_decay: must be >= 0, got {weight_decay!r}")
         self.model, self.batch, self.seq_len, self.lr = model, batch, seq_len, float(lr)
+        self.optimizer, self.weight_decay = optimizer, float(weight_decay)
         self.engine_options = engine_options
         self.lora_paths = list(model.lora_parameters())
         if not self.lora_paths:
             raise MespError("the model has no LoRA adapter: call mesp.add_lora first")
         self.lora_names = [peft_key(p) for p in self.lora_paths]
-        # every position but each row's last predicts the next token: fixed flat row indices of the loss
+        # every position but each row's last has a target: fixed flat row indices of the loss
         rows = torch.arange(batch * seq_len, device=model.device).view(batch, seq_len)[:, :-1].reshape(-1)
         self.register_buffer("counted_rows", rows, persistent=False)
 
-    def initial_lora(self) -> list[torch.Tensor]:
-        """The LoRA tensors the model holds now, in lora_names order (copies)."""
-        params = self.model.lora_parameters()
-        return [params[p].detach().clone() for p in self.lora_paths]
+    @property
+    def state_names(self) -> list[str]:
+        """The state tensors' names in forward's order (the optimizer's as mesp.optim keys them)."""
+        if self.optimizer == "sgd":
+            return list(self.lora_names)
+        return ([*self.lora_names] + [f"{k}.exp_avg" for k in self.lora_names]
+                + [f"{k}.exp_avg_sq" for k in self.lora_names] + ["step"])
 
-    def forward(self, input_ids: torch.Tensor, *lora: torch.Tensor):
-        if len(lora) != len(self.lora_paths):
-            raise MespError(f"expected {len(self.lora_paths)} LoRA tensors, got {len(lora)}")
-        targets = torch.full_like(input_ids, IGNORE)
-        targets[:, :-1] = input_ids[:, 1:]
-        batch = LossBatch(input_ids, None, targets, float(self.batch * (self.seq_len - 1)), self.counted_rows)
+    def initial_state(self) -> list[torch.Tensor]:
+        """The LoRA tensors the model holds now (copies), in lora_names order, then the optimizer's zeros."""
+        params = self.model.lora_parameters()
+        lora = [params[p].detach().clone() for p in self.lora_paths]
+        if self.optimizer == "sgd":
+            return lora
+        moments = [torch.zeros_like(t, dtype=torch.float32) for t in lora]
+        return [*lora, *moments, *[m.clone() for m in moments], torch.zeros((), device=self.model.device)]
+
+    def forward(self, input_ids: torch.Tensor, labels: torch.Tensor, *state: torch.Tensor):
+        if len(state) != len(self.state_names):
+            raise MespError(f"expected {len(self.state_names)} state tensors, got {len(state)}")
+        n = len(self.lora_paths)
+        lora = state[:n]
+        targets = torch.full_like(labels, IGNORE)
+        targets[:, :-1] = labels[:, 1:]
+        count = (targets != IGNORE).sum().clamp(min=1).to(torch.float32)  # all masked: loss 0, no update
+        batch = LossBatch(input_ids, None, targets, count, self.counted_rows)
         modules = dict(self.model.named_modules())
         held = []
         try:  # the step's LoRA tensors take the parameters' place for the engine (restored after)
@@ -89,12 +118,37 @@ class TrainingStep(nn.Module):
         finally:
             for module, attr, value in held:
                 module._parameters[attr] = value
-        updated = [t - self.lr * grads[name] for name, t in zip(self.lora_names, lora)]
-        return (loss, *updated)
+        grads = [grads[name].to(torch.float32) for name in self.lora_names]
+        if self.optimizer == "sgd":
+            return (loss, *self.sgd(lora, grads))
+        return (loss, *self.adamw(lora, grads, state[n:2 * n], state[2 * n:3 * n], state[3 * n]))
+
+    def sgd(self, lora, grads):
+        if self.weight_decay:
+            grads = [g + self.weight_decay * p for p, g in zip(lora, grads)]
+        return [torch.add(p, g, alpha=-self.lr) for p, g in zip(lora, grads)]
+
+    def adamw(self, lora, grads, exp_avg, exp_avg_sq, step):
+        """mesp.optim.AdamW._step, out of place, with the step count a tensor (one for every LoRA tensor)."""
+        b1, b2, eps = AdamW().beta1, AdamW().beta2, AdamW().eps
+        step = step + 1
+        step_size = self.lr / (1 - torch.pow(b1, step))
+        bias2_sqrt = torch.sqrt(1 - torch.pow(b2, step))
+        new_p, new_m, new_v = [], [], []
+        for p, g, m, v in zip(lora, grads, exp_avg, exp_avg_sq):
+            if self.weight_decay:
+                p = p * (1 - self.lr * self.weight_decay)
+            m = torch.lerp(m, g, 1 - b1)
+            v = torch.addcmul(v * b2, g, g, value=1 - b2)
+            denom = torch.sqrt(v) / bias2_sqrt + eps
+            new_p.append(p - step_size * (m / denom))
+            new_m.append(m)
+            new_v.append(v)
+        return [*new_p, *new_m, *new_v, step]
 
 
-class InitialLora(nn.Module):
-    """The program's `initial_lora` method: the adapter's starting tensors, as constants."""
+class InitialState(nn.Module):
+    """The program's `initial_state` method: the starting state, as constants."""
 
     def __init__(self, tensors: list[torch.Tensor]):
         super().__init__()
@@ -107,40 +161,47 @@ class InitialLora(nn.Module):
 
 
 def export_step(step: TrainingStep):
-    """torch.export of the step's forward and of its initial_lora method: {method name: ExportedProgram}."""
+    """torch.export of the step's forward and of its initial_state method: {method name: ExportedProgram}."""
     ids = torch.zeros(step.batch, step.seq_len, dtype=torch.long, device=step.model.device)
-    lora = step.initial_lora()
+    state = step.initial_state()
     with torch.no_grad():
-        forward = torch.export.export(step, (ids, *lora), strict=False)
-        initial = torch.export.export(InitialLora(lora), (), strict=False)
-    return {"forward": forward, "initial_lora": initial}
+        forward = torch.export.export(step, (ids, ids.clone(), *state), strict=False)
+        initial = torch.export.export(InitialState(state), (), strict=False)
+    return {"forward": forward, "initial_state": initial}
 
 
 def to_executorch_program(programs: dict, constant_methods: dict):
     """ExecuTorch's portable lowering (no delegate: XNNPACK would pack the frozen weights into private memory
-    at load), every constant tagged for the external data file: an ExecutorchProgramManager."""
+    at load), every constant tagged for the external data file: an ExecutorchProgramManager.
+
+    forward's inputs and outputs stay out of its memory plan: the runner hands the state's own buffers in and
+    the same buffers out (each update is the step's last, elementwise reader of its input), so the state exists
+    once, in the runner, and the planned arena holds only the step's activations and gradients."""
     try:
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
+        from executorch.exir.passes import MemoryPlanningPass
     except ImportError as e:
         raise MespError("mesp export --format executorch needs ExecuTorch: run .et/bin/mesp "
                         "(scripts/dev.sh runner makes .et)") from e
     edge = to_edge(programs, constant_methods=constant_methods,
                    compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: WEIGHTS_FILE[:-4]))
+    planning = {"forward": MemoryPlanningPass(alloc_graph_input=False, alloc_graph_output=False)}
+    return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: WEIGHTS_FILE[:-4],
+                                                      memory_planning_pass=planning))
 
 
 def export_executorch(model, out_dir, batch: int = 1, seq_len: int = 256, lr: float = 1e-3,
-                      optimizer: str = "sgd", **engine_options) -> dict:
+                      optimizer: str = "sgd", weight_decay: float = 0.0, **engine_options) -> dict:
     """Write out_dir/step.pte and out_dir/base.ptd for `model` (with its LoRA added). Returns what was written."""
-    if optimizer not in OPTIMIZERS:
-        raise MespError(f"optimizer {optimizer}: the ExecuTorch step exports {', '.join(OPTIMIZERS)} only")
     out = Path(out_dir)
+    step = TrainingStep(model, batch, seq_len, lr, optimizer, weight_decay, **engine_options)
     out.mkdir(parents=True, exist_ok=True)
-    step = TrainingStep(model, batch, seq_len, lr, **engine_options)
     lora_config = getattr(model, "lora_config", None)
     constants = {"lora_names": "\n".join(step.lora_names), "batch_size": batch, "seq_len": seq_len,
+                 "optimizer": optimizer,
                  "adapter_config": json.dumps(lora_config.to_peft(model) if lora_config else {})}
-    log.info("exporting the step (B=%d, T=%d, %d LoRA tensors)", batch, seq_len, len(step.lora_names))
+    log.info("exporting the step (B=%d, T=%d, %s, %d LoRA tensors)", batch, seq_len, optimizer,
+             len(step.lora_names))
     program = to_executorch_program(export_step(step), constants)
     with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:  # each file lands whole or not
         program.write_tensor_data_to_file(scratch)
@@ -155,23 +216,46 @@ def export_executorch(model, out_dir, batch: int = 1, seq_len: int = 256, lr: fl
     return {"program": str(out / PROGRAM_FILE), "weights": str(out / WEIGHTS_FILE), "lora": step.lora_names}
 
 
-TOKENS_MAGIC = b"MESPTOK1"
+TOKENS_MAGIC = b"MESPTOK2"
 
 
-def write_tokens(path, input_ids: torch.Tensor) -> None:
+def write_tokens(path, input_ids: torch.Tensor, labels: torch.Tensor | None = None) -> None:
     """The runner's tokens file (runner/main.cpp): TOKENS_MAGIC, rows and seq_len as little-endian int64, then
-    the [rows, seq_len] token ids as little-endian int64; written atomically."""
+    the [rows, seq_len] token ids and the [rows, seq_len] labels (-100 = no loss; default: the ids), each as
+    little-endian int64; written atomically."""
     if input_ids.dim() != 2:
         raise MespError(f"tokens: expected [rows, seq_len], got shape {tuple(input_ids.shape)}")
+    labels = input_ids if labels is None else labels
+    if labels.shape != input_ids.shape:
+        raise MespError(f"labels: shape {tuple(labels.shape)} differs from input_ids {tuple(input_ids.shape)}")
     header = TOKENS_MAGIC + struct.pack("<qq", *input_ids.shape)
-    body = input_ids.to(torch.int64).contiguous().numpy().astype("<i8").tobytes()
+    body = b"".join(t.to(torch.int64).contiguous().numpy().astype("<i8").tobytes() for t in (input_ids, labels))
     atomic_write(path, lambda tmp: Path(tmp).write_bytes(header + body))
 
 
+def data_tokens(model, data, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """`data` (any mesp train --data source) as [rows, seq_len] ids and labels, read as mesp train reads it
+    (each sample cut to seq_len), right-padded as mesp.data.collate pads (labels -100 on pads: exact without an
+    attention mask, see the module's doc)."""
+    from .data import collate, load_data
+    from .tokenizer import load_tokenizer
+
+    samples = load_data(data, lambda: load_tokenizer(model), seq_len=seq_len,
+                        vocab_size=model.config.vocab_size).samples
+    if not samples:
+        raise MespError(f"--data {data}: no sample to train on")
+    batch = collate(samples)
+    pad = seq_len - batch.input_ids.shape[1]
+    return (torch.nn.functional.pad(batch.input_ids, (0, pad)),
+            torch.nn.functional.pad(batch.labels, (0, pad), value=IGNORE))
+
+
 def export_executorch_cli(args) -> dict:
-    """`mesp export --format executorch`: the model with the given or a fresh adapter, exported."""
+    """`mesp export --format executorch`: the model with the given or a fresh adapter, exported; with --data,
+    the data as DIR/tokens.bin too."""
     from .loaders import load_model
     from .lora import LoraConfig, add_lora, load_adapter
+    from .train_config import DEFAULT_LR
 
     out = Path(args.out)
     if out.exists() and not out.is_dir():
@@ -181,9 +265,19 @@ def export_executorch_cli(args) -> dict:
     for name in ("rank", "seq_len", "batch_size"):
         if getattr(args, name) < 1:
             raise MespError(f"--{name.replace('_', '-')}: expected a whole number >= 1, got {getattr(args, name)}")
+    lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
+    if not lr > 0:
+        raise MespError(f"--lr: expected a number > 0, got {lr}")
     model = load_model(args.model, weights="resident")
+    tokens = None
+    if args.data:  # before the long export, so bad data fails at once
+        tokens = data_tokens(model, args.data, args.seq_len)
     if args.adapter:
         load_adapter(model, args.adapter)
     else:
         add_lora(model, LoraConfig(r=args.rank, alpha=args.alpha), seed=args.seed)
-    return export_executorch(model, out, args.batch_size, args.seq_len, args.lr, args.optimizer)
+    r = export_executorch(model, out, args.batch_size, args.seq_len, lr, args.optimizer, args.weight_decay)
+    if tokens is not None:
+        write_tokens(out / TOKENS_FILE, *tokens)
+        r["tokens"] = str(out / TOKENS_FILE)
+    return {**r, "lr": lr}
