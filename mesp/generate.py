@@ -57,19 +57,24 @@ def _pick(logits: torch.Tensor, temperature: float, top_p: float, gen: torch.Gen
     return int(torch.multinomial(probs, 1, generator=gen))
 
 
+def tokens_that_fit(model: Model, prompt_len: int, max_new_tokens: int) -> int:
+    """max_new_tokens, cut to what the model's context leaves after a prompt of prompt_len tokens (the KV cache
+    grows with every token: the context bounds it, and RoPE means nothing past it)."""
+    context = model.config.max_position_embeddings
+    if prompt_len >= context:
+        raise MespError(f"prompt: {prompt_len} tokens fill the model's context of {context}")
+    if max_new_tokens > context - prompt_len:
+        log.info("max_new_tokens %d cut to %d: the model's context is %d tokens", max_new_tokens,
+                 context - prompt_len, context)
+    return min(max_new_tokens, context - prompt_len)
+
+
 @torch.no_grad()
 def generate_ids(model: Model, input_ids: list[int], max_new_tokens: int = 64, temperature: float = 0.0,
                  seed: int = 0, top_p: float = 1.0, stop_ids: set[int] | frozenset = frozenset()) -> Iterator[int]:
     """Yield new token ids one at a time (a stop id is yielded, then generation ends)."""
     check_sampling(max_new_tokens, temperature, top_p)
-    # the KV cache grows with every token: the model's context bounds it (and RoPE means nothing past it)
-    context = model.config.max_position_embeddings
-    if len(input_ids) >= context:
-        raise MespError(f"prompt: {len(input_ids)} tokens fill the model's context of {context}")
-    if max_new_tokens > context - len(input_ids):
-        log.info("max_new_tokens %d cut to %d: the model's context is %d tokens", max_new_tokens,
-                 context - len(input_ids), context)
-        max_new_tokens = context - len(input_ids)
+    max_new_tokens = tokens_that_fit(model, len(input_ids), max_new_tokens)
     if max_new_tokens == 0:
         return
     gen = torch.Generator().manual_seed(seed)
@@ -96,11 +101,8 @@ def generate_batch_ids(model: Model, prompts: list[list[int]], max_new_tokens: i
     counted from its first real token, so each row's tokens are generate_ids' for that prompt alone, while every
     decoding step reads the weights once for all rows."""
     check_sampling(max_new_tokens, 0.0, 1.0)
-    context = model.config.max_position_embeddings
     longest = max((len(p) for p in prompts), default=0)
-    if longest >= context:
-        raise MespError(f"prompt: {longest} tokens fill the model's context of {context}")
-    steps = min(max_new_tokens, context - longest)
+    steps = tokens_that_fit(model, longest, max_new_tokens)
     if not prompts or steps == 0:
         return [[] for _ in prompts]
     device = model.device

@@ -7,11 +7,11 @@ RSS peak. Drawn with matplotlib's Agg backend (mesp.bench.plots), written atomic
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 from .bench.plots import save_figure
 from .checkpoint import METRICS
+from .data import read_jsonl
 from .errors import MespError
 from .memory import MiB
 
@@ -23,13 +23,7 @@ def read_run_metrics(run) -> list[dict]:
     path = Path(run) / METRICS
     if not path.is_file():
         raise MespError(f"{path}: no such file (is {run} a mesp train run directory?)")
-    records = []
-    for lineno, line in enumerate(path.read_text().splitlines(), start=1):
-        if line.strip():
-            try:
-                records.append(json.loads(line))
-            except json.JSONDecodeError as e:
-                raise MespError(f"{path}:{lineno}: invalid JSON ({e.msg})") from e
+    records = [record for _, _, record in read_jsonl(path)]
     if not records:
         raise MespError(f"{path}: no steps yet")
     return records
