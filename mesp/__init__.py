@@ -1,6 +1,10 @@
 """mesp: exact-gradient LoRA fine-tuning under tight memory (Memory-efficient Structured Backpropagation)."""
 
-from .errors import MespError
+from .hugepages import enable_torch_hugepages
+
+enable_torch_hugepages()  # before the first import of torch (mesp/hugepages.py says why)
+
+from .errors import MespError  # noqa: E402
 from .export import export_gguf_lora, merge_gguf
 from .families import ModelConfig
 from .generate import generate, generate_stream

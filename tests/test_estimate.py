@@ -153,17 +153,18 @@ def test_memory_bench_prints_the_estimate_beside_the_measured_peak():
 
 
 def test_default_keep_layers_fit_in_the_logits_mesp_never_builds():
-    """mesp train's default keeps as many of the last layers as fit in one fp32 [B, T, V] logits tensor: at
-    every length the default step stays under half of MeBP's estimated peak, and `mesp estimate` counts it."""
+    """mesp train's default keeps as many of the last layers as fit in two fp32 [B, T, V] logits tensors (the
+    logits and their gradient autograd's loss holds): at every length the default step stays under MeBP's
+    estimated peak, and `mesp estimate` counts it."""
     from mesp.estimate import default_keep_layers, kept_saved_bytes, shapes_of
 
     cfg = model_config("qwen2.5-0.5b")
     for T in (256, 1024):
         keep = default_keep_layers(cfg, T)
         s = shapes_of(cfg, T, 1, "float32")
-        assert keep * kept_saved_bytes(s) <= s.logits(4) < (keep + 1) * kept_saved_bytes(s)
+        assert keep * kept_saved_bytes(s) <= 2 * s.logits(4) < (keep + 1) * kept_saved_bytes(s)
         default = estimate(cfg, T, keep_layers=keep, runtime_floor=0).step_peak_bytes
-        assert default < 0.5 * estimate(cfg, T, method="mebp", runtime_floor=0).step_peak_bytes
-    assert keep == 10
+        assert default < 0.75 * estimate(cfg, T, method="mebp", runtime_floor=0).step_peak_bytes
+    assert keep == 20
     tiny = dict(cfg.to_hf(), vocab_size=1000, num_hidden_layers=4)
     assert default_keep_layers(ModelConfig.from_hf(tiny), 256) == 0  # a small vocabulary leaves no room

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import torch
 
+from .. import hugepages
 from ..data import MicroBatchStream
 from ..errors import MespError
 from ..fileio import write_json, write_text
@@ -204,6 +205,8 @@ def tool_python(tool: Tool, s: PeersSettings) -> tuple[str | None, str | None]:
 
 def _child_env(threads: int) -> dict:
     env = dict(os.environ)
+    if hugepages.set_here:  # the peers run as their users run them; a mesp child sets it again itself
+        env.pop(hugepages.VARIABLE, None)
     for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
         env[var] = str(threads)
     env["TOKENIZERS_PARALLELISM"] = "false"
