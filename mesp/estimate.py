@@ -223,7 +223,8 @@ def kept_saved_bytes(s: Shapes) -> int:
 
 
 def default_keep_layers(config: ModelConfig, seq_len: int, batch_size: int = 1, dtype: str = "float32",
-                        method: str = "mesp", offload_checkpoints: bool = False) -> int:
+                        method: str = "mesp", offload_checkpoints: bool = False, weights: str = "resident",
+                        quantize: str | None = None) -> int:
     """How many of the last layers `mesp train` lets keep their intermediates by default (its keep_layers None):
     as many as fit in the bytes of two fp32 full-vocabulary logits tensors [B, T, V], the logits and their
     gradient that autograd's loss holds at once (three such tensors in all: full_logits_bytes) and MeSP's chunked
@@ -231,8 +232,11 @@ def default_keep_layers(config: ModelConfig, seq_len: int, batch_size: int = 1, 
     worth (10 of Qwen2.5-0.5B's 24 layers) the default step was 0.81x transformers + PEFT with gradient
     checkpointing at T=1024, with two (20 layers) 0.70x, and the whole process stays under half that peer's
     private footprint at every sequence length (both grow with T). None are kept for a method other than mesp
-    (only MeSP recomputes layers) or with offloaded checkpoints (a run that asked for the least memory)."""
-    if method != "mesp" or offload_checkpoints:
+    (only MeSP recomputes layers), or where the run asked for the least memory: offloaded checkpoints, a base
+    streamed from its file (weights "stream", the default for a GGUF file: the paper's setting) or a quantized
+    base (quantize int8 / int4 / gguf; with 20 kept layers an int4 Qwen2.5-0.5B run at T=256 held 951 MiB
+    private, more than half of mlx-lm's 4-bit LoRA)."""
+    if method != "mesp" or offload_checkpoints or weights == "stream" or quantize not in (None, "none"):
         return 0
     s = shapes_of(config, seq_len, batch_size, dtype)
     per_layer = kept_saved_bytes(s)

@@ -68,14 +68,15 @@ class EstimateSettings:
         """estimate()'s keyword arguments (beside the config and seq_len); keep_layers None is mesp train's
         default for the ModelConfig `config` (read from --model when not given)."""
         dtype = resolve_dtype(self.dtype, self.device)
+        weights = self.weights or default_weights(self.model, self.quantize)
         keep = self.keep_layers
         if keep is None:
             keep = default_keep_layers(config or model_config(self.model), self.seq_len, self.batch_size, dtype,
-                                       self.method, self.offload_checkpoints)
+                                       self.method, self.offload_checkpoints, weights, self.quantize)
         return dict(batch_size=self.batch_size, rank=self.rank, method=self.method,
                     dtype=dtype,
                     quantize=None if self.quantize == "none" else self.quantize,
-                    weights=self.weights or default_weights(self.model, self.quantize),
+                    weights=weights,
                     offload_checkpoints=self.offload_checkpoints, token_chunk=self.token_chunk,
                     keep_layers=keep, loss_chunk=self.loss_chunk, attn_block=self.attn_block,
                     optimizer=self.optimizer)

@@ -21,7 +21,7 @@ from .lora import ALL_TARGETS, LoraConfig, naming_fields
 from .data import LONG_SAMPLES
 from .methods import CHECKPOINTING_METHODS, METHODS
 from .optim import OPTIMIZERS, SCHEDULES, Optimizer, learning_rate, make_optimizer
-from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP
+from .loaders import DTYPE_NAMES, QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, WEIGHTS_HELP, default_weights
 from .precision import AUTO, resolve_dtype
 from .presets import PRESETS
 from .report_to import REPORT_TO, check_report_to
@@ -183,12 +183,14 @@ def check_engine_options(c: TrainConfig) -> None:
 def kept_layer_count(c: TrainConfig, config, dtype: str) -> int:
     """How many of the last layers keep their intermediates: keep_layers, or where it is None (mesp only) the
     default (mesp.estimate.default_keep_layers for the model's ModelConfig `config` at c's batch and length in
-    compute dtype `dtype`)."""
+    compute dtype `dtype`; none where the base is streamed from its file or quantized)."""
     if c.method != "mesp":
         return 0
     if c.keep_layers is not None:
         return c.keep_layers
-    return default_keep_layers(config, c.seq_len, c.batch_size, dtype, c.method, c.offload_checkpoints)
+    weights = c.weights or (default_weights(c.model, c.quantize) if c.model else "resident")
+    return default_keep_layers(config, c.seq_len, c.batch_size, dtype, c.method, c.offload_checkpoints, weights,
+                               c.quantize)
 
 
 def engine_options(c: TrainConfig, config, dtype: str = "float32") -> dict:

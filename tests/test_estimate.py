@@ -168,3 +168,24 @@ def test_default_keep_layers_fit_in_the_logits_mesp_never_builds():
     assert keep == 20
     tiny = dict(cfg.to_hf(), vocab_size=1000, num_hidden_layers=4)
     assert default_keep_layers(ModelConfig.from_hf(tiny), 256) == 0  # a small vocabulary leaves no room
+
+
+def test_a_streamed_or_quantized_base_keeps_no_layer_by_default():
+    """A base streamed from its file (the default for GGUF files) or quantized asked for the least memory, as
+    offloaded checkpoints do: mesp train and mesp estimate keep nothing unless told to (--keep-layers)."""
+    from mesp.estimate import default_keep_layers
+    from mesp.train_config import TrainConfig, kept_layer_count
+
+    cfg = model_config("qwen2.5-0.5b")
+    assert default_keep_layers(cfg, 256, weights="stream") == 0
+    assert default_keep_layers(cfg, 256, weights="resident") == 20
+    assert default_keep_layers(cfg, 256, quantize="int4") == 0 and default_keep_layers(cfg, 256, quantize="none") == 20
+    gguf = TrainConfig(model="/models/qwen2.5-0.5b-q4_0.gguf", seq_len=256)
+    assert kept_layer_count(gguf, cfg, "float32") == 0
+    assert kept_layer_count(TrainConfig(model="/models/qwen2.5-0.5b-q4_0.gguf", seq_len=256, weights="resident"),
+                            cfg, "float32") == 20
+    assert kept_layer_count(TrainConfig(model="/models/qwen2.5-0.5b", seq_len=256), cfg, "float32") == 20
+    assert kept_layer_count(TrainConfig(model="/models/qwen2.5-0.5b", seq_len=256, quantize="int4"), cfg,
+                            "float32") == 0
+    assert kept_layer_count(TrainConfig(model="/models/qwen2.5-0.5b-q4_0.gguf", seq_len=256, keep_layers=3),
+                            cfg, "float32") == 3
