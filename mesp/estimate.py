@@ -229,9 +229,10 @@ def default_keep_layers(config: ModelConfig, seq_len: int, batch_size: int = 1, 
     as many as fit in the bytes of two fp32 full-vocabulary logits tensors [B, T, V], the logits and their
     gradient that autograd's loss holds at once (three such tensors in all: full_logits_bytes) and MeSP's chunked
     head never builds. A kept layer skips its recompute, about a third of its products: with one logits tensor's
-    worth (10 of Qwen2.5-0.5B's 24 layers) the default step was 0.81x transformers + PEFT with gradient
-    checkpointing at T=1024, with two (20 layers) 0.70x, and the whole process stays under half that peer's
-    private footprint at every sequence length (both grow with T). None are kept for a method other than mesp
+    worth (10 of Qwen2.5-0.5B's 24 layers) `mesp train`'s step was 1.09x transformers + PEFT with gradient
+    checkpointing at T=1024, with two (20 layers, and huge pages, mesp.hugepages) 0.69x (0.81x at T=256), and
+    the whole process stays under half that peer's private footprint (0.32x, 0.44x; `mesp bench peers`,
+    docs/results.md): both grow with T. None are kept for a method other than mesp
     (only MeSP recomputes layers), or where the run asked for the least memory: offloaded checkpoints, a base
     streamed from its file (weights "stream", the default for a GGUF file: the paper's setting) or a quantized
     base (quantize int8 / int4 / gguf; with 20 kept layers an int4 Qwen2.5-0.5B run at T=256 held 951 MiB
