@@ -4,8 +4,8 @@ Why: the CLI returns every block of 1 MiB or more to the OS when it is freed (me
 so the private footprint follows the live tensors. The price is that each large tensor of a step is a fresh
 mapping whose 4 KiB pages fault in one by one: a Qwen2.5-0.5B `mesp train` step at T=1024 took ~2.6 million
 more minor faults and ~5 s more system time than with glibc's default (which keeps freed blocks, and the private
-footprint with them: +281 MiB on an int4 step). PyTorch's own switch THP_MEM_ALLOC_ENABLE aligns tensors of 2 MiB or more to
-2 MiB and madvises them MADV_HUGEPAGE, so they fault in 2 MiB at a time. PyTorch reads the variable once, at its
+footprint with them: +281 MiB on an int4 step). PyTorch's own switch THP_MEM_ALLOC_ENABLE aligns tensors of
+2 MiB or more to 2 MiB and madvises them MADV_HUGEPAGE, so they fault in 2 MiB at a time. PyTorch reads the variable once, at its
 first allocation (during `import torch`), which is why this runs from mesp/__init__.py before anything imports
 torch. A value the user set (0 turns it off) is kept; where torch is already imported, or the kernel has THP off
 or absent, nothing changes.
