@@ -162,3 +162,28 @@ def test_a_benchmark_stopped_part_way_keeps_its_finished_runs(make_hf_model, tmp
     assert kept["rows"][0]["private_peak_bytes"] > 0 and len(kept["rows"][0]["losses"]) == 2
     monkeypatch.setattr(peers, "run_mesp", real_run_mesp)
     assert peers.bench_peers(s, progress=False)["complete"] is True
+
+
+def test_data_is_packed_as_mesp_train_tokenizes_it(tmp_path):
+    """--data: the file's samples, tokenized as mesp train does, laid end to end into N_SAMPLES windows of T
+    tokens, wrapping to the first sample when the file runs out (three short chats cannot fill 8 windows)."""
+    from mesp.data import load_data
+    from mesp.tokenizer import load_tokenizer
+
+    data = tmp_path / "chat.jsonl"
+    data.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"What is {n}'s colour?"},
+                                                     {"role": "assistant", "content": f"{n} likes teal."}]}) + "\n"
+                            for n in ("Ilse", "Tomasz", "Amara")))
+    model, T = "smollm2-135m-instruct", 24
+    tokenizer = load_tokenizer(model)
+    stream = [t for s in load_data(data, get_tokenizer=lambda: tokenizer).samples for t in s.input_ids.tolist()]
+    assert len(stream) < peers.N_SAMPLES * T  # the test needs the wrap
+    windows = peers.packed_tokens(str(data), model, T)
+    assert [len(w) for w in windows] == [T] * peers.N_SAMPLES
+    flat = [t for w in windows for t in w]
+    assert flat == (stream * (len(flat) // len(stream) + 1))[:len(flat)]
+    assert "Ilse likes teal." in tokenizer.decode(flat)
+    s = peers.PeersSettings(model=model, data=str(data), tools=["mesp"])
+    path = peers.shared_tokens(s, 49152, T, tmp_path)
+    assert [json.loads(line)["input_ids"] for line in path.read_text().splitlines()] == windows
+    assert "--data" in s.command()

@@ -14,6 +14,7 @@ its timed steps (the first step of each process is an untimed warm-up).
 
 from __future__ import annotations
 
+import itertools
 import json
 import logging
 import os
@@ -27,7 +28,7 @@ from pathlib import Path
 import torch
 
 from .. import hugepages
-from ..data import MicroBatchStream
+from ..data import MicroBatchStream, load_data
 from ..errors import MespError
 from ..fileio import write_json, write_text
 from ..formats.safetensors import write_safetensors
@@ -36,6 +37,7 @@ from ..lora import LoraConfig, add_lora, save_adapter
 from ..memory import RUNTIME_FLOOR_LABEL, MiB, ProcessSampler, format_mib, runtime_floor_bytes
 from ..precision import auto_dtype
 from ..settings import setting
+from ..tokenizer import load_tokenizer
 from .machine import machine_info
 
 log = logging.getLogger(__name__)
@@ -91,6 +93,9 @@ class PeersSettings:
     optimizer: str = setting("sgd", "optimizer of every tool", choices=("sgd", "adamw"))
     lr: float = setting(1e-4, "learning rate (constant)")
     seed: int = setting(0, "random weights, samples and the initial adapter")
+    data: str | None = setting(None, "a data file mesp train reads (e.g. the demo's chat JSONL): tokenized with "
+                                     "the model's tokenizer and packed into the samples (labels = input_ids)",
+                               default_text="default: random token ids")
     budgets: list[str] = setting(factory=lambda: list(BUDGETS),
                                  help="mesp(budget)'s --memory-budget: the private peak of the smallest or the "
                                       "fastest full-precision exact peer (measured in the first round), or MiB")
@@ -119,7 +124,7 @@ class PeersSettings:
         return " ".join(["mesp bench peers", f"--model {self.model}", "--seq-lens " + ",".join(map(str, self.seq_lens)),
                          "--tools " + ",".join(self.tools), f"--rounds {self.rounds}", f"--steps {self.steps}",
                          f"--rank {self.rank}", f"--optimizer {self.optimizer}", f"--lr {self.lr:g}",
-                         f"--threads {self.threads}"])
+                         f"--threads {self.threads}", *([f"--data {self.data}"] if self.data else [])])
 
 
 def _is_number(text: str) -> bool:
@@ -164,13 +169,27 @@ def shared_model(s: PeersSettings, work: Path) -> tuple[Path, Path]:
 
 def shared_tokens(s: PeersSettings, vocab: int, seq_len: int, work: Path) -> Path:
     """WORK/data/tokens-VOCAB-T-seedS.jsonl: N_SAMPLES sequences of seq_len random ids (no tokenizer needed:
-    speed and memory do not depend on the values, and the losses are compared tool against tool)."""
-    path = work / "data" / f"tokens-{vocab}-{seq_len}-seed{s.seed}.jsonl"
-    if not path.is_file():
+    speed and memory do not depend on the values, and the losses are compared tool against tool); with s.data,
+    WORK/data/tokens-DATA-T.jsonl: packed_tokens of that file."""
+    if s.data:
+        path = work / "data" / f"tokens-{_slug(s.data)}-{_slug(s.model)}-{seq_len}.jsonl"
+        rows = None if path.is_file() else packed_tokens(s.data, s.model, seq_len)
+    else:
+        path = work / "data" / f"tokens-{vocab}-{seq_len}-seed{s.seed}.jsonl"
         g = torch.Generator().manual_seed(s.seed * 7919 + seq_len)
-        ids = torch.randint(0, vocab, (N_SAMPLES, seq_len), generator=g).tolist()
-        write_text(path, "".join(json.dumps({"input_ids": row}) + "\n" for row in ids))
+        rows = None if path.is_file() else torch.randint(0, vocab, (N_SAMPLES, seq_len), generator=g).tolist()
+    if rows is not None:
+        write_text(path, "".join(json.dumps({"input_ids": row}) + "\n" for row in rows))
     return path
+
+
+def packed_tokens(data: str, model: str, seq_len: int) -> list[list[int]]:
+    """N_SAMPLES windows of seq_len tokens: data's samples as mesp train tokenizes them (chat template and all),
+    in file order, end to end (from the first again when the file runs out), every token a target: the same
+    sequences for every tool, since the peers read pre-tokenized samples only."""
+    samples = load_data(data, get_tokenizer=lambda: load_tokenizer(model)).samples
+    stream = itertools.cycle(itertools.chain.from_iterable(s.input_ids.tolist() for s in samples))
+    return [list(itertools.islice(stream, seq_len)) for _ in range(N_SAMPLES)]
 
 
 def sample_order(n_steps: int, seed: int) -> list[int]:
