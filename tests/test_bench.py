@@ -225,3 +225,16 @@ def test_precision_bad_methods_are_one_line(tiny_dir, capsys):
     assert main(["bench", "precision", "--model", tiny_dir, "--methods", "mesp,sgd"]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--methods" in err[0] and "sgd" in err[0], err
+
+
+def test_report_says_when_the_whole_process_part_ran():
+    """Every part the report measured is dated, the whole-process runs (`mesp bench process`) included."""
+    from mesp.bench.machine import machine_info
+
+    machine = {**machine_info(), "date_utc": "2031-01-02 03:04 UTC", "load_average": [0.25, 0, 0]}
+    process = {"runs": [{"command": "mesp bench process --models M --seq-lens 256 --json J   # one run per M",
+                         "result": {"rows": [], "machine": machine}}], "seconds": 600}
+    md = bench.render_report(None, None, None, {}, process)
+    assert ("- process: --models M --seq-lens 256 # one run per M: 2031-01-02 03:04 UTC, load average 0.25, "
+            f"{machine['torch_threads']} torch threads") in md
+    assert "process 10 min" in md

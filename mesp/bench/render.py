@@ -78,7 +78,7 @@ def render_report(memory: dict | None, grads: dict | None, converge: dict | None
                   process: dict | None = None) -> str:
     """results.md from the raw results (each None when not measured yet); `figures` maps a figure's name
     (memory, seq_len, converge) to its path relative to results.md."""
-    blocks = [fill("intro", machine=_machine_section(memory, grads, converge))]
+    blocks = [fill("intro", machine=_machine_section(memory, grads, converge, process))]
     if memory:
         runs = [MemorySettings.from_record(r["run"]) for r in memory["runs"]]
         rows = [row for r in memory["runs"] for row in r["result"]["rows"]]
@@ -94,16 +94,19 @@ def render_report(memory: dict | None, grads: dict | None, converge: dict | None
     return text.rstrip() + "\n"
 
 
-def _machine_section(memory, grads, converge) -> str:
+def _machine_section(memory, grads, converge, process=None) -> str:
     parts = [(f"memory: {r['command'].split(' --dtype')[0].removeprefix('mesp bench memory ')}",
               r["result"]["machine"]) for r in (memory or {}).get("runs", [])]
+    parts += [("process: " + " ".join(r["command"].removeprefix("mesp bench process ").replace(" --json J", "")
+                                      .split()), r["result"]["machine"]) for r in (process or {}).get("runs", [])]
     parts += [(name, x["machine"]) for name, x in (("grads", grads), ("converge", converge)) if x]
     if not parts:
         return ""
     when = "\n".join(f"- {name}: {m['date_utc']}, load average {m.get('load_average', ['?'])[0]}, "
                      f"{m['torch_threads']} torch threads" for name, m in parts)
-    took = [f"{name} {x['seconds'] / 60:.0f} min" for name, x in (("memory", memory), ("grads", grads),
-                                                                  ("converge", converge)) if x and "seconds" in x]
+    took = [f"{name} {x['seconds'] / 60:.0f} min" for name, x in (("memory", memory), ("process", process),
+                                                                  ("grads", grads), ("converge", converge))
+            if x and "seconds" in x]
     return fill("machine", machine=machine_line(parts[0][1]), parts=when,
                 took=fill("took", took=", ".join(took)) if took else "")
 
