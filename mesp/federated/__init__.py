@@ -6,7 +6,8 @@
 - checks: what the server checks in every returned adapter (and a client in the global one);
 - credentials: a throw-away CA, TLS certificate and SuperNode keys for a local federation;
 - processes: ports and the process groups of a federation;
-- local: `mesp federated`'s launcher of a whole federation on 127.0.0.1 (a SuperLink, a SuperNode per client).
+- local: `mesp federated`'s launcher of a whole federation on 127.0.0.1 (a SuperLink, a SuperNode per client);
+- cli: `mesp federated`'s flags and printed progress (registered by mesp.cli).
 
 Flower itself is the optional extra mesp[federated]; only client_app and server_app import it (the launcher
 runs Flower's commands, so without Flower `mesp federated` says what to install).
