@@ -11,6 +11,7 @@ import sys
 import time
 
 import pytest
+import torch
 
 from mesp.bench import peers
 from mesp.cli import main
@@ -187,3 +188,23 @@ def test_data_is_packed_as_mesp_train_tokenizes_it(tmp_path):
     path = peers.shared_tokens(s, 49152, T, tmp_path)
     assert [json.loads(line)["input_ids"] for line in path.read_text().splitlines()] == windows
     assert "--data" in s.command()
+
+
+def test_a_quantized_gguf_is_shared_as_its_dequantized_fp32_weights(make_hf_model, tmp_path):
+    """A GGUF model (the shipped SmolLM2 is Q4_1) is written into the shared directory dequantized: every tool
+    trains the weights mesp computes with."""
+    import mesp
+    from safetensors.torch import load_file
+
+    path, _ = make_hf_model("llama", **TINY)
+    gguf = tmp_path / "tiny.q4_1.gguf"
+    mesp.quantize_model(path, "q4_1", gguf)
+    hf_dir, adapter = peers.shared_model(peers.PeersSettings(model=str(gguf), tools=["mesp"]), tmp_path / "work")
+    written = load_file(str(hf_dir / "model.safetensors"))
+    model = mesp.load_model(gguf)
+    quantized = 0
+    for name, w in model.base_weights():
+        dense = w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)
+        quantized += not isinstance(w, torch.Tensor)
+        assert written[name].dtype == torch.float32 and torch.equal(written[name], dense), name
+    assert quantized > 0 and (adapter / "adapter_model.safetensors").is_file()

@@ -142,7 +142,8 @@ def _slug(source: str) -> str:
 
 def shared_model(s: PeersSettings, work: Path) -> tuple[Path, Path]:
     """(HF directory, initial adapter directory) in WORK, written once: the model's fp32 weights as one
-    safetensors file, and mesp's LoRA init for --seed in PEFT format."""
+    safetensors file (a GGUF's quantized blocks dequantized: every tool trains the same dense weights), and
+    mesp's LoRA init for --seed in PEFT format."""
     hf_dir = work / "models" / _slug(s.model)
     adapter = work / "adapters" / f"{_slug(s.model)}-r{s.rank}-a{s.alpha:g}-seed{s.seed}"
     if (hf_dir / "model.safetensors").is_file() and (adapter / "adapter_model.safetensors").is_file():
@@ -153,11 +154,9 @@ def shared_model(s: PeersSettings, work: Path) -> tuple[Path, Path]:
         hf["torch_dtype"] = "float32"
         tensors = {}
         for name, w in model.base_weights():
-            if not isinstance(w, torch.Tensor):
-                raise MespError(f"{s.model}: weight {name} is quantized; give a full-precision model")
             if name == "lm_head.weight" and hf.get("tie_word_embeddings"):
                 continue
-            tensors[name] = w.contiguous()
+            tensors[name] = (w if isinstance(w, torch.Tensor) else w.dequantize(torch.float32)).contiguous()
         write_safetensors(hf_dir / "model.safetensors", tensors, metadata={"format": "pt"})
         write_json(hf_dir / "config.json", hf)
         del tensors
