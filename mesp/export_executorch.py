@@ -34,9 +34,7 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import struct
-import tempfile
 from pathlib import Path
 
 import torch
@@ -44,7 +42,8 @@ from torch import nn
 
 from .data import IGNORE
 from .errors import MespError
-from .fileio import atomic_write, fsync_file
+from .executorch_data import WeightSource, external_entries, write_ptd
+from .fileio import atomic_write
 from .lora import peft_key
 from .methods.common import LossBatch
 from .methods.mesp import gradients
@@ -53,6 +52,7 @@ from .optim import AdamW
 log = logging.getLogger(__name__)
 
 PROGRAM_FILE, WEIGHTS_FILE, TOKENS_FILE = "step.pte", "base.ptd", "tokens.bin"
+WEIGHTS_TAG = WEIGHTS_FILE[:-4]  # the external-constants tag ExecuTorch names the file by
 OPTIMIZERS = ("sgd", "adamw")
 
 
@@ -186,13 +186,32 @@ def to_executorch_program(programs: dict, constant_methods: dict):
     edge = to_edge(programs, constant_methods=constant_methods,
                    compile_config=EdgeCompileConfig(_check_ir_validity=False))
     planning = {"forward": MemoryPlanningPass(alloc_graph_input=False, alloc_graph_output=False)}
-    return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: WEIGHTS_FILE[:-4],
+    return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: WEIGHTS_TAG,
                                                       memory_planning_pass=planning))
 
 
+def model_weights(model) -> WeightSource:
+    """The model's own base weights, keyed as the step's program names them (TrainingStep holds the model as
+    `model`): the weight source when they are real."""
+    return lambda: ((f"model.{name}", w) for name, w in model.base_weights())
+
+
+def source_weights(source) -> WeightSource:
+    """load_model(source)'s base weights one at a time (mesp.loaders.iter_weights), keyed as model_weights keys
+    them: the weight source of a model of placeholders."""
+    from .loaders import iter_weights
+
+    return lambda: ((f"model.{name}", w) for name, w in iter_weights(source))
+
+
 def export_executorch(model, out_dir, batch: int = 1, seq_len: int = 256, lr: float = 1e-3,
-                      optimizer: str = "sgd", weight_decay: float = 0.0, **engine_options) -> dict:
-    """Write out_dir/step.pte and out_dir/base.ptd for `model` (with its LoRA added). Returns what was written."""
+                      optimizer: str = "sgd", weight_decay: float = 0.0, weights: WeightSource | None = None,
+                      **engine_options) -> dict:
+    """Write out_dir/step.pte and out_dir/base.ptd for `model` (with its LoRA added). Returns what was written.
+
+    weights: where base.ptd's base weights come from (model_weights(model) by default: the model's own); a model
+    of placeholders (mesp.loaders.load_placeholders) is traced without holding its weights, and
+    source_weights(its source) gives the real ones to the file, one at a time (mesp.executorch_data)."""
     out = Path(out_dir)
     step = TrainingStep(model, batch, seq_len, lr, optimizer, weight_decay, **engine_options)
     out.mkdir(parents=True, exist_ok=True)
@@ -203,16 +222,17 @@ def export_executorch(model, out_dir, batch: int = 1, seq_len: int = 256, lr: fl
     log.info("exporting the step (B=%d, T=%d, %s, %d LoRA tensors)", batch, seq_len, optimizer,
              len(step.lora_names))
     program = to_executorch_program(export_step(step), constants)
-    with tempfile.TemporaryDirectory(dir=out, prefix=".export-") as scratch:  # each file lands whole or not
-        program.write_tensor_data_to_file(scratch)
-        fsync_file(Path(scratch) / WEIGHTS_FILE)
-        os.replace(Path(scratch) / WEIGHTS_FILE, out / WEIGHTS_FILE)
+    base_keys = {f"model.{name}" for name, _ in model.base_weights()}
+    entries = external_entries(program, WEIGHTS_TAG, base_keys)
 
     def write_program(tmp):
         with open(tmp, "wb") as f:
             program.write_to_file(f)
 
     atomic_write(out / PROGRAM_FILE, write_program)
+    del program  # its copy of the constants (the placeholders' zeros) goes before the weights are read
+    log.info("writing %s (%d tensors, one at a time)", out / WEIGHTS_FILE, len(entries))
+    write_ptd(out / WEIGHTS_FILE, entries, weights or model_weights(model))
     return {"program": str(out / PROGRAM_FILE), "weights": str(out / WEIGHTS_FILE), "lora": step.lora_names}
 
 
@@ -253,7 +273,7 @@ def data_tokens(model, data, seq_len: int) -> tuple[torch.Tensor, torch.Tensor]:
 def export_executorch_cli(args) -> dict:
     """`mesp export --format executorch`: the model with the given or a fresh adapter, exported; with --data,
     the data as DIR/tokens.bin too."""
-    from .loaders import load_model
+    from .loaders import load_placeholders
     from .lora import LoraConfig, add_lora, load_adapter
     from .train_config import DEFAULT_LR
 
@@ -268,7 +288,7 @@ def export_executorch_cli(args) -> dict:
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     if not lr > 0:
         raise MespError(f"--lr: expected a number > 0, got {lr}")
-    model = load_model(args.model, weights="resident")
+    model = load_placeholders(args.model)  # traced without its weights: base.ptd gets them one at a time
     tokens = None
     if args.data:  # before the long export, so bad data fails at once
         tokens = data_tokens(model, args.data, args.seq_len)
@@ -276,7 +296,8 @@ def export_executorch_cli(args) -> dict:
         load_adapter(model, args.adapter)
     else:
         add_lora(model, LoraConfig(r=args.rank, alpha=args.alpha), seed=args.seed)
-    r = export_executorch(model, out, args.batch_size, args.seq_len, lr, args.optimizer, args.weight_decay)
+    r = export_executorch(model, out, args.batch_size, args.seq_len, lr, args.optimizer, args.weight_decay,
+                          weights=source_weights(args.model))
     if tokens is not None:
         write_tokens(out / TOKENS_FILE, *tokens)
         r["tokens"] = str(out / TOKENS_FILE)

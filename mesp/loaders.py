@@ -28,8 +28,11 @@ from __future__ import annotations
 
 import json
 import logging
+import math
+import mmap
 import os
-from collections.abc import Iterable
+import warnings
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import torch
@@ -81,13 +84,22 @@ def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None =
     if quantize == "gguf" and not is_gguf_source(src):
         raise MespError(f"quantize='gguf' keeps a GGUF file's own quantization; {src} is not a GGUF file")
     stream = resolve_weights(src, weights, lazy, quantize, kind)
+    form, path = resolve_source(src)
+    if form == "random":
+        return load_random(src, PRESETS[src]["config"], dtype, device, quantize=quantize)
+    if form == "gguf":
+        model = _load_gguf(path, dtype, device, quantize, stream)
+        model.source = src if src in PRESETS else model.source
+        return model
+    return _load_hf_dir(path, dtype, device, quantize, stream)
+
+
+def resolve_source(src: str) -> tuple[str, Path | None]:
+    """What `src` names: ("random", None) for a random preset, ("gguf", file) for a GGUF file or a preset
+    shipped as one, ("hf", directory) for a Hugging Face directory; MespError with one line otherwise."""
     if src in PRESETS:
         preset = PRESETS[src]
-        if preset["kind"] == "gguf":
-            model = _load_gguf(preset_gguf_path(src), dtype, device, quantize, stream)
-            model.source = src
-            return model
-        return load_random(src, preset["config"], dtype, device, quantize=quantize)
+        return ("gguf", preset_gguf_path(src)) if preset["kind"] == "gguf" else ("random", None)
     path = Path(src).expanduser()
     if not path.exists():
         if "/" not in src and os.sep not in src and not src.lower().endswith((".gguf", ".safetensors", ".json")):
@@ -95,9 +107,9 @@ def load_model(source, dtype=torch.float32, device="cpu", quantize: str | None =
                             f"(presets: {', '.join(PRESETS)})")
         raise MespError(f"{src}: no such file or directory")
     if path.is_dir():
-        return _load_hf_dir(path, dtype, device, quantize, stream)
+        return "hf", path
     if path.suffix.lower() == ".gguf":
-        return _load_gguf(path, dtype, device, quantize, stream)
+        return "gguf", path
     if path.suffix.lower() == ".safetensors":
         raise MespError(f"{path}: pass the model directory (with config.json), not a .safetensors file")
     raise MespError(f"{path}: not a model directory, .gguf file or preset name")
@@ -140,12 +152,21 @@ def resolve_weights(src: str, weights: str | None, lazy: bool, quantize: str | N
 
 def _assign_weights(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
                     device: torch.device, where: str, tensor_where=None, quantize: str | None = None) -> Model:
-    """Check every (HF name, tensor) against expected_shapes and set it on `model`; all must be present.
+    """Set every weight of checked_weights(...) on `model`: the one place base weights are assigned."""
+    for name, w in checked_weights(model.config, tensors, dtype, device, where, tensor_where, quantize):
+        set_weight(model, name, w)
+    return model
 
-    The one place base weights are assigned: place_weight gives each its form (dense, quantized, lazy;
-    a "tensor" may also be a mesp.quant.FrozenWeight or a row source such as random_init.RandomMatrix). `where` names the
-    source in messages; `tensor_where()`, if given, names the file of the tensor at fault (a shard)."""
-    cfg = model.config
+
+def checked_weights(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]], dtype: torch.dtype,
+                    device: torch.device, where: str, tensor_where=None,
+                    quantize: str | None = None) -> Iterator[tuple[str, object]]:
+    """(HF name, weight in its form) for every (HF name, tensor) of `tensors` checked against expected_shapes,
+    one at a time as they come; all must be present (MespError at the end otherwise).
+
+    place_weight gives each its form (dense, quantized, lazy; a "tensor" may also be a mesp.quant.FrozenWeight
+    or a row source such as random_init.RandomMatrix). `where` names the source in messages; `tensor_where()`,
+    if given, names the file of the tensor at fault (a shard)."""
     whole = where
     expected = expected_shapes(cfg)
     seen: set[str] = set()
@@ -163,13 +184,12 @@ def _assign_weights(model: Model, tensors: Iterable[tuple[str, torch.Tensor]], d
             raise MespError(f"{where}: tensor {name!r} has shape {tuple(t.shape)}, expected {expected[name]}")
         if isinstance(t, torch.Tensor) and not t.is_floating_point():
             raise MespError(f"{where}: tensor {name!r} has non-float dtype {t.dtype}")
-        set_weight(model, name, place_weight(name, t, quantize, dtype, device))
         seen.add(name)
+        yield name, place_weight(name, t, quantize, dtype, device)
     missing = [n for n in expected if n not in seen]
     if missing:
         more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
         raise MespError(f"{whole}: missing tensor {missing[0]!r}{more}")
-    return model
 
 
 # ---- which form a weight takes --------------------------------------------------------------------------
@@ -278,3 +298,68 @@ def load_random(name: str, hf: dict, dtype, device, seed: int = 0, quantize=None
     model.source = name
     model.tokenizer_source = ("none", name)
     return model
+
+
+# ---- placeholders and one weight at a time (exporting without holding the weights) ----------------------
+
+def load_placeholders(source, dtype=torch.float32) -> Model:
+    """The Model load_model(source, dtype) builds (same structure, weight names, shapes and dtypes, source and
+    tokenizer) with every base weight a placeholder: a tensor over an untouched read-only anonymous mapping,
+    whose pages are the kernel's shared zero page, so the weights take no memory however large they are.
+    For tracing a program whose weights are written elsewhere (mesp.export_executorch); a write to one faults.
+    The real weights, one at a time: iter_weights."""
+    dtype = _dtype(dtype)
+    src = os.fspath(source)
+    form, path = resolve_source(src)
+    if form == "random":
+        cfg = ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
+        tokenizer_source = ("none", src)
+    elif form == "gguf":
+        cfg = ModelConfig.from_hf(gguf_config(open_gguf(path), str(path)), where=str(path))
+        tokenizer_source = ("gguf", str(path))
+    else:
+        cfg, tokenizer_source = read_hf_config(path), ("hf", str(path))
+    model = Model(cfg)
+    for name, shape in expected_shapes(cfg).items():
+        set_weight(model, name, placeholder(shape, dtype))
+    model.source = src if form != "hf" else str(path)
+    model.tokenizer_source = tokenizer_source
+    return model
+
+
+def placeholder(shape, dtype: torch.dtype) -> torch.Tensor:
+    """A `shape` tensor of zeros over a private, read-only anonymous mapping of its own (private: a shared one
+    would fault real shmem pages in on reading; its own: ExecuTorch's emitter reads a constant's whole storage)."""
+    numel = math.prod(shape)
+    size = numel * torch.empty((), dtype=dtype).element_size()
+    area = mmap.mmap(-1, max(size, 1), flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ)
+    with warnings.catch_warnings():  # "the given buffer is not writable": the point of it
+        warnings.simplefilter("ignore", UserWarning)
+        return torch.frombuffer(area, dtype=dtype, count=numel).view(*shape)
+
+
+def iter_weights(source, dtype=torch.float32) -> Iterator[tuple[str, torch.Tensor]]:
+    """(HF name, dense tensor) of every base weight load_model(source, dtype) would hold resident, one at a time
+    in the source's own order, none kept once the caller drops it: the values load_model gives (the same
+    checks, the same forms, a random preset's same seeded draws). A tied LM head is not repeated."""
+    dtype = _dtype(dtype)
+    src = os.fspath(source)
+    form, path = resolve_source(src)
+    cpu = torch.device("cpu")
+    if form == "random":
+        cfg = ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
+        yield from checked_weights(cfg, random_weights(cfg, seed=0, dtype=dtype), dtype, cpu, f"preset {src}")
+    elif form == "gguf":
+        reader = open_gguf(path)
+        cfg = ModelConfig.from_hf(gguf_config(reader, str(path)), where=str(path))
+        yield from checked_weights(cfg, gguf_tensors(reader, cfg, str(path), keep_quantized=False, dtype=dtype),
+                                   dtype, cpu, str(path))
+    else:
+        cfg, current = read_hf_config(path), [str(path)]
+
+        def tensors():
+            for name, t, f in iter_safetensors(safetensors_files(path)):
+                current[0] = f
+                yield name, t
+
+        yield from checked_weights(cfg, tensors(), dtype, cpu, str(path), tensor_where=lambda: current[0])

@@ -1,8 +1,13 @@
 """The MeSP step as an ExecuTorch program (mesp.export_executorch), in eager PyTorch: the step module against
-autograd (masked labels included) and against the engine's own SGD and AdamW trajectories. The exported program
-run by the native runner is tests/test_executorch_runner.py."""
+autograd (masked labels included) and against the engine's own SGD and AdamW trajectories; the placeholder
+weights it is traced with (mesp.loaders.load_placeholders: no memory, load_model's structure) and the base.ptd
+mesp writes one weight at a time (mesp.executorch_data) against the one ExecuTorch writes itself (skipped where
+ExecuTorch is missing). The exported program run by the native runner is tests/test_executorch_runner.py."""
 
 from __future__ import annotations
+
+import importlib.util
+import sys
 
 import pytest
 import torch
@@ -10,8 +15,12 @@ import torch
 import mesp
 from mesp.data import IGNORE
 from mesp.errors import MespError
-from mesp.export_executorch import TrainingStep
+from mesp.export_executorch import (PROGRAM_FILE, WEIGHTS_FILE, TrainingStep, export_executorch, export_step,
+                                    source_weights, to_executorch_program)
+from mesp.loaders import iter_weights, load_placeholders
 from mesp.lora import peft_key
+from mesp.memory import private_footprint_bytes
+from mesp.presets import PRESETS
 from mesp.optim import make_optimizer
 from tests.helpers import randomize_lora_b, relative_error
 
@@ -102,3 +111,81 @@ def test_step_rejects_what_it_cannot_export(make_hf_model):
         TrainingStep(model, B, T, 0.1, "lion")
     with pytest.raises(MespError, match="seq_len: 1"):
         TrainingStep(model, B, 1, 0.1)
+
+
+needs_executorch = pytest.mark.skipif(importlib.util.find_spec("executorch") is None,
+                                      reason="executorch missing: run with .et/bin/python (scripts/dev.sh runner)")
+TINY_PRESET = {**PRESETS["qwen2.5-0.5b"]["config"], "hidden_size": 64, "intermediate_size": 128,
+               "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 96}
+
+
+def structure(model) -> dict:
+    """Every buffer's (shape, dtype) by name, the LoRA tensors' too, and where the model came from."""
+    tensors = {n: (tuple(t.shape), t.dtype) for n, t in model.named_buffers()}
+    tensors.update({n: (tuple(t.shape), t.dtype) for n, t in model.lora_parameters().items()})
+    return {"tensors": tensors, "source": model.source, "tokenizer": model.tokenizer_source,
+            "config": model.config}
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/self/status")
+def test_placeholders_take_no_memory():
+    """2 GB of fp32 placeholders, every byte read, leave the private footprint (RssAnon + VmSwap + RssShmem)
+    where it was: they are the kernel's zero page, not memory."""
+    before = private_footprint_bytes()
+    model = load_placeholders("qwen2.5-0.5b")
+    total = sum(w.nbytes for _, w in model.base_weights())
+    assert total > 1.9e9
+    assert sum(float(w.sum()) for _, w in model.base_weights()) == 0.0  # read, all of them
+    assert private_footprint_bytes() - before < 32 * 2**20, (private_footprint_bytes() - before) / 2**20
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_placeholders_have_load_models_structure(make_hf_model, monkeypatch, dtype):
+    """A HF directory and a random preset: the same buffers (names, shapes, dtypes), LoRA tensors, source and
+    config as load_model; iter_weights gives load_model's values, one by one."""
+    monkeypatch.setitem(PRESETS, "tiny-qwen2.5", {"kind": "random", "config": TINY_PRESET, "description": ""})
+    for source in (str(make_hf_model("qwen2")[0]), "tiny-qwen2.5"):
+        real, ghost = mesp.load_model(source, dtype=dtype), load_placeholders(source, dtype=dtype)
+        for m in (real, ghost):
+            mesp.add_lora(m, mesp.LoraConfig(r=4, alpha=8.0), seed=0)
+        assert structure(ghost) == structure(real)
+        assert all(torch.equal(a, b) for a, b in zip(real.lora_parameters().values(),
+                                                     ghost.lora_parameters().values()))
+        held = dict(real.base_weights())
+        given = dict(iter_weights(source, dtype=dtype))
+        assert set(given) == set(held)
+        for name, w in given.items():
+            assert w.dtype == dtype and torch.equal(w, held[name]), name
+
+
+@needs_executorch
+def test_base_ptd_equals_executorchs_own(make_hf_model, tmp_path):
+    """The base.ptd mesp writes from a model of placeholders and the real weights one at a time is byte for byte
+    the one ExecuTorch's own external-constants path writes for the real model (the same step, same LoRA)."""
+    source = str(make_hf_model("qwen2")[0])
+    real, ghost = mesp.load_model(source), load_placeholders(source)
+    for m in (real, ghost):
+        mesp.add_lora(m, mesp.LoraConfig(r=4, alpha=8.0), seed=0)
+        randomize_lora_b(m, seed=1)
+    theirs = to_executorch_program(export_step(TrainingStep(real, B, T, 0.1)), {"seq_len": T})
+    (tmp_path / "theirs").mkdir()
+    theirs.write_tensor_data_to_file(tmp_path / "theirs")
+    export_executorch(ghost, tmp_path / "ours", B, T, 0.1, weights=source_weights(source))
+    ours_bytes, their_bytes = ((tmp_path / d / WEIGHTS_FILE).read_bytes() for d in ("ours", "theirs"))
+    assert len(ours_bytes) == len(their_bytes) and ours_bytes == their_bytes
+    assert (tmp_path / "ours" / PROGRAM_FILE).stat().st_size > 0
+
+
+@needs_executorch
+def test_base_ptd_refuses_weights_that_do_not_fit(make_hf_model, tmp_path):
+    source = str(make_hf_model("qwen2")[0])
+    ghost = load_placeholders(source)
+    mesp.add_lora(ghost, mesp.LoraConfig(r=4, alpha=8.0), seed=0)
+
+    def wrong():
+        for key, t in source_weights(source)():
+            yield key, t[:-1] if key.endswith("embed_tokens.weight") else t
+
+    with pytest.raises(MespError, match=r"embed_tokens.weight is torch.float32 \(95, 64\); the program expects"):
+        export_executorch(ghost, tmp_path, B, T, 0.1, weights=wrong)
+    assert not (tmp_path / WEIGHTS_FILE).exists()
