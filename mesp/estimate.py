@@ -195,14 +195,15 @@ def lora_bytes_per_layer(config: ModelConfig, rank: int, targets, element: int) 
 def weight_bytes(config: ModelConfig, element: int, quantize: str | None, weights: str) -> int:
     """The base weights the process keeps in memory: every tensor in `element` bytes, matrices in their
     quantized form (int8: a byte and a per-row fp32 scale; int4: half a byte and an fp32 (scale, zero) per group
-    of 64, the tables int8), and none of a streamed file's matrices (file-backed pages are not private)."""
+    of 64, the tables int8), none of a streamed file's matrices and none of a mapped one's tensors (weights
+    "mapped": loaders.mapped_base; file-backed pages are not private)."""
     total = 0
     for name, shape in expected_shapes(config).items():
         n = math.prod(shape)
         matrix = name.endswith(".weight") and len(shape) == 2
         if not matrix:
-            total += n * element
-        elif weights == "stream":
+            total += 0 if weights == "mapped" else n * element
+        elif weights in ("stream", "mapped"):
             continue
         elif quantize == "int8" or (quantize == "int4" and name in ("model.embed_tokens.weight", "lm_head.weight")):
             total += n + shape[0] * 4

@@ -39,7 +39,8 @@ import torch
 
 from .errors import MespError, one_line
 from .formats.gguf import gguf_config, gguf_tensors, open_gguf
-from .formats.safetensors import LazyWeight, iter_safetensors, lazy_safetensors, safetensors_files
+from .formats.safetensors import (LazyWeight, iter_safetensors, lazy_safetensors, safetensors_files,
+                                 safetensors_header)
 from .families import ModelConfig, expected_shapes
 from .model import Model, set_weight
 from .presets import PRESETS, preset_gguf_path
@@ -193,6 +194,25 @@ def checked_weights(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]
 
 
 # ---- which form a weight takes --------------------------------------------------------------------------
+
+SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
+
+
+def mapped_base(source, dtype, quantize=None, weights=None) -> bool:
+    """Whether load_model's base weights stay file-backed pages (not private memory): an HF directory loaded
+    resident, unquantized, whose safetensors files store every tensor in `dtype` (safetensors maps the file
+    and the tensors are its pages; a cast or a quantized form is a private copy)."""
+    src = os.fspath(source)
+    path = Path(src).expanduser()
+    if src in PRESETS or not path.is_dir() or check_mode(quantize) is not None or weights == "stream":
+        return False
+    code = SAFETENSORS_CODES.get(_dtype(dtype))
+    try:
+        return all(stored == code for f in safetensors_files(path)
+                   for stored, *_ in safetensors_header(f).values())
+    except MespError:
+        return False  # load_model names the fault
+
 
 def check_mode(quantize) -> str | None:
     """Normalise load_model's quantize= ("none" -> None); MespError on anything else unknown."""

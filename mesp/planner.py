@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from .errors import MespError
 from .estimate import CHECKPOINTING, METHODS, Estimate, default_keep_layers, estimate, longest_fitting, model_config
 from .lora import ALL_TARGETS
-from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, default_weights
+from .loaders import QUANTIZE_CHOICES, QUANTIZE_HELP, WEIGHTS, default_weights, mapped_base
 from .memory import MiB, format_mib
 from .methods import mesp as mesp_engine
 from .precision import AUTO, resolve_dtype
@@ -76,7 +76,7 @@ class EstimateSettings:
         return dict(batch_size=self.batch_size, rank=self.rank, method=self.method,
                     dtype=dtype,
                     quantize=None if self.quantize == "none" else self.quantize,
-                    weights=weights,
+                    weights=estimated_weights(self.model, dtype, self.quantize, weights),
                     offload_checkpoints=self.offload_checkpoints, token_chunk=self.token_chunk,
                     keep_layers=keep, loss_chunk=self.loss_chunk, attn_block=self.attn_block,
                     optimizer=self.optimizer)
@@ -218,7 +218,7 @@ def what_would_fit(config, budget_bytes: int, seq_len: int, key: str, options: d
         if getattr(estimate(config, seq_len, **{**options, "rank": r}), key) <= budget_bytes:
             fits.append(f"--rank {r}")
             break
-    if options.get("weights", "resident") != "stream":
+    if options.get("weights", "resident") == "resident":
         if not options.get("quantize") and getattr(estimate(config, seq_len, **{**options, "quantize": "int4"}),
                                                    key) <= budget_bytes:
             fits.append("--quantize int4")
@@ -228,13 +228,21 @@ def what_would_fit(config, budget_bytes: int, seq_len: int, key: str, options: d
                                                              "weights fits either: a larger budget is needed"
 
 
+def estimated_weights(model, dtype: str, quantize, weights: str | None) -> str:
+    """estimate()'s `weights`: how load_model will hold `model`'s base ("stream", "resident", or "mapped" where
+    a resident base stays the safetensors file's pages: loaders.mapped_base)."""
+    weights = weights or default_weights(model, quantize)
+    return "mapped" if weights == "resident" and mapped_base(model, dtype, quantize) else weights
+
+
 def plan_train(c, device: str = "cpu") -> Plan:
     """The plan for a resolved TrainConfig with memory_budget set (MiB of private footprint)."""
     config = model_config(c.model)
     per_layer = bool(getattr(c, "per_layer_update", False))
     quantize = None if c.quantize in (None, "none") else c.quantize
-    options = dict(batch_size=c.batch_size, rank=c.rank, method=c.method, dtype=resolve_dtype(c.dtype, device),
-                   quantize=quantize, weights=c.weights or default_weights(c.model, quantize),
+    dtype = resolve_dtype(c.dtype, device)
+    options = dict(batch_size=c.batch_size, rank=c.rank, method=c.method, dtype=dtype, quantize=quantize,
+                   weights=estimated_weights(c.model, dtype, quantize, c.weights),
                    targets=c.targets or ALL_TARGETS, optimizer=c.optimizer or "adamw", per_layer_update=per_layer)
     return plan_memory(config, int(c.memory_budget * MiB), c.seq_len, offload_allowed=True, **options)
 

@@ -189,3 +189,42 @@ def test_a_streamed_or_quantized_base_keeps_no_layer_by_default():
                             "float32") == 0
     assert kept_layer_count(TrainConfig(model="/models/qwen2.5-0.5b-q4_0.gguf", seq_len=256, keep_layers=3),
                             cfg, "float32") == 3
+
+
+MAPPED = dict(vocab_size=4096, hidden_size=512, intermediate_size=1536, num_hidden_layers=4, num_attention_heads=8,
+              num_key_value_heads=2, max_position_embeddings=256)  # ~64 MiB of fp32 weights: RssAnon sees a copy
+
+RSS_ANON_AFTER_LOAD = """
+import sys, mesp
+def anon():
+    return next(int(l.split()[1]) for l in open('/proc/self/status') if l.startswith('RssAnon')) * 1024
+before = anon()
+model = mesp.load_model(sys.argv[1], dtype=sys.argv[2])
+print(anon() - before, sum(w.nbytes for _, w in model.base_weights()))
+"""
+
+
+def test_an_fp32_safetensors_base_is_mapped_not_private(make_hf_model):
+    """An HF directory loaded in its stored dtype keeps its weights as the file's pages (no private copy), so the
+    planner counts none of them: `mesp train --memory-budget` refused budgets that mesp met (bench peers, AdamW
+    at T=256: 1373 MiB refused for a 1885 MiB 'resident weights' term; the run peaked at 608 MiB). A cast to
+    bf16, a quantized base or a preset's random weights are private and counted."""
+    import subprocess
+    import sys
+
+    from mesp.planner import estimated_weights
+
+    path, _ = make_hf_model("qwen2", **MAPPED)
+    grown, weights = map(int, subprocess.run([sys.executable, "-c", RSS_ANON_AFTER_LOAD, str(path), "float32"],
+                                             capture_output=True, text=True, check=True).stdout.split())
+    assert weights > 60 * MiB and grown < weights / 4, (grown, weights)  # mapped: what the planner assumes
+    grown_bf16, _ = map(int, subprocess.run([sys.executable, "-c", RSS_ANON_AFTER_LOAD, str(path), "bfloat16"],
+                                            capture_output=True, text=True, check=True).stdout.split())
+    assert grown_bf16 > weights / 4  # a cast is a private copy
+    assert estimated_weights(path, "float32", None, None) == "mapped"
+    assert estimated_weights(path, "bfloat16", None, None) == "resident"
+    assert estimated_weights(path, "float32", "int4", None) == "resident"
+    assert estimated_weights("qwen2.5-0.5b", "float32", None, None) == "resident"
+    cfg = ModelConfig.from_hf(json.loads((path / "config.json").read_text()))
+    mapped, resident = (estimate(cfg, 64, weights=w, runtime_floor=0) for w in ("mapped", "resident"))
+    assert mapped.terms["resident weights"] == 0 < resident.terms["resident weights"]
