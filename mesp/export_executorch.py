@@ -19,8 +19,10 @@ the LM head runs on every position but each row's last (a masked one counts for 
 data-dependent shape is traced. Right padding needs no attention mask: a causal model's real tokens never see
 the pads after them, and the pads' labels are -100.
 
-The frozen base weights are the module's buffers: exported as constants, written by to_executorch with
-external_constants into base.ptd, which the runtime memory-maps (file-backed pages, not private memory).
+The frozen base weights are the module's buffers: exported as constants tagged external (external_constants),
+so the program names them and base.ptd, which the runtime memory-maps (file-backed pages, not private memory),
+holds them. The CLI traces a model of placeholders (mesp.loaders.load_placeholders: no memory) and writes
+base.ptd itself, the real weights one at a time (mesp.executorch_data, ExecuTorch's own format byte for byte).
 The program's method `initial_state` returns the starting state (the adapter as mesp.add_lora or --adapter
 makes it, zero moments and step), so a runner needs nothing but the two files. Constant methods carry the rest:
 `lora_names` (the PEFT keys joined by newlines), `adapter_config` (PEFT's JSON), `batch_size`, `seq_len`,

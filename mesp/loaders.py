@@ -18,7 +18,10 @@ and resident or streamed (weights=):
                                safetensors read by rows (LazyWeight); lazy=True is an alias. File sources only.
     weights="resident"         the forms above, in memory (the default for HF directories and random presets)
 
-Every weight goes through `_assign_weights`, which checks names and shapes against `expected_shapes` and
+load_placeholders(source) builds the same Model with placeholder weights that take no memory (for tracing an
+export), and iter_weights(source) gives the real ones one at a time (for writing them elsewhere).
+
+Every weight goes through `checked_weights`, which checks names and shapes against `expected_shapes` and
 gives it its form (`place_weight`). Problems raise MespError with a one-line message naming the file and tensor.
 What a file's bytes mean is its format module's knowledge (mesp.formats.safetensors, mesp.formats.gguf); the
 presets are in mesp.presets, tokenizers in mesp.tokenizer.

@@ -159,10 +159,13 @@ def test_placeholders_have_load_models_structure(make_hf_model, monkeypatch, dty
 
 
 @needs_executorch
-def test_base_ptd_equals_executorchs_own(make_hf_model, tmp_path):
+@pytest.mark.parametrize("kind", ["hf", "preset"])
+def test_base_ptd_equals_executorchs_own(make_hf_model, monkeypatch, tmp_path, kind):
     """The base.ptd mesp writes from a model of placeholders and the real weights one at a time is byte for byte
-    the one ExecuTorch's own external-constants path writes for the real model (the same step, same LoRA)."""
-    source = str(make_hf_model("qwen2")[0])
+    the one ExecuTorch's own external-constants path writes for the real model (the same step, same LoRA): a HF
+    directory's weights, and a random preset's, whose equal norms and zero biases share segments."""
+    monkeypatch.setitem(PRESETS, "tiny-qwen2.5", {"kind": "random", "config": TINY_PRESET, "description": ""})
+    source = str(make_hf_model("qwen2")[0]) if kind == "hf" else "tiny-qwen2.5"
     real, ghost = mesp.load_model(source), load_placeholders(source)
     for m in (real, ghost):
         mesp.add_lora(m, mesp.LoraConfig(r=4, alpha=8.0), seed=0)
