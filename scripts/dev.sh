@@ -19,7 +19,7 @@ if [ "$job" = runner ]; then  # an environment of its own: executorch is paired 
   et_install() { .et/bin/python -m pip install -q --disable-pip-version-check "$@"; }
   [ -x .et/bin/python ] || python3 -m venv .et
   et_install torch==2.13.0                     # first, so executorch (which does not pin torch) keeps the CPU build
-  et_install executorch==1.5.1 "cmake>=3.28,<4" -e .
+  et_install executorch==1.5.1 "cmake>=3.28,<4" -e ".[test]"   # test: .ci/run runs tests/test_executorch.py here
   prefix="$(.et/bin/python -c 'import executorch; print(list(executorch.__path__)[0])')"
   .et/bin/cmake -S runner -B build/runner -DCMAKE_PREFIX_PATH="$prefix" -DCMAKE_BUILD_TYPE=Release >/dev/null
   exec .et/bin/cmake --build build/runner -j2
