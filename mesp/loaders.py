@@ -201,13 +201,13 @@ def checked_weights(cfg: ModelConfig, tensors: Iterable[tuple[str, torch.Tensor]
 SAFETENSORS_CODES = {torch.float32: "F32", torch.bfloat16: "BF16", torch.float16: "F16"}
 
 
-def mapped_base(source, dtype, quantize=None, weights=None) -> bool:
-    """Whether load_model's base weights stay file-backed pages (not private memory): an HF directory loaded
-    resident, unquantized, whose safetensors files store every tensor in `dtype` (safetensors maps the file
+def mapped_base(source, dtype, quantize=None) -> bool:
+    """Whether load_model's resident base weights stay file-backed pages (not private memory): an HF directory
+    loaded unquantized, whose safetensors files store every tensor in `dtype` (safetensors maps the file
     and the tensors are its pages; a cast or a quantized form is a private copy)."""
     src = os.fspath(source)
     path = Path(src).expanduser()
-    if src in PRESETS or not path.is_dir() or check_mode(quantize) is not None or weights == "stream":
+    if src in PRESETS or not path.is_dir() or check_mode(quantize) is not None:
         return False
     code = SAFETENSORS_CODES.get(_dtype(dtype))
     try:
