@@ -5,7 +5,8 @@
 
 TrainingStep is an nn.Module whose forward is one whole step of MeSP, run by the engine itself
 (mesp.methods.mesp.gradients: the forward keeping only layer inputs, the per-layer recompute, the hand-derived
-backward, the chunked LM-head loss) followed by the optimizer's update (SGD or AdamW, mesp.optim's arithmetic).
+backward, the chunked LM-head loss) with the optimizer's update (SGD or AdamW, mesp.optim's arithmetic) of each
+layer as soon as its gradients exist (the engine's on_layer_grads).
 Nothing in it uses autograd, so the step is an ordinary forward program that torch.export traces and
 ExecuTorch runs:
 
@@ -45,6 +46,7 @@ from torch import nn
 from .data import IGNORE
 from .errors import MespError
 from .executorch_data import WeightSource, external_entries, write_ptd
+from .executorch_plan import offset_plan
 from .fileio import atomic_write
 from .lora import peft_key
 from .methods.common import LossBatch
@@ -110,20 +112,40 @@ class TrainingStep(nn.Module):
         count = (targets != IGNORE).sum().clamp(min=1).to(torch.float32)  # all masked: loss 0, no update
         batch = LossBatch(input_ids, None, targets, count, self.counted_rows)
         modules = dict(self.model.named_modules())
+        index = {name: i for i, name in enumerate(self.lora_names)}
+        updated = [None] * len(state)
+        if self.optimizer == "adamw":  # the step count first: every tensor's update reads the new one
+            updated[-1] = state[-1] + 1
+
+        def update(layer, grads):
+            """A layer's update as soon as its gradients exist (the engine's on_layer_grads: its LoRA tensors are
+            read no more), so no gradient outlives its layer in the program's arena and each update, written in
+            place into its state tensor, is that tensor's last reader."""
+            at = [index[name] for name in grads]
+            g = [grads[name].to(torch.float32) for name in grads]
+            p = [lora[i] for i in at]
+            if self.optimizer == "sgd":
+                new = self.sgd(p, g)
+            else:
+                new = self.adamw(p, g, [state[n + i] for i in at], [state[2 * n + i] for i in at], updated[-1])
+            for k, i in enumerate(at):
+                for j, t in enumerate(new[k::len(at)]):
+                    updated[j * n + i] = t
+
         held = []
         try:  # the step's LoRA tensors take the parameters' place for the engine (restored after)
             for path, t in zip(self.lora_paths, lora):
                 owner, attr = path.rsplit(".", 1)
                 held.append((modules[owner], attr, modules[owner]._parameters[attr]))
                 modules[owner]._parameters[attr] = t  # a plain tensor: setattr accepts only a Parameter
-            loss, grads = gradients(self.model, batch, **self.engine_options)
+            loss, _ = gradients(self.model, batch, on_layer_grads=update, **self.engine_options)
         finally:
             for module, attr, value in held:
                 module._parameters[attr] = value
-        grads = [grads[name].to(torch.float32) for name in self.lora_names]
-        if self.optimizer == "sgd":
-            return (loss, *self.sgd(lora, grads))
-        return (loss, *self.adamw(lora, grads, state[n:2 * n], state[2 * n:3 * n], state[3 * n]))
+        missing = [self.state_names[i] for i, t in enumerate(updated) if t is None]
+        if missing:
+            raise MespError(f"the engine gave no gradient for {', '.join(missing[:3])}")
+        return (loss, *updated)
 
     def sgd(self, lora, grads):
         if self.weight_decay:
@@ -131,9 +153,8 @@ class TrainingStep(nn.Module):
         return [torch.add(p, g, alpha=-self.lr) for p, g in zip(lora, grads)]
 
     def adamw(self, lora, grads, exp_avg, exp_avg_sq, step):
-        """mesp.optim.AdamW._step, out of place, with the step count a tensor (one for every LoRA tensor)."""
+        """mesp.optim.AdamW._step, out of place, with the step count a tensor (already advanced: this step's)."""
         b1, b2, eps = AdamW().beta1, AdamW().beta2, AdamW().eps
-        step = step + 1
         step_size = self.lr / (1 - torch.pow(b1, step))
         bias2_sqrt = torch.sqrt(1 - torch.pow(b2, step))
         new_p, new_m, new_v = [], [], []
@@ -146,7 +167,7 @@ class TrainingStep(nn.Module):
             new_p.append(p - step_size * (m / denom))
             new_m.append(m)
             new_v.append(v)
-        return [*new_p, *new_m, *new_v, step]
+        return [*new_p, *new_m, *new_v]
 
 
 class InitialState(nn.Module):
@@ -178,16 +199,19 @@ def to_executorch_program(programs: dict, constant_methods: dict):
 
     forward's inputs and outputs stay out of its memory plan: the runner hands the state's own buffers in and
     the same buffers out (each update is the step's last, elementwise reader of its input), so the state exists
-    once, in the runner, and the planned arena holds only the step's activations and gradients."""
+    once, in the runner, and the planned arena holds only the step's activations and gradients, placed by
+    mesp.executorch_plan where that beats ExecuTorch's greedy plan."""
     try:
         from executorch.exir import EdgeCompileConfig, ExecutorchBackendConfig, to_edge
+        from executorch.exir.memory_planning import MemoryPlanningAlgorithmSuite, greedy
         from executorch.exir.passes import MemoryPlanningPass
     except ImportError as e:
         raise MespError("mesp export --format executorch needs ExecuTorch: run .et/bin/mesp "
                         "(scripts/dev.sh runner makes .et)") from e
     edge = to_edge(programs, constant_methods=constant_methods,
                    compile_config=EdgeCompileConfig(_check_ir_validity=False))
-    planning = {"forward": MemoryPlanningPass(alloc_graph_input=False, alloc_graph_output=False)}
+    algorithms = MemoryPlanningAlgorithmSuite([greedy, offset_plan])  # the smaller plan of the two
+    planning = {"forward": MemoryPlanningPass(algorithms, alloc_graph_input=False, alloc_graph_output=False)}
     return edge.to_executorch(ExecutorchBackendConfig(external_constants=lambda node: WEIGHTS_TAG,
                                                       memory_planning_pass=planning))
 

@@ -306,14 +306,12 @@ int train(int argc, char** argv) {
   Module module(pte, ptd, Module::LoadMode::Mmap);
   Error e = module.load(Program::Verification::InternalConsistency);
   if (e != Error::Ok) throw Failure(pte + ": not a valid ExecuTorch program (" + error_text(e) + ")");
-  e = module.load_method("forward");
-  if (e != Error::Ok)
-    throw Failure(ptd + ": the step's weights do not load from it (" + error_text(e) + "; truncated or not " +
-                  "this program's base.ptd?)");
-  auto meta = module.method_meta("forward");
-  if (!meta.ok()) throw Failure(pte + ": forward has no metadata (" + error_text(meta.error()) + ")");
-  int64_t arena_bytes = 0;
-  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) arena_bytes += meta->memory_planned_buffer_size(i).get();
+  auto load_method = [&](const char* method) {  // both methods' constants are in base.ptd
+    Error err = module.load_method(method);
+    if (err != Error::Ok)
+      throw Failure(ptd + ": the step's " + method + " does not load from it (" + error_text(err) +
+                    "; truncated or not this program's base.ptd?)");
+  };
   const int64_t B = constant_int(module, "batch_size", pte), T = constant_int(module, "seq_len", pte);
   if (T != tokens.seq_len)
     throw Failure(data + ": sequences of " + std::to_string(tokens.seq_len) + " tokens; the program was " +
@@ -321,9 +319,10 @@ int train(int argc, char** argv) {
   const std::vector<std::string> names = split_lines(constant_string(module, "lora_names", pte));
   const std::string adapter_config = constant_string(module, "adapter_config", pte);
   const std::string optimizer = constant_string(module, "optimizer", pte);
-
   std::vector<HostTensor> state;
-  {  // initial_state's outputs live in its own arena: copied out, then the method is dropped with them
+  {  // initial_state's outputs live in its own arena: copied out, then the method is dropped with them, all
+     // before forward's arena exists, so that arena and the state's first copy never add to forward's peak
+    load_method("initial_state");
     auto init = run(module, "initial_state", {}, pte);
     if (init.size() < names.size()) throw Failure(pte + ": initial_state does not match lora_names");
     state.resize(init.size());
@@ -333,6 +332,12 @@ int train(int argc, char** argv) {
     }
     module.unload_method("initial_state");
   }
+  load_method("forward");
+  auto meta = module.method_meta("forward");
+  if (!meta.ok()) throw Failure(pte + ": forward has no metadata (" + error_text(meta.error()) + ")");
+  int64_t arena_bytes = 0;
+  for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) arena_bytes += meta->memory_planned_buffer_size(i).get();
+
   if (meta->num_inputs() != state.size() + 2 || meta->num_outputs() != state.size() + 1)
     throw Failure(pte + ": forward takes " + std::to_string(meta->num_inputs()) + " inputs and returns " +
                   std::to_string(meta->num_outputs()) + "; expected input_ids, labels and " +
