@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import torch
 
@@ -109,19 +108,10 @@ class Estimate:
 def model_config(source: str) -> ModelConfig:
     """The ModelConfig of a preset, a Hugging Face directory (config.json) or a GGUF file (its metadata),
     without reading a weight."""
-    from .formats.gguf import gguf_config, open_gguf
-    from .loaders import read_hf_config
-    from .presets import PRESETS, preset_gguf_path
+    from .loaders import resolve_source, source_config
 
     src = str(source)
-    if src in PRESETS and PRESETS[src]["kind"] == "random":
-        return ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
-    path = preset_gguf_path(src) if src in PRESETS else Path(src).expanduser()
-    if path.is_dir():
-        return read_hf_config(path)
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        return ModelConfig.from_hf(gguf_config(open_gguf(path), str(path)), where=str(path))
-    raise MespError(f"model {src!r}: not a preset, a model directory with config.json, or a .gguf file")
+    return source_config(src, *resolve_source(src))
 
 
 # ---- sizes ------------------------------------------------------------------------------------------------

@@ -31,14 +31,13 @@ import torch
 
 from .errors import MespError
 from .families import ModelConfig
-from .formats.gguf import gguf_config, open_gguf, permuted_heads
+from .formats.gguf import open_gguf, permuted_heads
 from .formats.gguf_writer import (OUT_TYPES, TensorPlan, add_config_metadata, add_file_type, extra_tensors,
                                   gguf_arch, hf_to_gguf_name, model_plan, tensor_type)
-from .loaders import read_hf_config
+from .loaders import resolve_source, source_config
 from .lora import load_adapter, lora_modules
 from .merge import load_for_merge
 from .model import Model
-from .presets import PRESETS, preset_gguf_path
 from .quantize import check_out_file, copy_metadata, write_gguf_file
 
 log = logging.getLogger(__name__)
@@ -108,20 +107,14 @@ class BaseModel:
 def base_model(source) -> BaseModel:
     """The base model's configuration and architecture, read from its config.json, GGUF header or preset."""
     src = os.fspath(source)
-    if src in PRESETS and PRESETS[src]["kind"] == "random":
-        cfg = ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
+    form, path = resolve_source(src)
+    reader = open_gguf(path) if form == "gguf" else None
+    cfg = source_config(src, form, path, reader)
+    if form == "random":
         return BaseModel(cfg, gguf_arch(cfg.arch), None, [])
-    path = preset_gguf_path(src) if src in PRESETS else Path(src).expanduser()
-    if path.is_dir():
-        cfg = read_hf_config(path)
+    if form == "hf":
         return BaseModel(cfg, gguf_arch(cfg.arch), None, [path / "config.json"])
-    if path.suffix.lower() == ".gguf" and path.is_file():
-        reader = open_gguf(path)
-        cfg = ModelConfig.from_hf(gguf_config(reader, str(path)), where=str(path))
-        return BaseModel(cfg, reader.metadata("general.architecture"), path, [path])
-    if not path.exists():
-        raise MespError(f"{src}: no such file, directory or preset (presets: {', '.join(PRESETS)})")
-    raise MespError(f"{path}: not a model directory, .gguf file or preset name")
+    return BaseModel(cfg, reader.metadata("general.architecture"), path, [path])
 
 
 def _rows(a: np.ndarray):

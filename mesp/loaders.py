@@ -119,6 +119,17 @@ def resolve_source(src: str) -> tuple[str, Path | None]:
     raise MespError(f"{path}: not a model directory, .gguf file or preset name")
 
 
+def source_config(src: str, form: str, path: Path | None, reader=None) -> ModelConfig:
+    """The ModelConfig a source declares, without reading a weight (form, path: resolve_source(src)'s): a random
+    preset's own, a Hugging Face directory's config.json, a GGUF file's header (reader: its open GGUFReader,
+    where the caller has one)."""
+    if form == "random":
+        return ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
+    if form == "gguf":
+        return ModelConfig.from_hf(gguf_config(reader or open_gguf(path), str(path)), where=str(path))
+    return read_hf_config(path)
+
+
 def is_gguf_source(src: str) -> bool:
     """A .gguf file or a preset shipped as one."""
     return PRESETS.get(src, {}).get("kind") == "gguf" or src.lower().endswith(".gguf")
@@ -334,19 +345,12 @@ def load_placeholders(source, dtype=torch.float32) -> Model:
     dtype = _dtype(dtype)
     src = os.fspath(source)
     form, path = resolve_source(src)
-    if form == "random":
-        cfg = ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
-        tokenizer_source = ("none", src)
-    elif form == "gguf":
-        cfg = ModelConfig.from_hf(gguf_config(open_gguf(path), str(path)), where=str(path))
-        tokenizer_source = ("gguf", str(path))
-    else:
-        cfg, tokenizer_source = read_hf_config(path), ("hf", str(path))
+    cfg = source_config(src, form, path)
     model = Model(cfg)
     for name, shape in expected_shapes(cfg).items():
         set_weight(model, name, placeholder(shape, dtype))
     model.source = src if form != "hf" else str(path)
-    model.tokenizer_source = tokenizer_source
+    model.tokenizer_source = ("none", src) if form == "random" else (form, str(path))
     return model
 
 
@@ -369,16 +373,15 @@ def iter_weights(source, dtype=torch.float32) -> Iterator[tuple[str, torch.Tenso
     src = os.fspath(source)
     form, path = resolve_source(src)
     cpu = torch.device("cpu")
+    reader = open_gguf(path) if form == "gguf" else None
+    cfg = source_config(src, form, path, reader)
     if form == "random":
-        cfg = ModelConfig.from_hf(dict(PRESETS[src]["config"]), where=f"preset {src}")
         yield from checked_weights(cfg, random_weights(cfg, seed=0, dtype=dtype), dtype, cpu, f"preset {src}")
     elif form == "gguf":
-        reader = open_gguf(path)
-        cfg = ModelConfig.from_hf(gguf_config(reader, str(path)), where=str(path))
         yield from checked_weights(cfg, gguf_tensors(reader, cfg, str(path), keep_quantized=False, dtype=dtype),
                                    dtype, cpu, str(path))
     else:
-        cfg, current = read_hf_config(path), [str(path)]
+        current = [str(path)]
 
         def tensors():
             for name, t, f in iter_safetensors(safetensors_files(path)):

@@ -128,7 +128,7 @@ def test_estimate_cli_json_schema(capsys):
 
 
 @pytest.mark.parametrize("argv, match", [
-    (["--model", "no-such-model"], "not a preset"),
+    (["--model", "no-such-model"], "unknown model"),
     (["--model", "qwen2.5-0.5b", "--seq-len", "0"], "seq_len: must be an integer >= 1"),
     (["--model", "qwen2.5-0.5b", "--method", "mezo", "--offload-checkpoints"], "keeps no per-layer checkpoints"),
     (["--seq-len", "8"], "model: required"),
