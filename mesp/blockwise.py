@@ -268,7 +268,7 @@ def weight_rows(weight, v0, v1=None):
     view, or only those rows dequantized."""
     if isinstance(weight, torch.Tensor):
         return weight[v0] if v1 is None else weight[v0:v1]
-    return weight.rows(v0 if v1 is None else torch.arange(v0, v1, device=weight.device))
+    return weight.rows(v0) if v1 is None else weight.dense_rows(v0, v1, weight.dtype)
 
 
 def _logits_slice(h, w, softcap=None):

@@ -73,6 +73,9 @@ def export_arguments(p: argparse.ArgumentParser) -> None:
     g.add_argument("--lr", type=float, default=None, help="learning rate, constant (default mesp train's: 0.1 sgd, "
                    "0.001 adamw)")
     g.add_argument("--weight-decay", type=float, default=0.0, help="weight decay, decoupled for adamw (default 0)")
+    g.add_argument("--quantize", choices=("none", "int8"), default="none", help="the frozen matrices in "
+                   "base.ptd: int8 per output channel (the values of mesp train --quantize int8), a quarter of "
+                   "fp32's bytes, dequantized inside the step a block of rows at a time (default none: fp32)")
     g.add_argument("--data", metavar="FILE|DIR", help="training data (any mesp train --data source), also written "
                    "as DIR/tokens.bin, the runner's --data: each sample cut to --seq-len, right-padded, pads "
                    "labelled -100")

@@ -22,8 +22,11 @@ the pads after them, and the pads' labels are -100.
 
 The frozen base weights are the module's buffers: exported as constants tagged external (external_constants),
 so the program names them and base.ptd, which the runtime memory-maps (file-backed pages, not private memory),
-holds them. The CLI traces a model of placeholders (mesp.loaders.load_placeholders: no memory) and writes
-base.ptd itself, the real weights one at a time (mesp.executorch_data, ExecuTorch's own format byte for byte).
+holds them. With --quantize int8 each matrix is held as its int8 codes and per-channel scales
+(ProgramInt8Weight: two buffers, dequantized inside the step a block of rows at a time by portable ops), so
+base.ptd is a quarter of the fp32 file and its values are mesp train --quantize int8's. The CLI traces a
+model of placeholders (mesp.loaders.load_placeholders: no memory) and writes base.ptd itself, the real weights
+one at a time (mesp.executorch_data, ExecuTorch's own format byte for byte).
 The program's method `initial_state` returns the starting state (the adapter as mesp.add_lora or --adapter
 makes it, zero moments and step), so a runner needs nothing but the two files. Constant methods carry the rest:
 `lora_names` (the PEFT keys joined by newlines), `adapter_config` (PEFT's JSON), `batch_size`, `seq_len`,
@@ -35,12 +38,14 @@ the step needs only torch; to_edge / to_executorch import executorch lazily.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import struct
 from pathlib import Path
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from .data import IGNORE
@@ -52,12 +57,16 @@ from .lora import peft_key
 from .methods.common import LossBatch
 from .methods.mesp import gradients
 from .optim import AdamW
+from .quant import FrozenWeight, Int8Weight, int8_dense
 
 log = logging.getLogger(__name__)
 
 PROGRAM_FILE, WEIGHTS_FILE, TOKENS_FILE = "step.pte", "base.ptd", "tokens.bin"
 WEIGHTS_TAG = WEIGHTS_FILE[:-4]  # the external-constants tag ExecuTorch names the file by
 OPTIMIZERS = ("sgd", "adamw")
+# most weight values an int8 product dequantizes at once inside the program: each block is an arena tensor,
+# so it is kept well under the arena's own size (2 MiB of codes, 8 MiB in fp32)
+PROGRAM_CHUNK_ELEMENTS = 1 << 21
 
 
 class TrainingStep(nn.Module):
@@ -170,6 +179,73 @@ class TrainingStep(nn.Module):
         return [*new_p, *new_m, *new_v]
 
 
+class ProgramInt8Weight(Int8Weight):
+    """An Int8Weight whose codes and scales are buffers of the module that holds it (`{attr}_q`,
+    `{attr}_scale`), so that torch.export names them as base.ptd's constants, computed in ops ExecuTorch's
+    portable kernels have: rows by gathering (Int8Weight's range check reads the ids' values, which a trace
+    has not), each product over blocks of at most PROGRAM_CHUNK_ELEMENTS dequantized rows, joined by cat rather
+    than written into a preallocated output (a traced write copies the whole output)."""
+
+    chunk_elements = PROGRAM_CHUNK_ELEMENTS
+
+    def __init__(self, owner: nn.Module, attr: str, weight: Int8Weight):
+        FrozenWeight.__init__(self, weight.shape, weight.dtype)
+        self.owner, self.attr, self.block = owner, attr, weight.block
+
+    @property
+    def q(self):  # read at each use: torch.export swaps the module's buffers for its own while it traces
+        return getattr(self.owner, f"{self.attr}_q")
+
+    @property
+    def scale(self):
+        return getattr(self.owner, f"{self.attr}_scale")
+
+    def rows(self, ids):
+        flat = ids.reshape(-1)
+        return int8_dense(self.q[flat], self.scale[flat], self.dtype).view(*ids.shape, self.shape[1])
+
+    def linear(self, x):
+        N, K = self.shape
+        x2 = x.reshape(-1, K)
+        parts = [F.linear(x2, self.dense_rows(n0, n1, x.dtype)) for n0, n1 in self.row_blocks()]
+        y = parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+        return y.view(*x.shape[:-1], N)
+
+
+@contextlib.contextmanager
+def program_weights(model):
+    """Every Int8Weight of `model` made a ProgramInt8Weight over buffers of its module while the step is traced;
+    the model as it was after."""
+    swapped = []
+    try:
+        for module in model.modules():
+            for attr, w in list(vars(module).items()):
+                if isinstance(w, Int8Weight):
+                    module.register_buffer(f"{attr}_q", w.q)
+                    module.register_buffer(f"{attr}_scale", w.scale)
+                    setattr(module, attr, ProgramInt8Weight(module, attr, w))
+                    swapped.append((module, attr, w))
+        yield model
+    finally:
+        for module, attr, w in swapped:
+            setattr(module, attr, w)
+            del module._buffers[f"{attr}_q"], module._buffers[f"{attr}_scale"]
+
+
+def program_tensors(named_weights):
+    """(the program's constant name, tensor) of every base weight in (HF name, weight) pairs: a dense tensor as
+    itself, an Int8Weight as its codes and scales (program_weights' buffers), keyed as the step's program names
+    them (TrainingStep holds the model as `model`)."""
+    for name, w in named_weights:
+        if isinstance(w, torch.Tensor):
+            yield f"model.{name}", w
+        elif isinstance(w, Int8Weight):
+            yield f"model.{name}_q", w.q
+            yield f"model.{name}_scale", w.scale
+        else:
+            raise MespError(f"{name}: a {type(w).__name__} has no form in base.ptd; export dense or int8 weights")
+
+
 class InitialState(nn.Module):
     """The program's `initial_state` method: the starting state, as constants."""
 
@@ -187,7 +263,7 @@ def export_step(step: TrainingStep):
     """torch.export of the step's forward and of its initial_state method: {method name: ExportedProgram}."""
     ids = torch.zeros(step.batch, step.seq_len, dtype=torch.long, device=step.model.device)
     state = step.initial_state()
-    with torch.no_grad():
+    with torch.no_grad(), program_weights(step.model):
         forward = torch.export.export(step, (ids, ids.clone(), *state), strict=False)
         initial = torch.export.export(InitialState(state), (), strict=False)
     return {"forward": forward, "initial_state": initial}
@@ -217,17 +293,20 @@ def to_executorch_program(programs: dict, constant_methods: dict):
 
 
 def model_weights(model) -> WeightSource:
-    """The model's own base weights, keyed as the step's program names them (TrainingStep holds the model as
-    `model`): the weight source when they are real."""
-    return lambda: ((f"model.{name}", w) for name, w in model.base_weights())
+    """The model's own base weights as the program's constants (program_tensors): the weight source when they
+    are real."""
+    return lambda: program_tensors(model.base_weights())
 
 
-def source_weights(source) -> WeightSource:
-    """load_model(source)'s base weights one at a time (mesp.loaders.iter_weights), keyed as model_weights keys
-    them: the weight source of a model of placeholders."""
-    from .loaders import iter_weights
+def source_weights(source, quantize: str | None = None) -> WeightSource:
+    """load_model(source, quantize=quantize)'s base weights one at a time (mesp.loaders.iter_weights, each
+    quantized as load_model quantizes it), as model_weights gives them: the weight source of a model of
+    placeholders."""
+    from .loaders import check_mode, iter_weights, place_weight
 
-    return lambda: ((f"model.{name}", w) for name, w in iter_weights(source))
+    quantize, cpu = check_mode(quantize), torch.device("cpu")
+    return lambda: program_tensors((name, place_weight(name, w, quantize, w.dtype, cpu))
+                                   for name, w in iter_weights(source))
 
 
 def export_executorch(model, out_dir, batch: int = 1, seq_len: int = 256, lr: float = 1e-3,
@@ -248,7 +327,7 @@ def export_executorch(model, out_dir, batch: int = 1, seq_len: int = 256, lr: fl
     log.info("exporting the step (B=%d, T=%d, %s, %d LoRA tensors)", batch, seq_len, optimizer,
              len(step.lora_names))
     program = to_executorch_program(export_step(step), constants)
-    base_keys = {f"model.{name}" for name, _ in model.base_weights()}
+    base_keys = {key for key, _ in program_tensors(model.base_weights())}
     entries = external_entries(program, WEIGHTS_TAG, base_keys)
 
     def write_program(tmp):
@@ -314,7 +393,8 @@ def export_executorch_cli(args) -> dict:
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     if not lr > 0:
         raise MespError(f"--lr: expected a number > 0, got {lr}")
-    model = load_placeholders(args.model)  # traced without its weights: base.ptd gets them one at a time
+    quantize = None if args.quantize == "none" else args.quantize
+    model = load_placeholders(args.model, quantize=quantize)  # traced without its weights: base.ptd gets them one at a time
     tokens = None
     if args.data:  # before the long export, so bad data fails at once
         tokens = data_tokens(model, args.data, args.seq_len)
@@ -323,7 +403,7 @@ def export_executorch_cli(args) -> dict:
     else:
         add_lora(model, LoraConfig(r=args.rank, alpha=args.alpha), seed=args.seed)
     r = export_executorch(model, out, args.batch_size, args.seq_len, lr, args.optimizer, args.weight_decay,
-                          weights=source_weights(args.model))
+                          weights=source_weights(args.model, quantize))
     if tokens is not None:
         write_tokens(out / TOKENS_FILE, *tokens)
         r["tokens"] = str(out / TOKENS_FILE)

@@ -336,19 +336,27 @@ def load_random(name: str, hf: dict, dtype, device, seed: int = 0, quantize=None
 
 # ---- placeholders and one weight at a time (exporting without holding the weights) ----------------------
 
-def load_placeholders(source, dtype=torch.float32) -> Model:
-    """The Model load_model(source, dtype) builds (same structure, weight names, shapes and dtypes, source and
-    tokenizer) with every base weight a placeholder: a tensor over an untouched read-only anonymous mapping,
-    whose pages are the kernel's shared zero page, so the weights take no memory however large they are.
+def load_placeholders(source, dtype=torch.float32, quantize: str | None = None) -> Model:
+    """The Model load_model(source, dtype, quantize=quantize) builds (same structure, weight names, shapes and
+    dtypes, source and tokenizer) with every base weight a placeholder: a tensor over an untouched read-only
+    anonymous mapping, whose pages are the kernel's shared zero page, so the weights take no memory however
+    large they are. quantize "int8": every matrix an Int8Weight of placeholders (codes and per-channel scales).
     For tracing a program whose weights are written elsewhere (mesp.export_executorch); a write to one faults.
-    The real weights, one at a time: iter_weights."""
+    The real weights, one at a time: iter_weights (and place_weight for their quantized form)."""
     dtype = _dtype(dtype)
+    quantize = check_mode(quantize)
+    if quantize not in (None, "int8"):
+        raise MespError(f"quantize={quantize!r}: placeholders exist for dense and int8 weights only")
     src = os.fspath(source)
     form, path = resolve_source(src)
     cfg = source_config(src, form, path)
     model = Model(cfg)
     for name, shape in expected_shapes(cfg).items():
-        set_weight(model, name, placeholder(shape, dtype))
+        if quantize and is_matrix(name, shape):
+            weight = Int8Weight(placeholder(shape, torch.int8), placeholder((shape[0], 1), torch.float32), dtype)
+        else:
+            weight = placeholder(shape, dtype)
+        set_weight(model, name, weight)
     model.source = src if form != "hf" else str(path)
     model.tokenizer_source = ("none", src) if form == "random" else (form, str(path))
     return model

@@ -86,6 +86,7 @@ class FrozenWeight:
 
     _storage: tuple[str, ...] = ()
     row_align = 1  # block boundaries must fall on multiples of this many rows
+    chunk_elements = CHUNK_ELEMENTS  # most values a product dequantizes at once
 
     def __init__(self, shape, dtype: torch.dtype):
         self.shape = torch.Size(shape)
@@ -142,9 +143,9 @@ class FrozenWeight:
         raise NotImplementedError
 
     def row_blocks(self):
-        """(n0, n1) blocks of rows holding at most CHUNK_ELEMENTS values (aligned to row_align)."""
+        """(n0, n1) blocks of rows holding at most chunk_elements values (aligned to row_align)."""
         N, K = self.shape
-        step = max(self.row_align, CHUNK_ELEMENTS // max(K, 1) // self.row_align * self.row_align)
+        step = max(self.row_align, self.chunk_elements // max(K, 1) // self.row_align * self.row_align)
         return [(n0, min(N, n0 + step)) for n0 in range(0, N, step)]
 
     # ---- products -----------------------------------------------------------------------------------

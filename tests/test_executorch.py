@@ -15,7 +15,8 @@ import torch
 import mesp
 from mesp.data import IGNORE
 from mesp.errors import MespError
-from mesp.export_executorch import (PROGRAM_FILE, WEIGHTS_FILE, TrainingStep, export_executorch, export_step,
+from mesp.export_executorch import (PROGRAM_FILE, WEIGHTS_FILE, ProgramInt8Weight, TrainingStep,
+                                    export_executorch, export_step, program_tensors, program_weights,
                                     source_weights, to_executorch_program)
 from mesp.loaders import iter_weights, load_placeholders
 from mesp.lora import peft_key
@@ -105,6 +106,33 @@ def test_step_trajectory_equals_engine(make_hf_model, optimizer):
         assert float(state[-1]) == 5.0  # the step count travels in the state
 
 
+def test_program_int8_weights_compute_what_int8_weights_do(make_hf_model, monkeypatch):
+    """An int8 model's step with its weights in the program's form (buffers of their modules, products over
+    several row blocks, rows gathered) gives the step of the same model's own Int8Weights, and the model is
+    as it was after; the program names each matrix's codes and scales, int8 and fp32."""
+    model = mesp.load_model(make_hf_model("qwen2")[0], quantize="int8")
+    mesp.add_lora(model, mesp.LoraConfig(r=4, alpha=8.0), seed=0)
+    randomize_lora_b(model, seed=1)
+    step = TrainingStep(model, B, T, 1e3)
+    ids, labels = tokens(0)
+    state = step.initial_state()
+    ref = step(ids, labels, *state)
+    gate = model.model.layers[0].mlp.gate_proj
+    monkeypatch.setattr(ProgramInt8Weight, "chunk_elements", gate.weight.numel() // 3)
+    with program_weights(model):
+        assert isinstance(gate.weight, ProgramInt8Weight) and len(gate.weight.row_blocks()) == 3
+        assert gate.weight.q is gate.weight_q and gate.weight_q.dtype == torch.int8
+        got = step(ids, labels, *state)
+    assert type(gate.weight) is mesp.quant.Int8Weight and not hasattr(gate, "weight_q")
+    assert relative_error(got[0], ref[0]) < 1e-6
+    for name, a, b, before in zip(step.lora_names, got[1:], ref[1:], state):  # the gradients, carried by lr
+        assert relative_error(a - before, b - before) < 1e-5, name
+    keys = dict(program_tensors(model.base_weights()))
+    assert keys["model.model.layers.0.mlp.gate_proj.weight_q"].dtype == torch.int8
+    assert keys["model.model.layers.0.mlp.gate_proj.weight_scale"].shape == (gate.weight.shape[0], 1)
+    assert keys["model.model.norm.weight"].dtype == torch.float32
+
+
 def test_step_rejects_what_it_cannot_export(make_hf_model):
     model = tiny_step_model(make_hf_model)
     with pytest.raises(MespError, match="optimizer lion"):
@@ -159,24 +187,28 @@ def test_placeholders_have_load_models_structure(make_hf_model, monkeypatch, dty
 
 
 @needs_executorch
-@pytest.mark.parametrize("kind", ["hf", "preset"])
-def test_base_ptd_equals_executorchs_own(make_hf_model, monkeypatch, tmp_path, kind):
+@pytest.mark.parametrize("kind,quantize", [("hf", None), ("preset", None), ("hf", "int8"), ("preset", "int8")])
+def test_base_ptd_equals_executorchs_own(make_hf_model, monkeypatch, tmp_path, kind, quantize):
     """The base.ptd mesp writes from a model of placeholders and the real weights one at a time is byte for byte
     the one ExecuTorch's own external-constants path writes for the real model (the same step, same LoRA): a HF
-    directory's weights, and a random preset's, whose equal norms and zero biases share segments."""
+    directory's weights, and a random preset's, whose equal norms and zero biases share segments; dense, and
+    int8 (load_model's codes and scales, each matrix read and quantized on its own)."""
     monkeypatch.setitem(PRESETS, "tiny-qwen2.5", {"kind": "random", "config": TINY_PRESET, "description": ""})
     source = str(make_hf_model("qwen2")[0]) if kind == "hf" else "tiny-qwen2.5"
-    real, ghost = mesp.load_model(source), load_placeholders(source)
+    real, ghost = mesp.load_model(source, quantize=quantize), load_placeholders(source, quantize=quantize)
     for m in (real, ghost):
         mesp.add_lora(m, mesp.LoraConfig(r=4, alpha=8.0), seed=0)
         randomize_lora_b(m, seed=1)
     theirs = to_executorch_program(export_step(TrainingStep(real, B, T, 0.1)), {"seq_len": T})
     (tmp_path / "theirs").mkdir()
     theirs.write_tensor_data_to_file(tmp_path / "theirs")
-    export_executorch(ghost, tmp_path / "ours", B, T, 0.1, weights=source_weights(source))
+    export_executorch(ghost, tmp_path / "ours", B, T, 0.1, weights=source_weights(source, quantize))
     ours_bytes, their_bytes = ((tmp_path / d / WEIGHTS_FILE).read_bytes() for d in ("ours", "theirs"))
     assert len(ours_bytes) == len(their_bytes) and ours_bytes == their_bytes
     assert (tmp_path / "ours" / PROGRAM_FILE).stat().st_size > 0
+    if quantize:  # the matrices' codes are a quarter of their fp32 bytes
+        dense = sum(w.numel() * 4 for _, w in real.base_weights())
+        assert len(ours_bytes) < 0.5 * dense  # 0.40 on this tiny model (scales, vectors, alignment)
 
 
 @needs_executorch

@@ -126,7 +126,7 @@ def test_products_match_the_dequantized_matrix(kind, blocks, monkeypatch):
     w = weights_under_test()[kind]
     N, K = w.shape
     if blocks > 1:  # force several row blocks (the path large matrices such as the LM head take)
-        monkeypatch.setattr(quant, "CHUNK_ELEMENTS", N * K // blocks)
+        monkeypatch.setattr(quant.FrozenWeight, "chunk_elements", N * K // blocks)
         assert len(w.row_blocks()) >= blocks
     W = w.dequantize(torch.float64)
     g = torch.Generator().manual_seed(7)
