@@ -165,6 +165,25 @@ def test_a_benchmark_stopped_part_way_keeps_its_finished_runs(make_hf_model, tmp
     assert peers.bench_peers(s, progress=False)["complete"] is True
 
 
+def test_mesp_streams_a_q4_0_copy_of_the_shared_model(make_hf_model, tmp_path):
+    """"mesp q4_0 streamed" trains on the shared model quantized once to a q4_0 GGUF beside it: its losses are
+    near mesp's on the fp32 weights, not equal to them (the 4-bit base is not the fp32 one)."""
+    from gguf import GGMLQuantizationType, GGUFReader
+
+    path, _ = make_hf_model("qwen2", **TINY)
+    s = peers.PeersSettings(model=str(path), seq_lens=[16], tools=["mesp", "mesp q4_0 streamed"], rounds=1,
+                            steps=2, lr=LR, work=str(tmp_path / "work"))
+    rows = {r["tool"]: r for r in peers.bench_peers(s, progress=False)["rows"]}
+    r = rows["mesp q4_0 streamed"]
+    assert "error" not in r, r.get("error")
+    gguf = next((tmp_path / "work" / "models").glob("*-q4_0.gguf"))
+    assert f"--model {gguf}" in r["command"]
+    types = {t.tensor_type for t in GGUFReader(gguf).tensors}
+    assert GGMLQuantizationType.Q4_0 in types
+    dense = rows["mesp"]["losses"]
+    assert r["losses"] != dense and all(abs(a - b) < 0.05 * b for a, b in zip(r["losses"], dense))
+
+
 def test_data_is_packed_as_mesp_train_tokenizes_it(tmp_path):
     """--data: the file's samples, tokenized as mesp train does, laid end to end into N_SAMPLES windows of T
     tokens, wrapping to the first sample when the file runs out (three short chats cannot fill 8 windows)."""

@@ -75,6 +75,9 @@ TOOLS = {t.name: t for t in (
     Tool("mesp bf16", None, options={"args": ["--dtype", "auto"], "auto_bf16": True}, exact=False, precision="bf16"),
     Tool("mesp 4-bit", None, options={"args": ["--dtype", "float32", "--quantize", "int4"]}, exact=False,
          precision="4-bit"),
+    # the shared model as a q4_0 GGUF (mesp quantize), which mesp train streams: its pages are the file's
+    Tool("mesp q4_0 streamed", None, options={"args": ["--dtype", "float32"], "gguf": "q4_0"}, exact=False,
+         precision="4-bit"),
 )}
 DEFAULT_TOOLS = list(TOOLS)
 BUDGETS = ("smallest", "fastest")  # the full-precision peers whose private peak a budgeted mesp run gets
@@ -292,9 +295,20 @@ def run_peer(tool: Tool, python: str, spec: dict, run: Path, timeout: float | No
     return {**row, "losses": result["losses"], "seconds": result["seconds"], "version": result["version"]}
 
 
+def shared_gguf(model_dir: str, to: str) -> Path:
+    """The shared model as a GGUF file of `to` blocks beside it (mesp quantize), written once (not measured)."""
+    from ..quantize import quantize_model
+
+    out = Path(f"{model_dir}-{to}.gguf")
+    if not out.is_file():
+        quantize_model(model_dir, to, out)
+    return out
+
+
 def mesp_train_args(tool: Tool, spec: dict, budget_mib: float | None, run: Path) -> list[str]:
     """`mesp train`'s arguments for the same work as the peers' spec."""
-    args = ["train", "--model", spec["model_dir"], "--data", spec["tokens"], "--seq-len", str(spec["seq_len"]),
+    model = str(shared_gguf(spec["model_dir"], tool.options["gguf"])) if tool.options.get("gguf") else spec["model_dir"]
+    args = ["train", "--model", model, "--data", spec["tokens"], "--seq-len", str(spec["seq_len"]),
             "--rank", str(spec["rank"]), "--alpha", f"{spec['alpha']:g}", "--batch-size", "1",
             "--optimizer", spec["optimizer"], "--lr", f"{spec['lr']:g}", "--schedule", "constant",
             "--steps", str(len(spec["order"])), "--seed", str(spec["seed"]), "--out", str(run / "out"),
