@@ -268,7 +268,11 @@ def weight_rows(weight, v0, v1=None):
     view, or only those rows dequantized."""
     if isinstance(weight, torch.Tensor):
         return weight[v0] if v1 is None else weight[v0:v1]
-    return weight.rows(v0) if v1 is None else weight.dense_rows(v0, v1, weight.dtype)
+    if v1 is None:
+        return weight.rows(v0)
+    if hasattr(weight, "dense_rows"):  # a FrozenWeight: the range as a slice (a traced step has no ids to check)
+        return weight.dense_rows(v0, v1, weight.dtype)
+    return weight.rows(torch.arange(v0, v1, device=weight.device))
 
 
 def _logits_slice(h, w, softcap=None):
