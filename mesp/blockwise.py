@@ -11,6 +11,7 @@ import math
 import torch
 
 from .ops import acc_dtype
+from .quant import FrozenWeight
 
 # ----------------------------------------------------------------------------
 # Attention (causal, grouped-query, key padding)
@@ -270,7 +271,7 @@ def weight_rows(weight, v0, v1=None):
         return weight[v0] if v1 is None else weight[v0:v1]
     if v1 is None:
         return weight.rows(v0)
-    if hasattr(weight, "dense_rows"):  # a FrozenWeight: the range as a slice (a traced step has no ids to check)
+    if isinstance(weight, FrozenWeight):  # the range as a slice (a traced step has no ids to check)
         return weight.dense_rows(v0, v1, weight.dtype)
     return weight.rows(torch.arange(v0, v1, device=weight.device))
 

@@ -57,7 +57,7 @@ from .lora import peft_key
 from .methods.common import LossBatch
 from .methods.mesp import gradients
 from .optim import AdamW
-from .quant import FrozenWeight, Int8Weight, int8_dense
+from .quant import FrozenWeight, Int8Weight
 
 log = logging.getLogger(__name__)
 
@@ -200,9 +200,7 @@ class ProgramInt8Weight(Int8Weight):
     def scale(self):
         return getattr(self.owner, f"{self.attr}_scale")
 
-    def rows(self, ids):
-        flat = ids.reshape(-1)
-        return int8_dense(self.q[flat], self.scale[flat], self.dtype).view(*ids.shape, self.shape[1])
+    rows = Int8Weight.gathered_rows
 
     def linear(self, x):
         N, K = self.shape
@@ -393,8 +391,7 @@ def export_executorch_cli(args) -> dict:
     lr = DEFAULT_LR[args.optimizer] if args.lr is None else args.lr
     if not lr > 0:
         raise MespError(f"--lr: expected a number > 0, got {lr}")
-    quantize = None if args.quantize == "none" else args.quantize
-    model = load_placeholders(args.model, quantize=quantize)  # traced without its weights: base.ptd gets them one at a time
+    model = load_placeholders(args.model, quantize=args.quantize)  # traced without its weights: base.ptd gets them one at a time
     tokens = None
     if args.data:  # before the long export, so bad data fails at once
         tokens = data_tokens(model, args.data, args.seq_len)
@@ -403,7 +400,7 @@ def export_executorch_cli(args) -> dict:
     else:
         add_lora(model, LoraConfig(r=args.rank, alpha=args.alpha), seed=args.seed)
     r = export_executorch(model, out, args.batch_size, args.seq_len, lr, args.optimizer, args.weight_decay,
-                          weights=source_weights(args.model, quantize))
+                          weights=source_weights(args.model, args.quantize))
     if tokens is not None:
         write_tokens(out / TOKENS_FILE, *tokens)
         r["tokens"] = str(out / TOKENS_FILE)

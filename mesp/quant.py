@@ -248,6 +248,10 @@ class Int8Weight(FrozenWeight):
         r = contiguous_range(ids)
         if r is not None:
             return self.dense_rows(r[0], r[1], self.dtype)
+        return self.gathered_rows(ids)
+
+    def gathered_rows(self, ids):
+        """Rows `ids` (any shape) by gathering their codes and scales: no look at the ids' values."""
         flat = ids.reshape(-1)
         return int8_dense(self.q[flat], self.scale[flat], self.dtype).view(*ids.shape, self.shape[1])
 
